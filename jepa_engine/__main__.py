@@ -1,0 +1,3 @@
+from jepa_engine.cli import main
+
+raise SystemExit(main())

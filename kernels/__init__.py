@@ -1,0 +1,9 @@
+"""Fused Triton kernels for JEPA models, each with its PyTorch reference.
+
+Every op has one public function: it validates its arguments, then runs the Triton kernel on CUDA
+tensors (or under ``TRITON_INTERPRET=1``) and the PyTorch reference elsewhere.
+"""
+from ._launch import backend_for, interpreting, use_backend
+from .latent_loss import latent_loss, latent_loss_reference
+
+__all__ = ["backend_for", "interpreting", "use_backend", "latent_loss", "latent_loss_reference"]

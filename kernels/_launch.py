@@ -1,0 +1,175 @@
+"""What every op shares: the one backend switch, argument checks, and launch arithmetic.
+
+Each op's public function validates its arguments with the checks below (errors name the argument,
+the expected and the actual), then asks :func:`backend_for` which implementation runs:
+
+- ``"triton"``: the Triton kernel, compiled on CUDA tensors, or run by the Triton interpreter on CPU
+  tensors when ``TRITON_INTERPRET=1`` (how the test suite checks kernels on machines without a GPU);
+- ``"reference"``: the op's PyTorch reference, which is its specification (plain CPU tensors).
+
+:func:`use_backend` forces one of them inside a ``with`` block (benchmarks use it to time the
+reference as a peer; tests use it to compare the two on the same inputs).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import os
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+BACKENDS = ("triton", "reference")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("jepa_engine_backend", default=None)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported (Linux x86-64 wheels)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run under the interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force every op called inside the block onto ``"triton"`` or ``"reference"``."""
+    if name not in BACKENDS:
+        raise ValueError(f"use_backend: name must be one of {BACKENDS}, got {name!r}")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether the Triton kernel can run on tensors of ``device`` in this process."""
+    if not triton_available():
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+def backend_for(op: str, device: torch.device) -> str:
+    """The single dispatch decision of an op: ``"triton"`` or ``"reference"`` for tensors on ``device``."""
+    forced = _forced.get()
+    if forced == "reference":
+        return "reference"
+    if triton_runs_on(device):
+        return "triton"
+    if forced == "triton":
+        raise RuntimeError(
+            f"{op}: the Triton backend was forced but cannot run on {device} tensors "
+            f"(triton installed: {triton_available()}, TRITON_INTERPRET: {interpreting()})"
+        )
+    return "reference"
+
+
+def upcast_bf16(dtype: torch.dtype) -> bool:
+    """The constexpr that makes kernels upcast bf16 tiles to fp32 right after loading.
+
+    The Triton interpreter computes bf16 arithmetic and bf16 ``tl.dot`` wrongly without an error, so
+    under the interpreter bf16 tiles are upcast; compiled kernels keep bf16 tensor-core dots.
+    """
+    return dtype == torch.bfloat16 and interpreting()
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checks. Each raises before any kernel runs, naming the op, the argument, expected, actual.
+# --------------------------------------------------------------------------------------------------
+def _fmt_shape(shape: Iterable[int]) -> str:
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+
+
+def check_tensor(
+    op: str,
+    name: str,
+    t: object,
+    *,
+    ndim: int | Sequence[int] | None = None,
+    min_ndim: int | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    device: torch.device | None = None,
+    nonempty: bool = True,
+) -> torch.Tensor:
+    """Check that ``t`` is a tensor with the given rank, dtype and device; return it."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            want = " or ".join(f"{n}-D" for n in allowed)
+            raise ValueError(f"{op}: {name} must be {want}, got {t.dim()}-D with shape {_fmt_shape(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{op}: {name} must have at least {min_ndim} dims, got shape {_fmt_shape(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        want = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: {name} must have dtype in ({want}), got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{op}: {name} must be on {device} like the other inputs, got {t.device}")
+    if nonempty and t.numel() == 0:
+        raise ValueError(f"{op}: {name} must not be empty, got shape {_fmt_shape(t.shape)}")
+    return t
+
+
+def check_shape(op: str, name: str, t: torch.Tensor, expected: Sequence[int], what: str = "") -> None:
+    """Check ``t.shape == expected``; ``what`` names the expected dims, e.g. ``"[B, N_k]"``."""
+    if tuple(t.shape) != tuple(int(s) for s in expected):
+        label = f"{what} = " if what else ""
+        raise ValueError(f"{op}: {name} must be {label}{_fmt_shape(expected)}, got {_fmt_shape(t.shape)}")
+
+
+def check_same_dtype(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(
+            f"{op}: {name} must have the dtype of {ref_name} ({str(ref.dtype).replace('torch.', '')}), "
+            f"got {str(t.dtype).replace('torch.', '')}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch arithmetic.
+# --------------------------------------------------------------------------------------------------
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int = 0) -> int:
+    """Streaming multiprocessors of a CUDA device (a small fixed number under the interpreter)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device_index).multi_processor_count
+    return 4
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton, or a stand-in on machines without it (kernels are then defined but never launched).
+# --------------------------------------------------------------------------------------------------
+if triton_available():
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - exercised only where no triton wheel exists (macOS, Windows, aarch64)
+
+    class _NoTritonLanguage:
+        constexpr = object
+
+    class _NoTriton:
+        language = _NoTritonLanguage()
+
+        @staticmethod
+        def jit(fn=None, **_kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+    triton = _NoTriton()
+    tl = _NoTriton.language

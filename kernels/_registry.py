@@ -1,0 +1,55 @@
+"""The list of kernels the audit compiles ahead of time, filled by each op module as it is imported.
+
+An op module describes each of its Triton kernels once with :func:`register_kernel`: the kernel, the
+types of its runtime arguments (Triton signature strings such as ``"*fp16"`` or ``"i32"``) for each
+dtype variant it is launched with, and every launch config (constexprs + ``num_warps`` /
+``num_stages``) its launcher or autotuner can pick. ``python -m jepa_engine.kernels.audit`` compiles
+every (kernel, variant, config) for sm_90a and sm_80 and reads registers, spills, shared memory and
+tensor-core instructions from the cubin.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """One launch config a kernel can run with: its constexprs and the warp/stage counts."""
+
+    constexprs: dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def label(self) -> str:
+        parts = [f"{k}={v}" for k, v in self.constexprs.items()]
+        return ",".join(parts + [f"w{self.num_warps}", f"s{self.num_stages}"])
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """A Triton kernel as the audit sees it.
+
+    ``variants`` maps a label (usually the dtype) to ``(signature, constexprs)``: the signature gives
+    the Triton type of every runtime argument, the constexprs are the switches fixed for that variant.
+    ``configs`` lists every launch config the launcher can pick (a callable receives the variant label
+    when the configs depend on it). ``uses_tensor_cores`` says whether HMMA/HGMMA are expected.
+    """
+
+    name: str
+    fn: Any
+    variants: dict[str, tuple[dict[str, str], dict[str, Any]]]
+    configs: list[LaunchConfig] | Callable[[str], list[LaunchConfig]]
+    uses_tensor_cores: bool = False
+    targets: tuple[int, ...] = field(default=(90, 80))
+
+    def configs_for(self, variant: str) -> list[LaunchConfig]:
+        return self.configs(variant) if callable(self.configs) else list(self.configs)
+
+
+KERNELS: dict[str, KernelSpec] = {}
+
+
+def register_kernel(spec: KernelSpec) -> KernelSpec:
+    KERNELS[spec.name] = spec
+    return spec

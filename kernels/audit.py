@@ -1,0 +1,144 @@
+"""Ahead-of-time audit of every registered kernel, on a machine with or without a GPU.
+
+``python -m jepa_engine.kernels.audit`` compiles each (kernel, dtype variant, launch config) for
+Hopper (sm_90a) and Ampere (sm_80) and prints registers, spills (local memory), dynamic shared memory
+and tensor-core instructions (HGMMA on sm_90a, HMMA on sm_80) read from the cubin with the
+``cuobjdump`` that ships inside Triton. ``--json`` prints the rows as JSON. Exit status 1 when any
+kernel spills or needs more shared memory than its target has.
+
+Triton's interpreter replaces ``@triton.jit`` at import time, so the audit refuses to run with
+``TRITON_INTERPRET=1`` set (run it in a separate process).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# Largest dynamic shared memory a block may use (opt-in maximum), bytes.
+SHARED_LIMIT = {90: 232448, 80: 166912}
+TARGET_NAME = {90: "sm_90a", 80: "sm_80"}
+
+
+@dataclass
+class AuditRow:
+    kernel: str
+    variant: str
+    config: str
+    target: str
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    tensor_core_ops: int
+    ok: bool
+    error: str = ""
+
+
+@functools.lru_cache(maxsize=None)
+def _cuobjdump() -> str:
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not path.exists():
+        raise FileNotFoundError(f"audit: cuobjdump not found at {path}")
+    return str(path)
+
+
+def _cubin_facts(cubin: bytes) -> tuple[int, int, int]:
+    """(registers, local-memory bytes, tensor-core instruction count) of a one-kernel cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    reg = re.search(r"REG:(\d+)", usage)
+    local = re.search(r"LOCAL:(\d+)", usage)
+    tc = len(re.findall(r"\b(?:HGMMA|HMMA)\.", sass))
+    return (int(reg.group(1)) if reg else -1, int(local.group(1)) if local else -1, tc)
+
+
+def compile_one(fn, signature: dict[str, str], constexprs: dict, num_warps: int, num_stages: int, arch: int):
+    """Compile a ``@triton.jit`` function for ``arch`` (90 or 80) without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from triton.runtime.jit import JITFunction
+
+    jit = fn
+    while not isinstance(jit, JITFunction):  # an Autotuner/Heuristics wraps the JITFunction
+        jit = jit.fn
+    sig = {}
+    for name in jit.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in signature:
+            sig[name] = signature[name]
+        else:
+            raise KeyError(f"audit: {jit.__name__} argument {name!r} has no type in the spec")
+    src = ASTSource(fn=jit, signature=sig, constexprs=dict(constexprs))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def audit(names: list[str] | None = None) -> list[AuditRow]:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("audit: unset TRITON_INTERPRET; the interpreter replaces compiled kernels")
+    import jepa_engine.kernels  # noqa: F401  (importing the ops registers their kernels)
+    from ._registry import KERNELS
+
+    rows = []
+    for spec in KERNELS.values():
+        if names and spec.name not in names:
+            continue
+        for variant, (signature, consts) in spec.variants.items():
+            for cfg in spec.configs_for(variant):
+                for arch in spec.targets:
+                    row = AuditRow(spec.name, variant, cfg.label(), TARGET_NAME[arch], -1, -1, -1, -1, False)
+                    try:
+                        k = compile_one(spec.fn, signature, {**consts, **cfg.constexprs},
+                                        cfg.num_warps, cfg.num_stages, arch)
+                        row.registers, row.spill_bytes, row.tensor_core_ops = _cubin_facts(k.asm["cubin"])
+                        row.shared_bytes = int(k.metadata.shared)
+                        row.ok = row.spill_bytes == 0 and row.shared_bytes <= SHARED_LIMIT[arch]
+                        if spec.uses_tensor_cores and "fp32" not in variant and row.tensor_core_ops == 0:
+                            row.ok, row.error = False, "no tensor-core instruction"
+                    except Exception as e:  # reported in the table, fails the audit
+                        row.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                    rows.append(row)
+    return rows
+
+
+def format_table(rows: list[AuditRow]) -> str:
+    head = ["kernel", "variant", "config", "target", "regs", "spill B", "smem B", "TC ops", "ok"]
+    body = [[r.kernel, r.variant, r.config, r.target, str(r.registers), str(r.spill_bytes),
+             str(r.shared_bytes), str(r.tensor_core_ops), "yes" if r.ok else f"NO {r.error}"] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    return "\n".join(out + [line(b) for b in body])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jepa_engine.kernels.audit", description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ap.add_argument("--kernel", action="append", help="audit only this kernel (repeatable)")
+    args = ap.parse_args(argv)
+    rows = audit(args.kernel)
+    print(json.dumps([asdict(r) for r in rows], indent=1) if args.json else format_table(rows))
+    bad = [r for r in rows if not r.ok]
+    if not args.json:
+        print(f"\n{len(rows)} compilations, {len(bad)} failing (spills, shared memory over the limit, or errors)")
+    return 1 if bad or not rows else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""Fused JEPA latent loss: smooth-L1 or L2 between predicted and target embeddings.
+
+Math (rows m over every leading dim, features d over the last dim D, ``keep`` the per-token mask)::
+
+    l(x)     = 0.5 x^2 / beta if |x| < beta else |x| - 0.5 beta     (smooth_l1; beta = 0 is L1)
+             = x^2                                                  (l2)
+    row[m]   = mean_d l(pred[m, d] - target[m, d])
+    loss     = sum_m keep[m] * row[m] / max(sum_m keep[m], 1)
+
+so the loss is the mean over kept tokens of the per-token mean over features (the I-JEPA loss on the
+gathered target tokens, without gathering them). No kept token gives 0, never NaN.
+
+Shapes: pred and target ``[..., D]`` (same shape and dtype: fp32, fp16, bf16), mask bool ``[...]``
+(True = the token counts). The loss is an fp32 scalar; math is fp32 whatever the storage dtype.
+The forward writes one fp32 partial per row (no atomics: deterministic), summed on device; the
+backward scales by a device scalar, so neither direction synchronises with the host.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _launch
+from ._launch import tl, triton
+from ._registry import KernelSpec, LaunchConfig, register_kernel
+
+OP = "latent_loss"
+KINDS = ("smooth_l1", "l2")
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _latent_loss_fwd_kernel(
+    # pointers
+    pred_ptr, target_ptr, keep_ptr, row_loss_ptr,
+    # sizes and strides (elements)
+    M, D, stride_pred, stride_target,
+    # loss parameter
+    beta,
+    # meta-parameters
+    HAS_MASK: tl.constexpr, SMOOTH_L1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # int64 row offsets: M * D can exceed 2^31 for large batches of tokens.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    # Sweep the features in BLOCK_D chunks, accumulating the elementwise loss in fp32.
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        tile_ok = row_ok[:, None] & (cols[None, :] < D)
+        p = tl.load(pred_ptr + rows[:, None] * stride_pred + cols[None, :], mask=tile_ok, other=0.0)
+        t = tl.load(target_ptr + rows[:, None] * stride_target + cols[None, :], mask=tile_ok, other=0.0)
+        diff = p.to(tl.float32) - t.to(tl.float32)
+        if SMOOTH_L1:
+            ad = tl.abs(diff)
+            # beta = 0 never takes the quadratic branch (plain L1); the division there is discarded.
+            elem = tl.where(ad < beta, 0.5 * diff * diff / beta, ad - 0.5 * beta)
+        else:
+            elem = diff * diff
+        acc += tl.sum(elem, axis=1)
+
+    # Per-token mean over features, zeroed where the token is not kept.
+    acc = acc / D
+    if HAS_MASK:
+        keep = tl.load(keep_ptr + rows, mask=row_ok, other=0).to(tl.float32)
+        acc = acc * keep
+    tl.store(row_loss_ptr + rows, acc, mask=row_ok)
+
+
+@triton.jit
+def _latent_loss_bwd_kernel(
+    # pointers
+    pred_ptr, target_ptr, keep_ptr, scale_ptr, grad_pred_ptr, grad_target_ptr,
+    # sizes and strides (elements; the gradients are contiguous [M, D])
+    M, D, stride_pred, stride_target,
+    # loss parameter
+    beta,
+    # meta-parameters
+    HAS_MASK: tl.constexpr, SMOOTH_L1: tl.constexpr, GRAD_TARGET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    # scale = grad_loss / (max(kept, 1) * D), computed on device by the launcher.
+    scale = tl.load(scale_ptr).to(tl.float32)
+    row_scale = tl.zeros([BLOCK_M], dtype=tl.float32) + scale
+    if HAS_MASK:
+        row_scale = row_scale * tl.load(keep_ptr + rows, mask=row_ok, other=0).to(tl.float32)
+
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        tile_ok = row_ok[:, None] & (cols[None, :] < D)
+        p = tl.load(pred_ptr + rows[:, None] * stride_pred + cols[None, :], mask=tile_ok, other=0.0)
+        t = tl.load(target_ptr + rows[:, None] * stride_target + cols[None, :], mask=tile_ok, other=0.0)
+        diff = p.to(tl.float32) - t.to(tl.float32)
+        if SMOOTH_L1:
+            sign = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+            dl = tl.where(tl.abs(diff) < beta, diff / beta, sign)
+        else:
+            dl = 2.0 * diff
+        g = dl * row_scale[:, None]
+        offs = rows[:, None] * D + cols[None, :]
+        tl.store(grad_pred_ptr + offs, g.to(grad_pred_ptr.dtype.element_ty), mask=tile_ok)
+        if GRAD_TARGET:
+            tl.store(grad_target_ptr + offs, (-g).to(grad_target_ptr.dtype.element_ty), mask=tile_ok)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers: check constraints, allocate, pick the config, launch.
+# --------------------------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_D, num_warps): tiles of 2k elements (16 per thread per operand keeps registers
+# low, about 70, for occupancy on a bandwidth-bound op); wide rows get a wide BLOCK_D so each
+# row is swept in few steps, narrow rows get more rows per program.
+_CONFIGS = [
+    LaunchConfig({"BLOCK_M": 32, "BLOCK_D": 64}, num_warps=4, num_stages=1),
+    LaunchConfig({"BLOCK_M": 16, "BLOCK_D": 128}, num_warps=4, num_stages=1),
+    LaunchConfig({"BLOCK_M": 8, "BLOCK_D": 256}, num_warps=4, num_stages=1),
+]
+
+
+def _pick_config(D: int) -> LaunchConfig:
+    if D <= 64:
+        return _CONFIGS[0]
+    if D <= 128:
+        return _CONFIGS[1]
+    return _CONFIGS[2]
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [M, D] with unit feature stride (a copy only when the input needs one)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _keep_rows(mask: Optional[torch.Tensor], ref: torch.Tensor) -> torch.Tensor:
+    # bool -> uint8 view for the kernel; a dummy pointer when there is no mask (HAS_MASK=False).
+    return mask.reshape(-1).contiguous().view(torch.uint8) if mask is not None else ref
+
+
+def latent_loss_forward(pred, target, mask, kind: str, beta: float) -> torch.Tensor:
+    p2, t2 = _as_rows(pred), _as_rows(target)
+    M, D = p2.shape
+    row_loss = torch.empty(M, device=pred.device, dtype=torch.float32)
+    cfg = _pick_config(D)
+    grid = (_launch.cdiv(M, cfg.constexprs["BLOCK_M"]),)
+    _latent_loss_fwd_kernel[grid](
+        p2, t2, _keep_rows(mask, row_loss), row_loss,
+        M, D, p2.stride(0), t2.stride(0), float(beta),
+        HAS_MASK=mask is not None, SMOOTH_L1=kind == "smooth_l1",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
+    )
+    kept = mask.sum() if mask is not None else torch.tensor(M, device=pred.device)
+    return row_loss.sum() / kept.clamp_min(1).to(torch.float32)
+
+
+def latent_loss_backward(grad, pred, target, mask, kind: str, beta: float, grad_target: bool):
+    p2, t2 = _as_rows(pred), _as_rows(target)
+    M, D = p2.shape
+    kept = mask.sum() if mask is not None else torch.tensor(M, device=pred.device)
+    scale = (grad.to(torch.float32) / (kept.clamp_min(1).to(torch.float32) * D)).reshape(1)
+    d_pred = torch.empty((M, D), device=pred.device, dtype=pred.dtype)
+    d_target = torch.empty((M, D), device=pred.device, dtype=target.dtype) if grad_target else d_pred
+    cfg = _pick_config(D)
+    grid = (_launch.cdiv(M, cfg.constexprs["BLOCK_M"]),)
+    _latent_loss_bwd_kernel[grid](
+        p2, t2, _keep_rows(mask, scale), scale, d_pred, d_target,
+        M, D, p2.stride(0), t2.stride(0), float(beta),
+        HAS_MASK=mask is not None, SMOOTH_L1=kind == "smooth_l1", GRAD_TARGET=grad_target,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
+    )
+    return d_pred.view(pred.shape), (d_target.view(target.shape) if grad_target else None)
+
+
+def _variants():
+    out = {}
+    for name, tt in (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16")):
+        base = {"pred_ptr": f"*{tt}", "target_ptr": f"*{tt}", "keep_ptr": "*u8", "M": "i32", "D": "i32",
+                "stride_pred": "i32", "stride_target": "i32", "beta": "fp32"}
+        out[f"{name}/smooth_l1/mask"] = (base, {"HAS_MASK": True, "SMOOTH_L1": True})
+        out[f"{name}/l2"] = (base, {"HAS_MASK": False, "SMOOTH_L1": False})
+    return out
+
+
+def _bwd_variants():
+    out = {}
+    for label, (sig, consts) in _variants().items():
+        tt = sig["pred_ptr"]
+        sig = {**sig, "scale_ptr": "*fp32", "grad_pred_ptr": tt, "grad_target_ptr": tt}
+        out[label] = (sig, {**consts, "GRAD_TARGET": True})
+    return out
+
+
+register_kernel(KernelSpec("latent_loss_fwd", _latent_loss_fwd_kernel,
+                           {k: ({**s, "row_loss_ptr": "*fp32"}, c) for k, (s, c) in _variants().items()},
+                           _CONFIGS))
+register_kernel(KernelSpec("latent_loss_bwd", _latent_loss_bwd_kernel, _bwd_variants(), _CONFIGS))
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference (the specification)
+# --------------------------------------------------------------------------------------------------
+def latent_loss_reference(pred, target, mask=None, *, kind: str = "smooth_l1", beta: float = 1.0):
+    """Plain PyTorch: fp32 elementwise loss, mean over features, masked mean over tokens."""
+    p, t = pred.float(), target.float()
+    if kind == "smooth_l1":
+        elem = F.smooth_l1_loss(p, t, reduction="none", beta=beta) if beta > 0 else (p - t).abs()
+    else:
+        elem = (p - t).square()
+    per_token = elem.mean(dim=-1)
+    if mask is None:
+        return per_token.mean()
+    keep = mask.to(per_token.dtype)
+    return (per_token * keep).sum() / keep.sum().clamp_min(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public op: validation, dispatch, autograd, torch.library registration
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("jepa_engine::latent_loss", mutates_args=())
+def _latent_loss_op(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor],
+                    kind: str, beta: float) -> torch.Tensor:
+    if _launch.backend_for(OP, pred.device) == "triton":
+        return latent_loss_forward(pred, target, mask, kind, beta)
+    return latent_loss_reference(pred, target, mask, kind=kind, beta=beta)
+
+
+@_latent_loss_op.register_fake
+def _(pred, target, mask, kind, beta):
+    return pred.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("jepa_engine::latent_loss_backward", mutates_args=())
+def _latent_loss_backward_op(grad: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
+                             mask: Optional[torch.Tensor], kind: str, beta: float
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    if _launch.backend_for(OP, pred.device) == "triton":
+        d_pred, d_target = latent_loss_backward(grad, pred, target, mask, kind, beta, True)
+        return d_pred, d_target
+    with torch.enable_grad():
+        p = pred.detach().requires_grad_(True)
+        t = target.detach().requires_grad_(True)
+        loss = latent_loss_reference(p, t, mask, kind=kind, beta=beta)
+        d_pred, d_target = torch.autograd.grad(loss, (p, t), grad)
+    return d_pred, d_target
+
+
+@_latent_loss_backward_op.register_fake
+def _(grad, pred, target, mask, kind, beta):
+    return torch.empty_like(pred), torch.empty_like(target)
+
+
+def _setup_context(ctx, inputs, output):
+    pred, target, mask, kind, beta = inputs
+    ctx.save_for_backward(pred, target, mask)
+    ctx.kind, ctx.beta = kind, beta
+
+
+def _backward(ctx, grad):
+    pred, target, mask = ctx.saved_tensors
+    d_pred, d_target = _latent_loss_backward_op(grad, pred, target, mask, ctx.kind, ctx.beta)
+    return (d_pred if ctx.needs_input_grad[0] else None,
+            d_target if ctx.needs_input_grad[1] else None, None, None, None)
+
+
+_latent_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def latent_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
+                kind: str = "smooth_l1", beta: float = 1.0) -> torch.Tensor:
+    """JEPA latent loss between predicted and target embeddings, averaged over the kept tokens.
+
+    Args:
+        pred: ``[..., D]`` predicted embeddings (fp32, fp16 or bf16).
+        target: ``[..., D]`` target embeddings, same shape, dtype and device as ``pred``.
+        mask: optional bool ``[...]`` (``pred.shape[:-1]``); True = the token counts in the loss.
+        kind: ``"smooth_l1"`` (I-JEPA) or ``"l2"``.
+        beta: smooth-L1 threshold (>= 0; 0 gives L1).
+
+    Returns:
+        fp32 scalar: mean over kept tokens of the per-token mean over features (0 if none is kept).
+    """
+    check = _launch.check_tensor
+    check(OP, "pred", pred, min_ndim=2, dtypes=_launch.FLOAT_DTYPES)
+    check(OP, "target", target, min_ndim=2, dtypes=_launch.FLOAT_DTYPES, device=pred.device)
+    _launch.check_shape(OP, "target", target, pred.shape, "pred.shape")
+    _launch.check_same_dtype(OP, "target", target, "pred", pred)
+    if mask is not None:
+        check(OP, "mask", mask, dtypes=(torch.bool,), device=pred.device)
+        _launch.check_shape(OP, "mask", mask, pred.shape[:-1], "pred.shape[:-1]")
+    if kind not in KINDS:
+        raise ValueError(f"{OP}: kind must be one of {KINDS}, got {kind!r}")
+    if not (beta >= 0.0):
+        raise ValueError(f"{OP}: beta must be >= 0, got {beta}")
+    return _latent_loss_op(pred, target, mask, kind, float(beta))
