@@ -1,0 +1,1 @@
+"""The built-in 2-D physical world."""

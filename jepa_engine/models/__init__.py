@@ -1,0 +1,1 @@
+"""JEPA models: ViT encoder, predictor, world model."""
