@@ -7,3 +7,4 @@ from ._launch import backend_for, interpreting, use_backend
 from .latent_loss import latent_loss, latent_loss_reference
 
 __all__ = ["backend_for", "interpreting", "use_backend", "latent_loss", "latent_loss_reference"]
+from .ema import EMAPlan, ema_update_, ema_update_reference

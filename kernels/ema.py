@@ -1,0 +1,432 @@
+"""EMA of a target encoder in one launch: ``target = m * target + (1 - m) * online`` for a whole list.
+
+Math (per element, fp32 whatever the storage dtype; ``w = 1 - m`` computed in fp32)::
+
+    w == 0 (m = 1):  target unchanged, bit for bit (the tile is written back unchanged)
+    w == 1 (m = 0):  target = online (an exact copy, rounded to the target dtype)
+    otherwise:       target = lerp(target, online, w)   (the two-sided form ``torch.lerp`` uses:
+                     t + w (o - t) for w < 0.5, o - (o - t)(1 - w) otherwise, so both ends are exact)
+    distance = sum over the averaged tensors of (target - online)^2, before the update (fp32)
+
+The two ends are selected explicitly: ``m*t + (1-m)*o`` and ``t + (1-m)(o-t)`` both turn a target
+``-0.0`` into ``+0.0`` at m = 1 and the latter does not copy exactly at m = 0 (``t + (o - t) != o``
+in floating point), so neither alone gives the exact ends the EMA promises.
+
+Shapes and dtypes: ``targets[i]`` and ``onlines[i]`` have the same shape and the same dense layout
+(contiguous, or any dense layout with equal strides); targets are fp32, fp16 or bf16, onlines any of
+the three, independently (bf16 online parameters with an fp32 target copy is a real case). Buffers
+(BatchNorm running statistics) are copied, not averaged: floating buffers ride in the same launch as
+entries with a copy flag, integer buffers (``num_batches_tracked``) take ``torch._foreach_copy_``.
+
+Launch design. Triton pointers carry a static element type, so entries are grouped by
+``(target dtype, online dtype)``; each group is ONE launch of :func:`_ema_kernel` over a device table
+of the group's tensors (int64 addresses cast to typed pointers in the kernel, sizes, copy flags) and
+a table of ``BLOCK``-element blocks (owner tensor, start). A homogeneous model (all fp32, or all bf16
+targets with bf16 online) is one launch; a mixed list needs one launch per distinct dtype pair (plus
+one per pair holding a tensor whose address is not 16-byte aligned, which runs without the
+vectorisation hint). The tables are built once per parameter set and cached (:class:`EMAPlan`).
+Programs are persistent (a grid sized to the machine, each program striding over the blocks), full
+blocks load and store without a mask so the compiler emits 16-byte vector accesses, and the momentum
+is read from a device scalar so a step can be captured in a CUDA graph. The distance is one fp32
+partial per program, summed on device: no atomics, deterministic.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import _launch
+from ._launch import tl, triton
+from ._registry import KernelSpec, LaunchConfig, register_kernel
+
+OP = "ema_update_"
+# Triton element types of the storage dtypes (also the variant labels of the audit).
+_TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# Persistent programs per SM: 4 x 8 warps keeps 32 warps resident per SM for memory parallelism.
+PROGRAMS_PER_SM = 4
+_PLAN_CACHE_SIZE = 8
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _ema_tile(t_ptrs, o_ptrs, offs, n, w, acc, is_copy,
+              MASKED: tl.constexpr, DISTANCE: tl.constexpr, HAS_COPY: tl.constexpr):
+    if MASKED:
+        ok = offs < n
+        t_raw = tl.load(t_ptrs, mask=ok, other=0.0)
+        o = tl.load(o_ptrs, mask=ok, other=0.0).to(tl.float32)
+    else:
+        t_raw = tl.load(t_ptrs)
+        o = tl.load(o_ptrs).to(tl.float32)
+    t = t_raw.to(tl.float32)
+    d = o - t
+    if DISTANCE:
+        if HAS_COPY:
+            acc += tl.where(is_copy, 0.0, d * d)
+        else:
+            acc += d * d
+    wt = w
+    if HAS_COPY:
+        wt = tl.where(is_copy, 1.0, w)
+    new = tl.where(wt < 0.5, t + wt * d, o - d * (1.0 - wt))
+    new = tl.where(wt == 1.0, o, new)
+    # m = 1: write back the loaded bits (a storage -> fp32 -> storage round trip is exact).
+    out = tl.where(wt == 0.0, t_raw, new.to(t_ptrs.dtype.element_ty))
+    if MASKED:
+        tl.store(t_ptrs, out, mask=ok)
+    else:
+        tl.store(t_ptrs, out)
+    return acc
+
+
+@triton.jit
+def _ema_kernel(
+    # tables: [n_tensors, 4] int64 (target address, online address, numel, copy flag),
+    # [n_blocks, 2] int64 (owner tensor, first element); the momentum (fp32 device scalar)
+    meta_ptr, blocks_ptr, momentum_ptr,
+    # output: one fp32 distance partial per program
+    partial_ptr,
+    # sizes
+    n_blocks,
+    # meta-parameters
+    T_DTYPE: tl.constexpr, O_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_COPY: tl.constexpr, DISTANCE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    m = tl.load(momentum_ptr).to(tl.float32)
+    w = 1.0 - m  # exact for m in [0.5, 1] (Sterbenz), the range EMA momenta live in
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    lanes = tl.arange(0, BLOCK)
+
+    # Persistent loop: program pid takes blocks pid, pid + nprog, ... (static, so deterministic).
+    for b in range(pid, n_blocks, nprog):
+        owner = tl.load(blocks_ptr + 2 * b)
+        start = tl.multiple_of(tl.load(blocks_ptr + 2 * b + 1), BLOCK)
+        row = meta_ptr + 4 * owner
+        t_base = tl.load(row).to(tl.pointer_type(T_DTYPE))
+        o_base = tl.load(row + 1).to(tl.pointer_type(O_DTYPE))
+        n = tl.load(row + 2)
+        is_copy = False
+        if HAS_COPY:
+            is_copy = tl.load(row + 3) != 0
+        if ALIGNED:
+            # The launcher checked every address of this group is 16-byte aligned: vector accesses.
+            t_base = tl.multiple_of(t_base, 16)
+            o_base = tl.multiple_of(o_base, 16)
+        offs = start + lanes
+        # Full blocks go unmasked (a mask against a runtime size would defeat vectorisation).
+        if start + BLOCK <= n:
+            acc = _ema_tile(t_base + offs, o_base + offs, offs, n, w, acc, is_copy,
+                            False, DISTANCE, HAS_COPY)
+        else:
+            acc = _ema_tile(t_base + offs, o_base + offs, offs, n, w, acc, is_copy,
+                            True, DISTANCE, HAS_COPY)
+
+    if DISTANCE:
+        tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan (the cached device tables) and launcher
+# --------------------------------------------------------------------------------------------------
+# 4096 elements x 8 warps: 16 per thread per operand (4 x 16 B fp32 vectors, 2 for 16-bit storage).
+_CONFIG = LaunchConfig({"BLOCK": 4096}, num_warps=8, num_stages=1)
+# Under the interpreter every block is a numpy step: a bigger block keeps large tests fast.
+_INTERPRET_BLOCK = 1 << 15
+
+
+@dataclass
+class _Group:
+    t_dtype: torch.dtype
+    o_dtype: torch.dtype
+    aligned: bool
+    meta: torch.Tensor     # [n_tensors, 4] int64
+    blocks: torch.Tensor   # [n_blocks, 2] int64
+    n_blocks: int
+    has_copy: bool
+    grid: int
+
+
+class EMAPlan:
+    """The device tables of one parameter set: built once, reused every step.
+
+    ``pairs`` are ``(target, online, copy)`` triples of floating tensors; integer buffers are kept
+    aside and copied with ``torch._foreach_copy_``. The plan holds addresses, not tensors: the
+    caller keeps the tensors alive (the cache key includes every address, shape and dtype).
+    """
+
+    def __init__(self, pairs, int_buffers, device: torch.device, block: int):
+        self.device = device
+        self.block = block
+        self.int_targets = [t for t, _ in int_buffers]
+        self.int_onlines = [o for _, o in int_buffers]
+        by_key: dict[tuple, list] = {}
+        for t, o, copy in pairs:
+            aligned = t.data_ptr() % 16 == 0 and o.data_ptr() % 16 == 0
+            by_key.setdefault((t.dtype, o.dtype, aligned), []).append((t, o, copy))
+        sms = _launch.num_sms(device.index or 0) if device.type == "cuda" else _launch.num_sms()
+        self.groups: list[_Group] = []
+        for (td, od, aligned), items in by_key.items():
+            meta, blocks = [], []
+            for i, (t, o, copy) in enumerate(items):
+                n = t.numel()
+                meta.append([t.data_ptr(), o.data_ptr(), n, int(copy)])
+                blocks.extend([i, s] for s in range(0, n, block))
+            n_blocks = len(blocks)
+            self.groups.append(_Group(
+                td, od, aligned,
+                torch.tensor(meta, dtype=torch.int64).to(device),
+                torch.tensor(blocks, dtype=torch.int64).reshape(-1, 2).to(device),
+                n_blocks, any(c for _, _, c in items), max(1, min(n_blocks, sms * PROGRAMS_PER_SM))))
+        self.partials = torch.zeros(max(1, sum(g.grid for g in self.groups)), dtype=torch.float32,
+                                    device=device)
+
+    @property
+    def launches(self) -> int:
+        """Kernel launches per step (one per (target dtype, online dtype, alignment) group)."""
+        return len(self.groups)
+
+    def run(self, momentum: torch.Tensor, distance: bool) -> Optional[torch.Tensor]:
+        first = 0
+        for g in self.groups:
+            _ema_kernel[(g.grid,)](
+                g.meta, g.blocks, momentum, self.partials[first:first + g.grid], g.n_blocks,
+                T_DTYPE=_tl_dtype(g.t_dtype), O_DTYPE=_tl_dtype(g.o_dtype), ALIGNED=g.aligned,
+                HAS_COPY=g.has_copy, DISTANCE=distance, BLOCK=self.block,
+                num_warps=_CONFIG.num_warps, num_stages=_CONFIG.num_stages,
+            )
+            first += g.grid
+        if self.int_targets:
+            torch._foreach_copy_(self.int_targets, self.int_onlines)
+        if not distance:
+            return None
+        # Groups that wrote no partial (none here) leave zeros; the sum stays on device.
+        return self.partials[:first].sum() if first else self.partials.new_zeros(())
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+def _register():
+    sig_base = {"meta_ptr": "*i64", "blocks_ptr": "*i64", "momentum_ptr": "*fp32",
+                "partial_ptr": "*fp32", "n_blocks": "i32"}
+    variants = {}
+    for td in (torch.float32, torch.float16, torch.bfloat16):
+        for od in (torch.float32, torch.float16, torch.bfloat16):
+            if td != od and torch.float32 not in (td, od):
+                continue  # fp16 <-> bf16 pairs compile the same code paths as the fp32 mixes
+            for extra, consts in (("", {"HAS_COPY": True, "DISTANCE": True}),
+                                  ("/plain", {"HAS_COPY": False, "DISTANCE": False})):
+                label = f"{_TL_NAME[td]}<-{_TL_NAME[od]}{extra}"
+                variants[label] = (dict(sig_base), {"T_DTYPE": _tl_dtype(td), "O_DTYPE": _tl_dtype(od),
+                                                    "ALIGNED": True, **consts})
+    register_kernel(KernelSpec("ema", _ema_kernel, variants, [_CONFIG]))
+
+
+if _launch.triton_available():
+    _register()
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference (the specification) and the foreach fallback
+# --------------------------------------------------------------------------------------------------
+def _weight(momentum: float) -> float:
+    """``1 - m`` rounded the way the kernel computes it (fp32)."""
+    m = torch.tensor(momentum, dtype=torch.float32)
+    return float(torch.tensor(1.0, dtype=torch.float32) - m)
+
+
+@torch.no_grad()
+def ema_update_reference(targets, onlines, momentum, target_buffers=(), online_buffers=(),
+                         return_distance: bool = False):
+    """Per tensor, in fp32: ``target = lerp(target, online, 1 - m)`` with the exact ends (m = 1 leaves
+    the target unchanged, m = 0 copies); buffers copied; returns sum((target - online)^2) before the
+    update (fp32 scalar) when asked."""
+    m = float(momentum)
+    w = _weight(m)
+    dist = torch.zeros((), dtype=torch.float32, device=targets[0].device if targets else "cpu")
+    for t, o in zip(targets, onlines):
+        t32, o32 = t.float(), o.float()
+        if return_distance:
+            dist += (t32 - o32).square().sum()
+        if w == 0.0:
+            continue
+        t.copy_(o32 if w == 1.0 else torch.lerp(t32, o32, torch.tensor(w, dtype=torch.float32)))
+    for t, o in zip(target_buffers, online_buffers):
+        t.copy_(o)
+    return dist if return_distance else None
+
+
+@torch.no_grad()
+def _ema_foreach(targets, onlines, m: float, target_buffers, online_buffers, distance: bool):
+    """The CPU / no-Triton path: ``torch._foreach_lerp_`` per dtype group (same results as the
+    reference: same fp32 weight, same exact ends)."""
+    w = _weight(m)
+    dist = None
+    if distance:
+        dist = torch.zeros((), dtype=torch.float32, device=targets[0].device if targets else "cpu")
+        for t, o in zip(targets, onlines):
+            dist += (t.float() - o.float()).square().sum()
+    if w != 0.0:
+        same_t, same_o = [], []
+        for t, o in zip(targets, onlines):
+            if t.dtype == o.dtype:
+                same_t.append(t)
+                same_o.append(o)
+            elif w == 1.0:
+                t.copy_(o)
+            else:  # mixed dtypes: fp32 math, rounded once to the target dtype
+                t.copy_(torch.lerp(t.float(), o.float(), w))
+        if same_t:
+            if w == 1.0:
+                torch._foreach_copy_(same_t, same_o)
+            else:
+                torch._foreach_lerp_(same_t, same_o, w)
+    if target_buffers:
+        torch._foreach_copy_(list(target_buffers), list(online_buffers))
+    return dist
+
+
+# --------------------------------------------------------------------------------------------------
+# Public op: validation, plan cache, dispatch
+# --------------------------------------------------------------------------------------------------
+TensorList = Sequence[torch.Tensor]
+_PLANS: "OrderedDict[tuple, EMAPlan]" = OrderedDict()
+
+
+def _fmt(shape) -> str:
+    return _launch._fmt_shape(shape)
+
+
+def _dense_like(t: torch.Tensor, o: torch.Tensor) -> bool:
+    """Both dense (no gaps, no overlap) with the same strides, so element k of one's memory is
+    element k of the other's."""
+    if t.stride() != o.stride():
+        return False
+    if t.is_contiguous():
+        return o.is_contiguous()
+    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0)
+    return span == t.numel() and all(st > 0 for s, st in zip(t.shape, t.stride()) if s > 1)
+
+
+def _check_lists(targets, onlines, tname: str, oname: str, floating: bool, device):
+    for name, seq in ((tname, targets), (oname, onlines)):
+        if not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{OP}: {name} must be a list or tuple of tensors, got {type(seq).__name__}")
+    if len(targets) != len(onlines):
+        raise ValueError(f"{OP}: {oname} must have one tensor per {tname} entry ({len(targets)}), "
+                         f"got {len(onlines)}")
+    for i, (t, o) in enumerate(zip(targets, onlines)):
+        for name, x in ((f"{tname}[{i}]", t), (f"{oname}[{i}]", o)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{OP}: {name} must be a torch.Tensor, got {type(x).__name__}")
+            if floating and x.dtype not in _launch.FLOAT_DTYPES:
+                raise TypeError(f"{OP}: {name} must have dtype in (float32, float16, bfloat16), "
+                                f"got {str(x.dtype).replace('torch.', '')}")
+            if x.device != device:
+                raise ValueError(f"{OP}: {name} must be on {device} like {tname}[0], got {x.device}")
+        if t.shape != o.shape:
+            raise ValueError(f"{OP}: {oname}[{i}] must have the shape of {tname}[{i}] {_fmt(t.shape)}, "
+                             f"got {_fmt(o.shape)}")
+        if t.requires_grad:
+            raise ValueError(f"{OP}: {tname}[{i}] must not require grad (the target is updated in place "
+                             f"by the EMA, not trained), got requires_grad=True")
+        if not _dense_like(t, o):
+            raise ValueError(f"{OP}: {tname}[{i}] and {oname}[{i}] must be dense with equal strides, got "
+                             f"strides {tuple(t.stride())} and {tuple(o.stride())}")
+
+
+def _check_momentum(momentum, device) -> None:
+    if isinstance(momentum, torch.Tensor):
+        if momentum.numel() != 1 or not momentum.is_floating_point():
+            raise TypeError(f"{OP}: momentum tensor must be one floating element, got dtype "
+                            f"{str(momentum.dtype).replace('torch.', '')} shape {_fmt(momentum.shape)}")
+        if momentum.device != device:
+            raise ValueError(f"{OP}: momentum tensor must be on {device} like targets, got {momentum.device}")
+        if momentum.device.type != "cuda":  # reading a CUDA value would synchronise: not checked there
+            _check_momentum(float(momentum), device)
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"{OP}: momentum must be a float or a device scalar tensor, got {type(momentum).__name__}")
+    if not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"{OP}: momentum must be in [0, 1], got {momentum}")
+
+
+def plan_key(targets, onlines, target_buffers=(), online_buffers=()) -> tuple:
+    """What identifies a parameter set: every address, shape and dtype (cheap enough per step)."""
+    return (tuple([(t.data_ptr(), o.data_ptr(), t.shape, t.dtype, o.dtype) for t, o in zip(targets, onlines)]),
+            tuple([(t.data_ptr(), o.data_ptr(), t.shape, t.dtype, o.dtype)
+                   for t, o in zip(target_buffers, online_buffers)]))
+
+
+def get_plan(targets, onlines, target_buffers=(), online_buffers=(), *, validate: bool = True) -> EMAPlan:
+    """The cached :class:`EMAPlan` of these lists (validated and built on first sight)."""
+    key = plan_key(targets, onlines, target_buffers, online_buffers)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        _PLANS.move_to_end(key)
+        return plan
+    device = targets[0].device
+    if validate:
+        _check_lists(targets, onlines, "targets", "onlines", True, device)
+        _check_lists(target_buffers, online_buffers, "target_buffers", "online_buffers", False, device)
+    pairs = [(t, o, False) for t, o in zip(targets, onlines)]
+    int_buffers = []
+    for t, o in zip(target_buffers, online_buffers):
+        if t.dtype in _launch.FLOAT_DTYPES and o.dtype in _launch.FLOAT_DTYPES:
+            pairs.append((t, o, True))
+        else:
+            int_buffers.append((t, o))
+    block = _INTERPRET_BLOCK if device.type == "cpu" else _CONFIG.constexprs["BLOCK"]
+    plan = EMAPlan([p for p in pairs if p[0].numel() > 0], int_buffers, device, block)
+    _PLANS[key] = plan
+    while len(_PLANS) > _PLAN_CACHE_SIZE:
+        _PLANS.popitem(last=False)
+    return plan
+
+
+@torch.no_grad()
+def ema_update_(targets: TensorList, onlines: TensorList, momentum: Union[float, torch.Tensor], *,
+                target_buffers: TensorList = (), online_buffers: TensorList = (),
+                return_distance: bool = False) -> Optional[torch.Tensor]:
+    """In place: ``targets[i] = momentum * targets[i] + (1 - momentum) * onlines[i]`` for every i.
+
+    Args:
+        targets: tensors updated in place (fp32, fp16, bf16; must not require grad).
+        onlines: one tensor per target, same shape and layout, any of the three float dtypes.
+        momentum: a float in [0, 1], or a one-element float tensor on the targets' device (read by
+            the kernel on device, so a step can be captured in a CUDA graph; its range is checked
+            only where reading it is free, i.e. not on CUDA).
+        target_buffers / online_buffers: copied, not averaged (BatchNorm running statistics; integer
+            buffers such as ``num_batches_tracked`` included).
+        return_distance: also return sum((target - online)^2) over ``targets`` before the update, an
+            fp32 device scalar computed in the same pass (a cheap collapse monitor).
+
+    On CUDA (or under ``TRITON_INTERPRET=1``) one launch per distinct (target, online) dtype pair
+    updates every tensor and floating buffer; elsewhere ``torch._foreach_lerp_``. The device tables
+    are cached per parameter set; a cache hit skips validation (the checks ran when it was built).
+    """
+    if not isinstance(targets, (list, tuple)) or not targets:
+        raise ValueError(f"{OP}: targets must be a non-empty list or tuple of tensors, got "
+                         f"{type(targets).__name__} of length {len(targets) if hasattr(targets, '__len__') else '?'}")
+    device = targets[0].device if isinstance(targets[0], torch.Tensor) else None
+    if device is None:
+        raise TypeError(f"{OP}: targets[0] must be a torch.Tensor, got {type(targets[0]).__name__}")
+    _check_momentum(momentum, device)
+    if _launch.backend_for(OP, device) == "triton":
+        plan = get_plan(targets, onlines, target_buffers, online_buffers)
+        if not isinstance(momentum, torch.Tensor):
+            momentum = torch.full((1,), float(momentum), dtype=torch.float32, device=device)
+        elif momentum.dtype != torch.float32:
+            momentum = momentum.float()
+        return plan.run(momentum.reshape(1), return_distance)
+    _check_lists(targets, onlines, "targets", "onlines", True, device)
+    _check_lists(target_buffers, online_buffers, "target_buffers", "online_buffers", False, device)
+    return _ema_foreach(targets, onlines, float(momentum), target_buffers, online_buffers, return_distance)
