@@ -8,3 +8,6 @@ from .latent_loss import latent_loss, latent_loss_reference
 
 __all__ = ["backend_for", "interpreting", "use_backend", "latent_loss", "latent_loss_reference"]
 from .ema import EMAPlan, ema_update_, ema_update_reference
+from .masked_attention import masked_attention, masked_attention_reference  # noqa: E402
+
+__all__ += ["masked_attention", "masked_attention_reference"]
