@@ -9,9 +9,13 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {"kernels"}
+# Public names re-exported lazily: name -> submodule that defines it.
+_LAZY_ATTRS = {"EMA": "ema"}
 
 
 def __getattr__(name: str):
     if name in _SUBMODULES:
         return importlib.import_module(f"jepa_engine.{name}")
+    if name in _LAZY_ATTRS:
+        return getattr(importlib.import_module(f"jepa_engine.{_LAZY_ATTRS[name]}"), name)
     raise AttributeError(f"module 'jepa_engine' has no attribute {name!r}")

@@ -13,7 +13,6 @@ reference as a peer; tests use it to compare the two on the same inputs).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import importlib.util
 import os
@@ -24,7 +23,8 @@ import torch
 BACKENDS = ("triton", "reference")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("jepa_engine_backend", default=None)
+# The innermost use_backend() block's choice (a plain list: torch.compile traces reads of it).
+_forced: list[str] = []
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,11 +43,11 @@ def use_backend(name: str) -> Iterator[None]:
     """Force every op called inside the block onto ``"triton"`` or ``"reference"``."""
     if name not in BACKENDS:
         raise ValueError(f"use_backend: name must be one of {BACKENDS}, got {name!r}")
-    token = _forced.set(name)
+    _forced.append(name)
     try:
         yield
     finally:
-        _forced.reset(token)
+        _forced.pop()
 
 
 def triton_runs_on(device: torch.device) -> bool:
@@ -59,7 +59,7 @@ def triton_runs_on(device: torch.device) -> bool:
 
 def backend_for(op: str, device: torch.device) -> str:
     """The single dispatch decision of an op: ``"triton"`` or ``"reference"`` for tensors on ``device``."""
-    forced = _forced.get()
+    forced = _forced[-1] if _forced else None
     if forced == "reference":
         return "reference"
     if triton_runs_on(device):

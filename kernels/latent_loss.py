@@ -39,28 +39,32 @@ def _latent_loss_fwd_kernel(
     pred_ptr, target_ptr, keep_ptr, row_loss_ptr,
     # sizes and strides (elements)
     M, D, stride_pred, stride_target,
-    # loss parameter
-    beta,
+    # loss parameters (inv_beta = 1 / beta, 0 when beta = 0)
+    beta, inv_beta,
     # meta-parameters
     HAS_MASK: tl.constexpr, SMOOTH_L1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # int64 row offsets: M * D can exceed 2^31 for large batches of tokens.
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
+    # The program's first row in int64 (M * D can exceed 2^31); offsets inside the tile stay int32,
+    # which keeps per-element address arithmetic (and registers) small.
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    pred_ptr += row0 * stride_pred
+    target_ptr += row0 * stride_target
+    r = tl.arange(0, BLOCK_M)
+    row_ok = r < M - row0
     acc = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     # Sweep the features in BLOCK_D chunks, accumulating the elementwise loss in fp32.
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         tile_ok = row_ok[:, None] & (cols[None, :] < D)
-        p = tl.load(pred_ptr + rows[:, None] * stride_pred + cols[None, :], mask=tile_ok, other=0.0)
-        t = tl.load(target_ptr + rows[:, None] * stride_target + cols[None, :], mask=tile_ok, other=0.0)
+        p = tl.load(pred_ptr + r[:, None] * stride_pred + cols[None, :], mask=tile_ok, other=0.0)
+        t = tl.load(target_ptr + r[:, None] * stride_target + cols[None, :], mask=tile_ok, other=0.0)
         diff = p.to(tl.float32) - t.to(tl.float32)
         if SMOOTH_L1:
             ad = tl.abs(diff)
-            # beta = 0 never takes the quadratic branch (plain L1); the division there is discarded.
-            elem = tl.where(ad < beta, 0.5 * diff * diff / beta, ad - 0.5 * beta)
+            # beta = 0 never takes the quadratic branch: plain L1.
+            elem = tl.where(ad < beta, 0.5 * diff * diff * inv_beta, ad - 0.5 * beta)
         else:
             elem = diff * diff
         acc += tl.sum(elem, axis=1)
@@ -68,9 +72,9 @@ def _latent_loss_fwd_kernel(
     # Per-token mean over features, zeroed where the token is not kept.
     acc = acc / D
     if HAS_MASK:
-        keep = tl.load(keep_ptr + rows, mask=row_ok, other=0).to(tl.float32)
+        keep = tl.load(keep_ptr + row0 + r, mask=row_ok, other=0).to(tl.float32)
         acc = acc * keep
-    tl.store(row_loss_ptr + rows, acc, mask=row_ok)
+    tl.store(row_loss_ptr + row0 + r, acc, mask=row_ok)
 
 
 @triton.jit
@@ -79,33 +83,38 @@ def _latent_loss_bwd_kernel(
     pred_ptr, target_ptr, keep_ptr, scale_ptr, grad_pred_ptr, grad_target_ptr,
     # sizes and strides (elements; the gradients are contiguous [M, D])
     M, D, stride_pred, stride_target,
-    # loss parameter
-    beta,
+    # loss parameters (inv_beta = 1 / beta, 0 when beta = 0)
+    beta, inv_beta,
     # meta-parameters
     HAS_MASK: tl.constexpr, SMOOTH_L1: tl.constexpr, GRAD_TARGET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    pred_ptr += row0 * stride_pred
+    target_ptr += row0 * stride_target
+    grad_pred_ptr += row0 * D
+    grad_target_ptr += row0 * D
+    r = tl.arange(0, BLOCK_M)
+    row_ok = r < M - row0
     # scale = grad_loss / (max(kept, 1) * D), computed on device by the launcher.
     scale = tl.load(scale_ptr).to(tl.float32)
     row_scale = tl.zeros([BLOCK_M], dtype=tl.float32) + scale
     if HAS_MASK:
-        row_scale = row_scale * tl.load(keep_ptr + rows, mask=row_ok, other=0).to(tl.float32)
+        row_scale = row_scale * tl.load(keep_ptr + row0 + r, mask=row_ok, other=0).to(tl.float32)
 
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         tile_ok = row_ok[:, None] & (cols[None, :] < D)
-        p = tl.load(pred_ptr + rows[:, None] * stride_pred + cols[None, :], mask=tile_ok, other=0.0)
-        t = tl.load(target_ptr + rows[:, None] * stride_target + cols[None, :], mask=tile_ok, other=0.0)
+        p = tl.load(pred_ptr + r[:, None] * stride_pred + cols[None, :], mask=tile_ok, other=0.0)
+        t = tl.load(target_ptr + r[:, None] * stride_target + cols[None, :], mask=tile_ok, other=0.0)
         diff = p.to(tl.float32) - t.to(tl.float32)
         if SMOOTH_L1:
             sign = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
-            dl = tl.where(tl.abs(diff) < beta, diff / beta, sign)
+            dl = tl.where(tl.abs(diff) < beta, diff * inv_beta, sign)
         else:
             dl = 2.0 * diff
         g = dl * row_scale[:, None]
-        offs = rows[:, None] * D + cols[None, :]
+        offs = r[:, None] * D + cols[None, :]
         tl.store(grad_pred_ptr + offs, g.to(grad_pred_ptr.dtype.element_ty), mask=tile_ok)
         if GRAD_TARGET:
             tl.store(grad_target_ptr + offs, (-g).to(grad_target_ptr.dtype.element_ty), mask=tile_ok)
@@ -114,13 +123,13 @@ def _latent_loss_bwd_kernel(
 # --------------------------------------------------------------------------------------------------
 # Launchers: check constraints, allocate, pick the config, launch.
 # --------------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_D, num_warps): tiles of 2k elements (16 per thread per operand keeps registers
-# low, about 70, for occupancy on a bandwidth-bound op); wide rows get a wide BLOCK_D so each
+# (BLOCK_M, BLOCK_D, num_warps): tiles of 1k elements (8 per thread per operand keeps registers
+# under 100, for occupancy on a bandwidth-bound op); wide rows get a wide BLOCK_D so each
 # row is swept in few steps, narrow rows get more rows per program.
 _CONFIGS = [
-    LaunchConfig({"BLOCK_M": 32, "BLOCK_D": 64}, num_warps=4, num_stages=1),
-    LaunchConfig({"BLOCK_M": 16, "BLOCK_D": 128}, num_warps=4, num_stages=1),
-    LaunchConfig({"BLOCK_M": 8, "BLOCK_D": 256}, num_warps=4, num_stages=1),
+    LaunchConfig({"BLOCK_M": 16, "BLOCK_D": 64}, num_warps=4, num_stages=1),
+    LaunchConfig({"BLOCK_M": 8, "BLOCK_D": 128}, num_warps=4, num_stages=1),
+    LaunchConfig({"BLOCK_M": 4, "BLOCK_D": 256}, num_warps=4, num_stages=1),
 ]
 
 
@@ -151,7 +160,7 @@ def latent_loss_forward(pred, target, mask, kind: str, beta: float) -> torch.Ten
     grid = (_launch.cdiv(M, cfg.constexprs["BLOCK_M"]),)
     _latent_loss_fwd_kernel[grid](
         p2, t2, _keep_rows(mask, row_loss), row_loss,
-        M, D, p2.stride(0), t2.stride(0), float(beta),
+        M, D, p2.stride(0), t2.stride(0), float(beta), 1.0 / beta if beta > 0 else 0.0,
         HAS_MASK=mask is not None, SMOOTH_L1=kind == "smooth_l1",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )
@@ -170,7 +179,7 @@ def latent_loss_backward(grad, pred, target, mask, kind: str, beta: float, grad_
     grid = (_launch.cdiv(M, cfg.constexprs["BLOCK_M"]),)
     _latent_loss_bwd_kernel[grid](
         p2, t2, _keep_rows(mask, scale), scale, d_pred, d_target,
-        M, D, p2.stride(0), t2.stride(0), float(beta),
+        M, D, p2.stride(0), t2.stride(0), float(beta), 1.0 / beta if beta > 0 else 0.0,
         HAS_MASK=mask is not None, SMOOTH_L1=kind == "smooth_l1", GRAD_TARGET=grad_target,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )
@@ -181,7 +190,7 @@ def _variants():
     out = {}
     for name, tt in (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16")):
         base = {"pred_ptr": f"*{tt}", "target_ptr": f"*{tt}", "keep_ptr": "*u8", "M": "i32", "D": "i32",
-                "stride_pred": "i32", "stride_target": "i32", "beta": "fp32"}
+                "stride_pred": "i32", "stride_target": "i32", "beta": "fp32", "inv_beta": "fp32"}
         out[f"{name}/smooth_l1/mask"] = (base, {"HAS_MASK": True, "SMOOTH_L1": True})
         out[f"{name}/l2"] = (base, {"HAS_MASK": False, "SMOOTH_L1": False})
     return out
@@ -219,6 +228,25 @@ def latent_loss_reference(pred, target, mask=None, *, kind: str = "smooth_l1", b
     return (per_token * keep).sum() / keep.sum().clamp_min(1)
 
 
+def latent_loss_backward_reference(grad, pred, target, mask=None, *, kind: str = "smooth_l1", beta: float = 1.0):
+    """Gradients of :func:`latent_loss_reference` w.r.t. pred and target, written out (the custom
+    op's body runs below autograd, so the reference backward cannot call autograd)."""
+    diff = pred.float() - target.float()
+    if kind == "smooth_l1":
+        # where(|x| < beta, x / beta, sign(x)) in one op
+        dl = (diff / beta).clamp(-1.0, 1.0) if beta > 0 else diff.sign()
+    else:
+        dl = 2.0 * diff
+    D = pred.shape[-1]
+    if mask is None:
+        keep, kept = 1.0, diff[..., 0].numel()
+    else:
+        keep = mask.to(torch.float32).unsqueeze(-1)
+        kept = mask.sum().clamp_min(1)
+    g = dl * keep * (grad.float() / (kept * D))
+    return g.to(pred.dtype), (-g).to(target.dtype)
+
+
 # --------------------------------------------------------------------------------------------------
 # Public op: validation, dispatch, autograd, torch.library registration
 # --------------------------------------------------------------------------------------------------
@@ -242,11 +270,7 @@ def _latent_loss_backward_op(grad: torch.Tensor, pred: torch.Tensor, target: tor
     if _launch.backend_for(OP, pred.device) == "triton":
         d_pred, d_target = latent_loss_backward(grad, pred, target, mask, kind, beta, True)
         return d_pred, d_target
-    with torch.enable_grad():
-        p = pred.detach().requires_grad_(True)
-        t = target.detach().requires_grad_(True)
-        loss = latent_loss_reference(p, t, mask, kind=kind, beta=beta)
-        d_pred, d_target = torch.autograd.grad(loss, (p, t), grad)
+    d_pred, d_target = latent_loss_backward_reference(grad, pred, target, mask, kind=kind, beta=beta)
     return d_pred, d_target
 
 
@@ -297,4 +321,7 @@ def latent_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.T
         raise ValueError(f"{OP}: kind must be one of {KINDS}, got {kind!r}")
     if not (beta >= 0.0):
         raise ValueError(f"{OP}: beta must be >= 0, got {beta}")
+    if _launch.backend_for(OP, pred.device) == "reference":
+        # Plain differentiable torch ops: autograd and torch.compile see through them.
+        return latent_loss_reference(pred, target, mask, kind=kind, beta=float(beta))
     return _latent_loss_op(pred, target, mask, kind, float(beta))

@@ -1,0 +1,131 @@
+"""Benchmark harness: correct timing on CUDA and CPU, and the numbers every row records.
+
+``run_bench(benchmark, fn, *, impl, group, flops=None, bytes=None, flush_l2=False, **info)`` times
+``fn`` with pytest-benchmark. On CUDA each round launches ``fn`` several times and then
+synchronises (so the time is the GPU's, not the launch's); with ``flush_l2`` a 256 MB buffer is
+written before every single-call round so bandwidth-bound kernels are not measured from the cache.
+Every row records the device, torch/triton versions, the implementation (``impl``; ``"jepa_engine"``
+is ours) and its ``group`` (the same problem solved by every peer). At the end of the session the
+JSON hook adds, per row: median and 20th/80th percentile per call, achieved TFLOP/s or GB/s, the
+fraction of the device's roofline where it is known, and for our row the speed-up against every peer
+of the same group measured in the same run.
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Callable
+
+import pytest
+import torch
+
+from benches.device_tag import device_name
+
+# Published dense peaks: (bf16/fp16 dense TFLOP/s, HBM TB/s).
+ROOFLINES = {"H100": (989.0, 3.35), "H200": (989.0, 4.8), "A100": (312.0, 2.0)}
+OURS = "jepa_engine"
+
+
+def roofline(name: str) -> tuple[float, float] | None:
+    for key, peak in ROOFLINES.items():
+        if key in name.upper():
+            return peak
+    return None
+
+
+def _versions() -> dict:
+    out = {"torch": torch.__version__}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
+
+
+_L2_FLUSH: torch.Tensor | None = None
+
+
+def _flush_l2() -> None:
+    global _L2_FLUSH
+    if _L2_FLUSH is None:
+        _L2_FLUSH = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    _L2_FLUSH.zero_()
+
+
+@pytest.fixture
+def run_bench():
+    def _run(benchmark, fn: Callable[[], object], *, impl: str, group: str, flops: float | None = None,
+             bytes: float | None = None, flush_l2: bool = False, device: str | None = None, **info):
+        cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+        for _ in range(3):  # warm-up: compilation, autotuning, allocator
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+            if flush_l2:
+                calls = 1
+
+                def setup():
+                    _flush_l2()
+                    torch.cuda.synchronize()
+            else:
+                # Enough calls per round that one synchronisation is noise (about 1 ms per round).
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                calls = max(1, min(1000, int(1.0 / max(start.elapsed_time(end), 1e-3))))
+                setup = None
+
+            def target():
+                for _ in range(calls):
+                    fn()
+                torch.cuda.synchronize()
+
+            benchmark.pedantic(target, setup=setup, rounds=20 if flush_l2 else 10, iterations=1, warmup_rounds=1)
+        else:
+            calls = 1
+            benchmark.pedantic(fn, rounds=5, iterations=1, warmup_rounds=1)
+        benchmark.group = group
+        benchmark.extra_info.update(
+            impl=impl, group=group, flops=flops, bytes=bytes, calls_per_round=calls,
+            device=device_name() if (cuda or device is None) else device, **_versions(), **info,
+        )
+
+    return _run
+
+
+def _percentile(data: list[float], q: float) -> float:
+    data = sorted(data)
+    idx = (len(data) - 1) * q
+    lo, hi = int(idx), min(int(idx) + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (idx - lo)
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """Per-call statistics, throughput, roofline fraction, and speed-ups against same-group peers."""
+    rows = output_json["benchmarks"]
+    for bench, row in zip(benchmarks, rows):
+        info = row["extra_info"]
+        calls = info.get("calls_per_round") or 1
+        data = [t / calls for t in (bench.stats.data if hasattr(bench, "stats") else [])] or [row["stats"]["median"]]
+        med = statistics.median(data)
+        info["median_s"], info["p20_s"], info["p80_s"] = med, _percentile(data, 0.2), _percentile(data, 0.8)
+        peak = roofline(info.get("device", ""))
+        if info.get("flops"):
+            info["tflops"] = info["flops"] / med / 1e12
+            if peak:
+                info["roofline_fraction"] = info["tflops"] / peak[0]
+        if info.get("bytes"):
+            info["gbps"] = info["bytes"] / med / 1e9
+            if peak:
+                info["roofline_fraction"] = info["gbps"] / (peak[1] * 1e3)
+    by_group: dict[str, list[dict]] = {}
+    for row in rows:
+        by_group.setdefault(row["extra_info"].get("group", row.get("group") or ""), []).append(row["extra_info"])
+    for infos in by_group.values():
+        ours = [i for i in infos if i.get("impl") == OURS]
+        for mine in ours:
+            mine["speedup_vs"] = {i["impl"]: i["median_s"] / mine["median_s"] for i in infos
+                                  if i.get("impl") != OURS and "median_s" in i}
