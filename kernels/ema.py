@@ -54,8 +54,18 @@ _PLAN_CACHE_SIZE = 8
 # Kernel
 # --------------------------------------------------------------------------------------------------
 @triton.jit
+def _round_bf16(x):
+    """fp32 -> bf16 rounding to nearest even, written out: the interpreter's cast truncates."""
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(x != x, bits >> 16, rounded)  # NaN: keep the (quiet) payload's top bits
+    return rounded.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _ema_tile(t_ptrs, o_ptrs, offs, n, w, acc, is_copy,
-              MASKED: tl.constexpr, DISTANCE: tl.constexpr, HAS_COPY: tl.constexpr):
+              MASKED: tl.constexpr, DISTANCE: tl.constexpr, HAS_COPY: tl.constexpr,
+              ROUND_BF16: tl.constexpr):
     if MASKED:
         ok = offs < n
         t_raw = tl.load(t_ptrs, mask=ok, other=0.0)
@@ -76,7 +86,10 @@ def _ema_tile(t_ptrs, o_ptrs, offs, n, w, acc, is_copy,
     new = tl.where(wt < 0.5, t + wt * d, o - d * (1.0 - wt))
     new = tl.where(wt == 1.0, o, new)
     # m = 1: write back the loaded bits (a storage -> fp32 -> storage round trip is exact).
-    out = tl.where(wt == 0.0, t_raw, new.to(t_ptrs.dtype.element_ty))
+    if ROUND_BF16:
+        out = tl.where(wt == 0.0, t_raw, _round_bf16(new))
+    else:
+        out = tl.where(wt == 0.0, t_raw, new.to(t_ptrs.dtype.element_ty))
     if MASKED:
         tl.store(t_ptrs, out, mask=ok)
     else:
@@ -96,6 +109,7 @@ def _ema_kernel(
     # meta-parameters
     T_DTYPE: tl.constexpr, O_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
     HAS_COPY: tl.constexpr, DISTANCE: tl.constexpr, BLOCK: tl.constexpr,
+    ROUND_BF16: tl.constexpr,  # interpreter only: round bf16 stores to nearest even by hand
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -123,10 +137,10 @@ def _ema_kernel(
         # Full blocks go unmasked (a mask against a runtime size would defeat vectorisation).
         if start + BLOCK <= n:
             acc = _ema_tile(t_base + offs, o_base + offs, offs, n, w, acc, is_copy,
-                            False, DISTANCE, HAS_COPY)
+                            False, DISTANCE, HAS_COPY, ROUND_BF16)
         else:
             acc = _ema_tile(t_base + offs, o_base + offs, offs, n, w, acc, is_copy,
-                            True, DISTANCE, HAS_COPY)
+                            True, DISTANCE, HAS_COPY, ROUND_BF16)
 
     if DISTANCE:
         tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
@@ -199,6 +213,7 @@ class EMAPlan:
                 g.meta, g.blocks, momentum, self.partials[first:first + g.grid], g.n_blocks,
                 T_DTYPE=_tl_dtype(g.t_dtype), O_DTYPE=_tl_dtype(g.o_dtype), ALIGNED=g.aligned,
                 HAS_COPY=g.has_copy, DISTANCE=distance, BLOCK=self.block,
+                ROUND_BF16=g.t_dtype == torch.bfloat16 and _launch.interpreting(),
                 num_warps=_CONFIG.num_warps, num_stages=_CONFIG.num_stages,
             )
             first += g.grid
@@ -226,7 +241,8 @@ def _register():
                                   ("/plain", {"HAS_COPY": False, "DISTANCE": False})):
                 label = f"{_TL_NAME[td]}<-{_TL_NAME[od]}{extra}"
                 variants[label] = (dict(sig_base), {"T_DTYPE": _tl_dtype(td), "O_DTYPE": _tl_dtype(od),
-                                                    "ALIGNED": True, **consts})
+                                                    "ALIGNED": True, "ROUND_BF16": False,
+                                                    **consts})
     register_kernel(KernelSpec("ema", _ema_kernel, variants, [_CONFIG]))
 
 
