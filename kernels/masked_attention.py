@@ -39,7 +39,8 @@ softmax; saves the log-sum-exp per query row (base 2, +inf for fully masked rows
 recomputes P = 0 there). Backward: a preprocess kernel computes delta = rowsum(dO * O); one kernel
 then computes, per program, dK/dV for one key block (looping over query blocks) and dQ for one query
 block (looping over key blocks), recomputing P from the log-sum-exp. No atomics: deterministic.
-Offsets are int64 (B * H * N * D may exceed 2^31).
+Batch/head offsets are int64 (B * H * N * D may exceed 2^31); offsets within one sequence are
+int32 (one sequence's N * token stride must stay below 2^31).
 
 ``dropout_p`` must be 0.0 (attention dropout is not implemented; JEPA encoders train without it).
 """
@@ -82,7 +83,7 @@ def _key_rows(slots, n_k, kpad_ptr, kidx_ptr, stride_pb, stride_ib, b,
     """
     in_range = slots < n_k
     if INDEX:
-        rows = tl.load(kidx_ptr + b * stride_ib + slots, mask=in_range, other=-1).to(tl.int64)
+        rows = tl.load(kidx_ptr + b * stride_ib + slots, mask=in_range, other=-1)
         ok = rows >= 0
         rows = tl.where(ok, rows, 0)
     else:
@@ -106,11 +107,12 @@ def _allowed(q_pos, q_ok, k_pos, k_ok, frame_len, FRAME: tl.constexpr):
 def _seq_bounds(cu_ptr, b, N_Q, N_K, VARLEN: tl.constexpr):
     """(first token, query count, key-slot count) of sequence b."""
     if VARLEN:
-        start = tl.load(cu_ptr + b).to(tl.int64)
-        n = tl.load(cu_ptr + b + 1).to(tl.int64) - start
-        return start, n, n
+        start = tl.load(cu_ptr + b)
+        n = tl.load(cu_ptr + b + 1) - start
+        return start.to(tl.int64), n, n
     else:
-        return tl.zeros([], dtype=tl.int64), N_Q.to(tl.int64), N_K.to(tl.int64)
+        zero = tl.zeros([], dtype=tl.int32)
+        return zero.to(tl.int64), zero + N_Q, zero + N_K
 
 
 @triton.jit
@@ -129,9 +131,11 @@ def _masked_attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    # int64 batch/head bases (B * H * N * D may exceed 2^31); int32 offsets inside one sequence,
+    # so positions, frame arithmetic and masks stay 32-bit (64-bit division would be a slow call).
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     start, n_q, n_k = _seq_bounds(cu_ptr, b, N_Q, N_K, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= n_q:  # varlen: this sequence is shorter than the longest one
@@ -143,7 +147,7 @@ def _masked_attention_fwd_kernel(
     v_base = v_ptr + b * stride_vb + h * stride_vh + start * stride_vn
     o_base = o_ptr + b * stride_ob + h * stride_oh + start * stride_on
 
-    offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_ok = offs_m < n_q
     q = _load_tile(q_base, offs_m, q_ok, stride_qn, offs_d, HEAD_DIM, UPCAST)
@@ -158,7 +162,7 @@ def _masked_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(0, hi, BLOCK_N):
-        slots = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        slots = n0 + tl.arange(0, BLOCK_N)
         k_pos, k_ok = _key_rows(slots, hi, kpad_ptr, kidx_ptr, stride_pb, stride_ib, b, PAD, INDEX)
         k = _load_tile(k_base, k_pos, k_ok, stride_kn, offs_d, HEAD_DIM, UPCAST)
         v = _load_tile(v_base, k_pos, k_ok, stride_vn, offs_d, HEAD_DIM, UPCAST)
@@ -197,21 +201,23 @@ def _masked_attention_bwd_preprocess_kernel(
 ):
     """delta[i] = sum_d dO[i, d] * O[i, d] in fp32 (the softmax-backward row term)."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    # int64 batch/head bases (B * H * N * D may exceed 2^31); int32 offsets inside one sequence,
+    # so positions, frame arithmetic and masks stay 32-bit (64-bit division would be a slow call).
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     start, n_q, _n_k = _seq_bounds(cu_ptr, b, N_Q, N_Q, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= n_q:
         return
-    offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_ok = offs_m < n_q
     ok = q_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + (start + offs_m)[:, None] * stride_on + offs_d[None, :],
-                mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + b * stride_db + h * stride_dh + (start + offs_m)[:, None] * stride_dn + offs_d[None, :],
-                 mask=ok, other=0.0).to(tl.float32)
+    o_base = o_ptr + b * stride_ob + h * stride_oh + start * stride_on
+    do_base = do_ptr + b * stride_db + h * stride_dh + start * stride_dn
+    o = tl.load(o_base + offs_m[:, None] * stride_on + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(do_base + offs_m[:, None] * stride_dn + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
     tl.store(delta_ptr + b * stride_lb + h * stride_lh + start + offs_m, tl.sum(o * do, axis=1), mask=q_ok)
 
 
@@ -237,9 +243,11 @@ def _masked_attention_bwd_kernel(
     dV = P^T dO, dK = sm_scale * dS^T q, dQ = sm_scale * dS k.
     """
     pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    # int64 batch/head bases (B * H * N * D may exceed 2^31); int32 offsets inside one sequence,
+    # so positions, frame arithmetic and masks stay 32-bit (64-bit division would be a slow call).
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     start, n_q, n_k = _seq_bounds(cu_ptr, b, N_Q, N_K, VARLEN)
 
     q_base = q_ptr + b * stride_qb + h * stride_qh + start * stride_qn
@@ -253,7 +261,7 @@ def _masked_attention_bwd_kernel(
     # ---- dK, dV for key block `pid`: loop over the query blocks that can see it ----------------
     n0 = pid * BLOCK_N
     if n0 < n_k:
-        slots = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        slots = n0 + tl.arange(0, BLOCK_N)
         k_pos, k_ok = _key_rows(slots, n_k, kpad_ptr, kidx_ptr, stride_pb, stride_ib, b, PAD, INDEX)
         k = _load_tile(k_base, k_pos, k_ok, stride_kn, offs_d, HEAD_DIM, UPCAST)
         v = _load_tile(v_base, k_pos, k_ok, stride_vn, offs_d, HEAD_DIM, UPCAST)
@@ -262,8 +270,8 @@ def _masked_attention_bwd_kernel(
         lo = 0
         if FRAME:  # queries of frames before this block's first frame never see it
             lo = (n0 // frame_len * frame_len) // BLOCK_M * BLOCK_M
-        for m0 in range(lo, n_q, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        for qm0 in range(lo, n_q, BLOCK_M):
+            offs_m = qm0 + tl.arange(0, BLOCK_M)
             q_ok = offs_m < n_q
             q = _load_tile(q_base, offs_m, q_ok, stride_qn, offs_d, HEAD_DIM, UPCAST)
             do = _load_tile(do_base, offs_m, q_ok, stride_dn, offs_d, HEAD_DIM, UPCAST)
@@ -279,16 +287,17 @@ def _masked_attention_bwd_kernel(
         dk = dk * sm_scale
         # Index set: scatter to the selected rows (distinct, validated); unused slots write nothing.
         g_ok = k_ok[:, None] & d_ok
-        g_off = b * stride_gkb + h * stride_gkh + (start + k_pos)[:, None] * stride_gkn + offs_d[None, :]
+        g_off = k_pos[:, None] * stride_gkn + offs_d[None, :]
+        g_base = b * stride_gkb + h * stride_gkh + start * stride_gkn
         if not INDEX:
             g_ok = (slots < n_k)[:, None] & d_ok  # masked keys in range get their zero gradient
-        tl.store(dk_ptr + g_off, dk.to(dk_ptr.dtype.element_ty), mask=g_ok)
-        tl.store(dv_ptr + g_off, dv.to(dv_ptr.dtype.element_ty), mask=g_ok)
+        tl.store(dk_ptr + g_base + g_off, dk.to(dk_ptr.dtype.element_ty), mask=g_ok)
+        tl.store(dv_ptr + g_base + g_off, dv.to(dv_ptr.dtype.element_ty), mask=g_ok)
 
     # ---- dQ for query block `pid`: loop over the key blocks it can see ------------------------
     m0 = pid * BLOCK_M
     if m0 < n_q:
-        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
         q_ok = offs_m < n_q
         q = _load_tile(q_base, offs_m, q_ok, stride_qn, offs_d, HEAD_DIM, UPCAST)
         do = _load_tile(do_base, offs_m, q_ok, stride_dn, offs_d, HEAD_DIM, UPCAST)
@@ -299,8 +308,8 @@ def _masked_attention_bwd_kernel(
             last_q = tl.minimum(m0 + BLOCK_M, n_q) - 1
             hi = tl.minimum(hi, (last_q // frame_len + 1) * frame_len)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for n0 in range(0, hi, BLOCK_N):
-            slots = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        for kn0 in range(0, hi, BLOCK_N):
+            slots = kn0 + tl.arange(0, BLOCK_N)
             k_pos, k_ok = _key_rows(slots, hi, kpad_ptr, kidx_ptr, stride_pb, stride_ib, b, PAD, INDEX)
             k = _load_tile(k_base, k_pos, k_ok, stride_kn, offs_d, HEAD_DIM, UPCAST)
             v = _load_tile(v_base, k_pos, k_ok, stride_vn, offs_d, HEAD_DIM, UPCAST)
@@ -311,8 +320,9 @@ def _masked_attention_bwd_kernel(
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         dq = dq * sm_scale
-        q_off = b * stride_gqb + h * stride_gqh + (start + offs_m)[:, None] * stride_gqn + offs_d[None, :]
-        tl.store(dq_ptr + q_off, dq.to(dq_ptr.dtype.element_ty), mask=q_ok[:, None] & d_ok)
+        dq_base = dq_ptr + b * stride_gqb + h * stride_gqh + start * stride_gqn
+        tl.store(dq_base + offs_m[:, None] * stride_gqn + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
+                 mask=q_ok[:, None] & d_ok)
 
 
 # --------------------------------------------------------------------------------------------------
