@@ -1,0 +1,95 @@
+"""EMA of a ViT target encoder: one launch per step against the ways PyTorch code does it.
+
+Peers on the same parameter list (the real tensor-size mix of a ViT): a Python loop of
+``mul_/add_`` (one or two kernels per tensor), ``torch._foreach_lerp_`` (what timm's ModelEmaV3
+uses), ``torch._foreach_mul_ + torch._foreach_add_``, and a device-to-device copy moving the same
+bytes (reading 1.5x and writing 1.5x the parameter bytes), whose bandwidth the EMA is measured
+against. Bytes moved per step: 3 x parameter bytes (read target, read online, write target).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+import torch
+
+from jepa_engine.kernels import ema_update_
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+MOMENTUM = 0.996
+
+# name: (depth, width, mlp ratio, patch size); parameter counts match timm's ViTs at 224 px.
+VITS = {
+    "vit_tiny": (12, 192, 4.0, 16),   # 5.5M
+    "vit_small": (12, 384, 4.0, 16),  # 21.7M
+    "vit_base": (12, 768, 4.0, 16),   # 85.8M
+    "vit_large": (24, 1024, 4.0, 16),  # 303.3M
+    "vit_huge": (32, 1280, 4.0, 14),  # 630.8M
+}
+MODELS = list(VITS) if CUDA else ["vit_small"]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def vit_param_shapes(depth: int, width: int, mlp_ratio: float = 4.0, patch: int = 16,
+                     img: int = 224, in_chans: int = 3) -> Iterator[tuple[int, ...]]:
+    """The parameter shapes of a ViT encoder (no classifier head), in ``named_parameters`` order."""
+    hidden = int(width * mlp_ratio)
+    n_tokens = (img // patch) ** 2 + 1
+    yield (1, 1, width)                          # cls_token
+    yield (1, n_tokens, width)                   # pos_embed
+    yield (width, in_chans, patch, patch)        # patch_embed.proj.weight
+    yield (width,)                               # patch_embed.proj.bias
+    for _ in range(depth):
+        yield from [(width,), (width,)]                      # norm1
+        yield from [(3 * width, width), (3 * width,)]        # attn.qkv
+        yield from [(width, width), (width,)]                # attn.proj
+        yield from [(width,), (width,)]                      # norm2
+        yield from [(hidden, width), (hidden,)]              # mlp.fc1
+        yield from [(width, hidden), (width,)]               # mlp.fc2
+    yield from [(width,), (width,)]                          # final norm
+
+
+def _lists(model: str, dtype: torch.dtype):
+    shapes = list(vit_param_shapes(*VITS[model]))
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    targets = [torch.randn(s, device=DEVICE, generator=g).to(dtype) for s in shapes]
+    onlines = [torch.randn(s, device=DEVICE, generator=g).to(dtype) for s in shapes]
+    return targets, onlines
+
+
+def _impl(impl: str, targets, onlines):
+    m, w = MOMENTUM, 1.0 - MOMENTUM
+    if impl == "jepa_engine":
+        momentum = torch.full((1,), m, device=DEVICE) if CUDA else m
+        return lambda: ema_update_(targets, onlines, momentum)
+    if impl == "python_loop":
+        def loop():
+            for t, o in zip(targets, onlines):
+                t.mul_(m).add_(o, alpha=w)
+        return loop
+    if impl == "foreach_lerp":
+        return lambda: torch._foreach_lerp_(targets, onlines, w)
+    if impl == "foreach_mul_add":
+        def mul_add():
+            torch._foreach_mul_(targets, m)
+            torch._foreach_add_(targets, onlines, alpha=w)
+        return mul_add
+    # copy: the same bytes as the EMA moves (3 x numel elements), read half, write half.
+    n = sum(t.numel() for t in targets) * 3 // 2
+    src = torch.empty(n, device=DEVICE, dtype=targets[0].dtype).normal_()
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("impl", ["jepa_engine", "foreach_lerp", "foreach_mul_add", "python_loop", "copy"])
+def test_ema_vit(benchmark, run_bench, impl, model, dtype):
+    targets, onlines = _lists(model, dtype)
+    numel = sum(t.numel() for t in targets)
+    fn = _impl(impl, targets, onlines)
+    with torch.no_grad():
+        run_bench(benchmark, fn, impl=impl, group=f"ema {model} {str(dtype).replace('torch.', '')}",
+                  bytes=3.0 * numel * targets[0].element_size(), flush_l2=CUDA, model=model,
+                  params=numel, tensors=len(targets), dtype=str(dtype))
