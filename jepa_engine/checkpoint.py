@@ -1,0 +1,290 @@
+"""Checkpoints: safetensors for tensors, JSON for everything else; nothing executes on load.
+
+A checkpoint of step ``s`` in a run folder is two files::
+
+    ckpt-{s:08d}.safetensors     every tensor (model, target model, optimizer state, RNG states)
+    ckpt-{s:08d}.json            {"format", "step", "sha256", "tensors_file", "meta": {...}}
+
+Both are written atomically (a temp file in the same folder, flush + fsync, ``os.replace``) and the JSON
+is written LAST, carrying the sha256 of the safetensors file: a checkpoint is complete exactly when its
+JSON exists, and :func:`load_checkpoint` refuses a tensors file whose hash does not match.
+
+The helpers flatten training state into that format and back:
+
+- modules: ``{prefix}{name}`` for every entry of ``state_dict()``;
+- AdamW (any ``torch.optim`` optimizer): tensors ``{prefix}state/{param index}/{key}``, param groups and
+  non-tensor state values as JSON;
+- RNG states: torch CPU / CUDA generator states as uint8 tensors, numpy's MT19937 key as a uint32-valued
+  int64 tensor, python ``random`` state as JSON.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMAT = "jepa_engine.checkpoint/1"
+_NAME = re.compile(r"^ckpt-(\d{8,})\.json$")
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated, corrupted or does not match its metadata."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------------
+def checkpoint_paths(directory: PathLike, step: int) -> tuple[Path, Path]:
+    """(tensors file, JSON file) of step ``step`` in ``directory``."""
+    d = Path(directory)
+    return d / f"ckpt-{step:08d}.safetensors", d / f"ckpt-{step:08d}.json"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees either the old file or all of the new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    # Make the rename itself durable.
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    out, seen = {}, set()
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"save_checkpoint: tensors[{name!r}] must be a torch.Tensor, got {type(t).__name__}")
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and (ptr in seen or t.untyped_storage().nbytes() != t.nbytes):
+            t = t.clone()  # safetensors refuses tensors that share memory
+            ptr = t.untyped_storage().data_ptr()
+        if t.numel():
+            seen.add(ptr)
+        out[name] = t
+    return save(out)
+
+
+def save_checkpoint(directory: PathLike, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                    keep_last: Optional[int] = None) -> Path:
+    """Write checkpoint ``step`` to ``directory`` atomically; keep the newest ``keep_last`` (None = all).
+
+    ``meta`` must be JSON-serialisable. Returns the path of the JSON file (the checkpoint's name).
+    """
+    if not (isinstance(step, int) and step >= 0):
+        raise ValueError(f"save_checkpoint: step must be an int >= 0, got {step!r}")
+    if keep_last is not None and not (isinstance(keep_last, int) and keep_last >= 1):
+        raise ValueError(f"save_checkpoint: keep_last must be None or an int >= 1, got {keep_last!r}")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors_path, json_path = checkpoint_paths(d, step)
+    blob = _safetensors_bytes(tensors)
+    try:
+        header = json.dumps({"format": FORMAT, "step": step, "tensors_file": tensors_path.name,
+                             "sha256": hashlib.sha256(blob).hexdigest(), "nbytes": len(blob), "meta": meta},
+                            indent=1, allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"save_checkpoint: meta must be JSON-serialisable (finite floats), got {e}") from e
+    # A re-save of the same step first invalidates the old JSON, so no reader pairs it with new tensors.
+    if json_path.exists():
+        json_path.unlink()
+    _atomic_write(tensors_path, blob)
+    _atomic_write(json_path, header)
+    if keep_last is not None:
+        prune_checkpoints(d, keep_last)
+    return json_path
+
+
+def list_checkpoints(directory: PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints (those with a JSON file) as (step, JSON path), oldest first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), d / name) for name in os.listdir(d) if (m := _NAME.match(name))]
+    return sorted(found)
+
+
+def prune_checkpoints(directory: PathLike, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints, JSON first (so none is left half-valid)."""
+    for step, json_path in list_checkpoints(directory)[:-keep_last]:
+        tensors_path, _ = checkpoint_paths(directory, step)
+        json_path.unlink(missing_ok=True)
+        tensors_path.unlink(missing_ok=True)
+
+
+def latest_checkpoint(directory: PathLike, verify: bool = True) -> Optional[Path]:
+    """The newest complete checkpoint in ``directory`` (its JSON path), or None.
+
+    With ``verify`` (default) a checkpoint whose files fail :func:`load_checkpoint`'s checks (truncated,
+    corrupted, missing tensors file) is skipped, so an interrupted or damaged newest checkpoint falls
+    back to the one before it.
+    """
+    for _, json_path in reversed(list_checkpoints(directory)):
+        if not verify:
+            return json_path
+        try:
+            _read_verified(json_path)
+        except CheckpointError:
+            continue
+        return json_path
+    return None
+
+
+def _read_verified(json_path: Path) -> tuple[dict, bytes]:
+    try:
+        header = json.loads(json_path.read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"checkpoint {json_path}: file not found") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {json_path}: the JSON is truncated or corrupted ({e})") from e
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {json_path}: format must be {FORMAT!r}, got "
+                              f"{header.get('format') if isinstance(header, dict) else type(header).__name__!r}")
+    tensors_path = json_path.parent / header["tensors_file"]
+    try:
+        blob = tensors_path.read_bytes()
+    except FileNotFoundError as e:
+        raise CheckpointError(f"checkpoint {json_path}: tensors file {tensors_path} is missing") from e
+    if len(blob) != header["nbytes"]:
+        raise CheckpointError(f"checkpoint {tensors_path}: expected {header['nbytes']} bytes, got {len(blob)} "
+                              f"(truncated or overwritten)")
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != header["sha256"]:
+        raise CheckpointError(f"checkpoint {tensors_path}: sha256 must be {header['sha256']} (from {json_path.name}), "
+                              f"got {digest} (corrupted)")
+    return header, blob
+
+
+def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a checkpoint: ``path`` is its JSON file, its tensors file, or a run folder (its latest).
+
+    Returns ``(tensors, meta)``; ``meta["step"]`` is the step. Raises :class:`CheckpointError` naming the
+    file when it is missing, truncated, corrupted, or its hash does not match the JSON.
+    """
+    from safetensors.torch import load
+
+    p = Path(path)
+    if p.is_dir():
+        latest = latest_checkpoint(p)
+        if latest is None:
+            raise CheckpointError(f"checkpoint folder {p}: no complete checkpoint (ckpt-*.json) found")
+        p = latest
+    elif p.suffix == ".safetensors":
+        p = p.with_suffix(".json")
+    header, blob = _read_verified(p)
+    try:
+        tensors = load(blob)
+    except Exception as e:  # safetensors raises its own error type on a malformed header
+        raise CheckpointError(f"checkpoint {p.parent / header['tensors_file']}: not a valid safetensors file ({e})") from e
+    if str(device) != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+    meta = dict(header["meta"])
+    meta["step"] = header["step"]
+    return tensors, meta
+
+
+# --------------------------------------------------------------------------------------------------
+# Flatten / unflatten training state
+# --------------------------------------------------------------------------------------------------
+def module_tensors(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """Every entry of ``module.state_dict()`` under ``prefix``."""
+    return {prefix + k: v for k, v in module.state_dict().items()}
+
+
+def load_module_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    """Load the ``prefix`` entries into ``module`` (strict: names must match exactly)."""
+    sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    missing, unexpected = module.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint: module {prefix!r} must match the model, got missing {missing[:4]} "
+                              f"and unexpected {unexpected[:4]}")
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, prefix: str = "optim/") -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, JSON meta) of ``optimizer.state_dict()``: state tensors flattened, param groups as JSON."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for key, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{prefix}state/{idx}/{key}"] = v
+            else:
+                scalars.setdefault(str(idx), {})[key] = v
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars, "tuples": _tuple_keys(sd["param_groups"])}
+
+
+def _tuple_keys(groups) -> list[str]:
+    return sorted({k for g in groups for k, v in g.items() if isinstance(v, tuple)})
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict,
+                         prefix: str = "optim/") -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, v in tensors.items():
+        if name.startswith(prefix + "state/"):
+            idx, key = name[len(prefix) + len("state/"):].split("/", 1)
+            state.setdefault(int(idx), {})[key] = v
+    for idx, st in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(st)
+    tuples = set(meta.get("tuples", ()))
+    groups = [{k: (tuple(v) if k in tuples else v) for k, v in g.items()} for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state(prefix: str = "rng/") -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, JSON meta) of every RNG: torch CPU and CUDA generators, numpy, python ``random``."""
+    tensors = {f"{prefix}torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"{prefix}torch_cuda/{i}"] = s
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    tensors[f"{prefix}numpy_key"] = torch.from_numpy(key.astype(np.int64))
+    version, internal, gauss_next = random.getstate()
+    meta = {"numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": {"version": version, "state": list(internal), "gauss_next": gauss_next}}
+    return tensors, meta
+
+
+def load_rng_state(tensors: dict[str, torch.Tensor], meta: dict, prefix: str = "rng/") -> None:
+    torch.set_rng_state(tensors[f"{prefix}torch_cpu"].to(torch.uint8))
+    cuda = sorted((int(k.rsplit("/", 1)[1]), v) for k, v in tensors.items() if k.startswith(f"{prefix}torch_cuda/"))
+    if cuda and torch.cuda.is_available():
+        n = min(len(cuda), torch.cuda.device_count())
+        torch.cuda.set_rng_state_all([v.to(torch.uint8) for _, v in cuda[:n]])
+    n = meta["numpy"]
+    np.random.set_state((n["kind"], tensors[f"{prefix}numpy_key"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    p = meta["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
