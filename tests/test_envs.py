@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from jepa_engine.envs import (Box, GoalController, PointMassEnv, PointMassWorld, TrajectoryStream, WorldConfig,
-                              door_band, render)
+                              door_band, in_free_space, render)
 
 
 def _shoot(cfg: WorldConfig, n: int, speed: float, seed: int) -> PointMassWorld:
@@ -18,6 +18,23 @@ def _shoot(cfg: WorldConfig, n: int, speed: float, seed: int) -> PointMassWorld:
     vel = torch.randn(n, 2, generator=g) * speed
     world.reset(options={"state": torch.cat([world.pos, vel], dim=1)})
     return world
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small batched ops: one intra-op thread avoids spin-waiting on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_sampled_positions_are_free():
+    cfg = WorldConfig(layout="two_rooms", image_size=8)
+    world = PointMassWorld(cfg, num_envs=4096, seed=0)
+    pos = world.sample_free_positions(4096)
+    assert in_free_space(pos, cfg).all()
+    assert (pos[:, 0] < 0.5).float().mean().sub(0.5).abs() < 0.05, "both rooms are sampled evenly"
 
 
 def _jamb_violation(pos: torch.Tensor, cfg: WorldConfig) -> torch.Tensor:
@@ -328,3 +345,6 @@ def test_bad_stream_and_world_arguments():
     with pytest.raises(ValueError, match="num_envs must be an int >= 1, got 0"):
         PointMassWorld(WorldConfig(), num_envs=0)
     assert Box(-1.0, 1.0, (3,)).sample().shape == (3,)
+    world = PointMassWorld(WorldConfig(layout="two_rooms"), num_envs=2)
+    with pytest.raises(ValueError, match="must lie in the free space .*got 1 of 2 outside"):
+        world.reset(options={"state": torch.tensor([[0.2, 0.2, 0.0, 0.0], [0.5, 0.1, 0.0, 0.0]])})

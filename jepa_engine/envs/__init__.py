@@ -7,10 +7,10 @@
 from .config import PRESETS, WorldConfig
 from .controller import GoalController
 from .data import TrajectoryStream
-from .physics import build_faces, door_band, step_physics
+from .physics import build_faces, door_band, in_free_space, step_physics
 from .render import render, render_background
 from .spaces import Box
 from .world import PointMassEnv, PointMassWorld
 
 __all__ = ["Box", "GoalController", "PRESETS", "PointMassEnv", "PointMassWorld", "TrajectoryStream", "WorldConfig",
-           "build_faces", "door_band", "render", "render_background", "step_physics"]
+           "build_faces", "door_band", "in_free_space", "render", "render_background", "step_physics"]

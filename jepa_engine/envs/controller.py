@@ -42,7 +42,8 @@ class GoalController:
         pos, vel = state[:, :2], state[:, 2:]
         target = self.waypoint(pos, goal)
         accel = self.kp * (target - pos) - self.kd * vel + cfg.damping * vel
-        accel = accel + torch.tensor([0.0, cfg.gravity], device=state.device, dtype=state.dtype)
+        if cfg.gravity:
+            accel = torch.stack([accel[:, 0], accel[:, 1] + cfg.gravity], dim=1)
         if cfg.max_force == 0:
             return torch.zeros_like(accel)
         return (accel * cfg.mass / cfg.max_force).clamp(-1.0, 1.0)

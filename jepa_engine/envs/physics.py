@@ -48,6 +48,18 @@ def build_faces(cfg: WorldConfig, device: torch.device | str = "cpu") -> Faces:
                  torch.tensor(cols[2], **f32), torch.tensor(cols[3], **f32), torch.tensor(cols[4], **f32))
 
 
+def in_free_space(pos: torch.Tensor, cfg: WorldConfig, tol: float = 1e-6) -> torch.Tensor:
+    """[B] True where centres pos [B, 2] lie in the arena and outside the (inflated) middle wall."""
+    lo, hi = cfg.radius - tol, cfg.arena_size - cfg.radius + tol
+    ok = ((pos >= lo) & (pos <= hi)).all(dim=1)
+    if cfg.layout == "two_rooms":
+        c, h = cfg.arena_size / 2, cfg.wall_thickness / 2 + cfg.radius
+        d_lo, d_hi = door_band(cfg)
+        in_wall = ((pos[:, 0] - c).abs() < h - tol) & ((pos[:, 1] < d_lo - tol) | (pos[:, 1] > d_hi + tol))
+        ok = ok & ~in_wall
+    return ok
+
+
 def door_band(cfg: WorldConfig) -> tuple[float, float]:
     """The y-interval the centre must be in to pass the door (door shrunk by the radius)."""
     return (cfg.door_center - cfg.door_width / 2 + cfg.radius, cfg.door_center + cfg.door_width / 2 - cfg.radius)
@@ -91,8 +103,9 @@ def step_physics(pos: torch.Tensor, vel: torch.Tensor, force: torch.Tensor, cfg:
     pos, vel, force: [B, 2] (force already clipped and scaled). Returns (pos [B, 2], vel [B, 2]).
     """
     h = cfg.dt / cfg.substeps
-    gravity = torch.tensor([0.0, -cfg.gravity], device=pos.device, dtype=pos.dtype)
-    accel_ext = force / cfg.mass + gravity
+    accel_ext = force / cfg.mass
+    if cfg.gravity:
+        accel_ext = torch.stack([accel_ext[:, 0], accel_ext[:, 1] - cfg.gravity], dim=1)
     for _ in range(cfg.substeps):
         vel = vel + h * (accel_ext - cfg.damping * vel)
         pos, vel = sweep(pos, pos + h * vel, vel, faces, cfg.restitution)

@@ -11,7 +11,7 @@ import os
 import torch
 
 from .config import WorldConfig
-from .physics import build_faces, step_physics
+from .physics import build_faces, in_free_space, step_physics
 from .render import render, render_background
 from .spaces import Box
 
@@ -73,6 +73,10 @@ class PointMassWorld:
         if "state" in options:
             state = self._as_tensor(options["state"], (B, 4), "options['state']")
             pos, vel = state[:, :2].clone(), state[:, 2:].clone()
+            outside = int((~in_free_space(pos, self.config)).sum())
+            if outside:
+                raise ValueError(f"PointMassWorld.reset: options['state'] positions must lie in the free space "
+                                 f"(inside the arena, outside the middle wall), got {outside} of {B} outside")
         if "goal" in options:
             goal = self._as_tensor(options["goal"], (B, 2), "options['goal']").clone()
         self.pos, self.vel, self.goal = pos, vel, goal
