@@ -167,6 +167,7 @@ class _Group:
     n_blocks: int
     has_copy: bool
     grid: int
+    partials: Optional[torch.Tensor] = None  # this group's slice of the plan's partials
 
 
 class EMAPlan:
@@ -202,6 +203,11 @@ class EMAPlan:
                 n_blocks, any(c for _, _, c in items), max(1, min(n_blocks, sms * PROGRAMS_PER_SM))))
         self.partials = torch.zeros(max(1, sum(g.grid for g in self.groups)), dtype=torch.float32,
                                     device=device)
+        self._n_partials = 0
+        for g in self.groups:
+            g.partials = self.partials[self._n_partials:self._n_partials + g.grid]
+            self._n_partials += g.grid
+        self._round_bf16 = _launch.interpreting()
 
     @property
     def launches(self) -> int:
@@ -209,26 +215,28 @@ class EMAPlan:
         return len(self.groups)
 
     def run(self, momentum: torch.Tensor, distance: bool) -> Optional[torch.Tensor]:
-        first = 0
         for g in self.groups:
             _ema_kernel[(g.grid,)](
-                g.meta, g.blocks, momentum, self.partials[first:first + g.grid], g.n_blocks,
-                T_DTYPE=_tl_dtype(g.t_dtype), O_DTYPE=_tl_dtype(g.o_dtype), ALIGNED=g.aligned,
+                g.meta, g.blocks, momentum, g.partials, g.n_blocks,
+                T_DTYPE=_TL_DTYPE[g.t_dtype], O_DTYPE=_TL_DTYPE[g.o_dtype], ALIGNED=g.aligned,
                 HAS_COPY=g.has_copy, DISTANCE=distance, BLOCK=self.block,
-                ROUND_BF16=g.t_dtype == torch.bfloat16 and _launch.interpreting(),
+                ROUND_BF16=self._round_bf16 and g.t_dtype == torch.bfloat16,
                 num_warps=_CONFIG.num_warps, num_stages=_CONFIG.num_stages,
             )
-            first += g.grid
         if self.int_targets:
             torch._foreach_copy_(self.int_targets, self.int_onlines)
         if not distance:
             return None
-        # Groups that wrote no partial (none here) leave zeros; the sum stays on device.
-        return self.partials[:first].sum() if first else self.partials.new_zeros(())
+        # One partial per program of every group, summed on device (no host synchronisation).
+        return self.partials.sum() if self._n_partials else self.partials.new_zeros(())
+
+
+_TL_DTYPE = ({torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+             if _launch.triton_available() else {})
 
 
 def _tl_dtype(dtype: torch.dtype):
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+    return _TL_DTYPE[dtype]
 
 
 def _register():
