@@ -6,6 +6,8 @@ one pixel. Walls are drawn with their exact pixel coverage; the goal is a dimmer
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .config import WorldConfig
@@ -16,8 +18,9 @@ _GOAL = (0.35, (0.1, 0.8, 0.2))
 _MASS = (1.0, (1.0, 0.35, 0.1))
 
 
+@functools.lru_cache(maxsize=64)
 def _colour(layer, channels: int, device) -> torch.Tensor:
-    """[C, 1, 1] colour of a layer."""
+    """[C, 1, 1] colour of a layer (cached: no host-to-device copy per frame)."""
     value = [layer[0]] if channels == 1 else list(layer[1])
     return torch.tensor(value, device=device, dtype=torch.float32).view(channels, 1, 1)
 
@@ -55,7 +58,7 @@ def render_background(cfg: WorldConfig, device="cpu") -> torch.Tensor:
         x0, x1 = L / 2 - cfg.wall_thickness / 2, L / 2 + cfg.wall_thickness / 2
         door0, door1 = cfg.door_center - cfg.door_width / 2, cfg.door_center + cfg.door_width / 2
         alpha = _box_coverage(x0, x1, 0.0, door0, cfg, device) + _box_coverage(x0, x1, door1, L, cfg, device)
-    return alpha.clamp(0, 1).unsqueeze(0) * _colour(_WALL, cfg.channels, device)
+    return alpha.clamp(0, 1).unsqueeze(0) * _colour(_WALL, cfg.channels, torch.device(device))
 
 
 def render(pos: torch.Tensor, cfg: WorldConfig, goal: torch.Tensor | None = None,
