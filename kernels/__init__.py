@@ -11,3 +11,7 @@ from .ema import EMAPlan, ema_update_, ema_update_reference
 from .masked_attention import masked_attention, masked_attention_reference  # noqa: E402
 
 __all__ += ["masked_attention", "masked_attention_reference"]
+from .elite_refit import elite_refit, elite_refit_reference  # noqa: E402
+from .sample_actions import sample_actions, sample_actions_reference  # noqa: E402
+
+__all__ += ["elite_refit", "elite_refit_reference", "sample_actions", "sample_actions_reference"]

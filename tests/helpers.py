@@ -13,7 +13,10 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+import pytest
+
 from jepa_engine.kernels import use_backend
+from jepa_engine.kernels._launch import interpreting, triton_available
 
 # dtype -> (atol, rtol), stated once for the whole suite.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -23,6 +26,10 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 }
 TF32_TOLERANCE = (2e-3, 2e-3)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Kernel tests run where Triton can: on a CUDA device, or on CPU under TRITON_INTERPRET=1.
+needs_triton = pytest.mark.skipif(not (triton_available() and (interpreting() or torch.cuda.is_available())),
+                                  reason="needs TRITON_INTERPRET=1 or a CUDA device")
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,

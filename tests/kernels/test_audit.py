@@ -33,3 +33,10 @@ def test_latent_loss_kernels_compile_without_spills():
     assert not bad, f"kernels that spill or fail: {bad}"
     # Bandwidth-bound elementwise tiles: registers far from the 255 limit keep occupancy high.
     assert max(r["registers"] for r in rows) <= 128, max(rows, key=lambda r: r["registers"])
+
+
+def test_planner_kernels_compile_without_spills():
+    rows = run_audit("elite_refit", "sample_actions")
+    assert {r["kernel"] for r in rows} == {"elite_refit", "sample_actions"}
+    bad = [r for r in rows if r["error"] or r["spill_bytes"] != 0 or not r["ok"]]
+    assert not bad, f"kernels that spill or fail: {bad}"

@@ -7,12 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jepa_engine.kernels import latent_loss, latent_loss_reference, use_backend
-from jepa_engine.kernels._launch import interpreting, triton_available
 from jepa_engine.kernels.latent_loss import latent_loss_backward_reference
-from tests.helpers import DTYPES, assert_close, compare_backends, grid
-
-needs_triton = pytest.mark.skipif(not (triton_available() and (interpreting() or torch.cuda.is_available())),
-                                  reason="needs TRITON_INTERPRET=1 or a CUDA device")
+from tests.helpers import DTYPES, assert_close, compare_backends, grid, needs_triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -1,0 +1,166 @@
+"""Sampling of a planner's candidate action sequences from its Gaussian, with in-kernel Philox.
+
+For E environments, each with a diagonal Gaussian over P = horizon * action_dim parameters::
+
+    out[e, n, p] = clip(mean[e, p] + std[e, p] * z[e, n, p], low[p % A], high[p % A])
+    out[e, 0, p] = clip(mean[e, p], ...)          (with include_mean: the current plan competes too)
+
+``z`` is a standard normal made from Philox-4x32-10 counters: the counter of element (e, n, p) is
+``offset + (e * N + n) * P + p`` under the 64-bit key ``seed``; its first two 32-bit outputs become
+two uniforms ``u = ((x >> 8) + 0.5) / 2^24`` in (0, 1) and ``z = sqrt(-2 ln u1) cos(2 pi u2)``
+(Box-Muller). The reference computes the same Philox stream with integer torch ops, so both backends
+draw the same samples for the same seed (to float rounding of log/cos). ``seed`` and ``offset`` are
+read from an int64 device tensor ``rng = [seed, offset]`` so a planning loop can advance the stream on
+the device (``rng[1] += E * N * P``) and be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _launch
+from ._launch import tl, triton
+from ._registry import KernelSpec, LaunchConfig, register_kernel
+
+OP = "sample_actions"
+_M32 = 0xFFFFFFFF
+_PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _sample_actions_kernel(
+    # pointers
+    mean_ptr, std_ptr, low_ptr, high_ptr, rng_ptr, out_ptr,
+    # sizes
+    N, P, A,
+    # meta-parameters
+    INCLUDE_MEAN: tl.constexpr, BLOCK: tl.constexpr,
+):
+    e = tl.program_id(0).to(tl.int64)
+    # flat index over this environment's N * P outputs
+    idx = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < N * P
+    n = idx // P
+    p = idx - n * P
+    seed = tl.load(rng_ptr)
+    counter = tl.load(rng_ptr + 1) + e * N * P + idx
+
+    # Philox-4x32-10 (Triton's randint4x), then Box-Muller on the first two outputs.
+    r0, r1, _, _ = tl.randint4x(seed, counter)
+    u1 = ((r0.to(tl.uint32) >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    u2 = ((r1.to(tl.uint32) >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    z = tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
+
+    mean = tl.load(mean_ptr + e * P + p, mask=ok, other=0.0)
+    std = tl.load(std_ptr + e * P + p, mask=ok, other=0.0)
+    x = mean + std * z
+    if INCLUDE_MEAN:
+        x = tl.where(n == 0, mean, x)
+    a = p % A
+    x = tl.minimum(tl.maximum(x, tl.load(low_ptr + a, mask=ok, other=0.0)), tl.load(high_ptr + a, mask=ok, other=0.0))
+    tl.store(out_ptr + e * N * P + idx, x, mask=ok)
+
+
+_CONFIG = LaunchConfig({"BLOCK": 1024}, num_warps=4, num_stages=1)
+
+
+def sample_actions_forward(mean, std, low, high, rng, n, include_mean):
+    E, P = mean.shape
+    out = torch.empty((E, n, P), device=mean.device, dtype=torch.float32)
+    grid = (E, _launch.cdiv(n * P, _CONFIG.constexprs["BLOCK"]))
+    _sample_actions_kernel[grid](mean, std, low, high, rng, out, n, P, low.numel(), INCLUDE_MEAN=include_mean,
+                                 num_warps=_CONFIG.num_warps, num_stages=_CONFIG.num_stages, **_CONFIG.constexprs)
+    return out
+
+
+register_kernel(KernelSpec(
+    "sample_actions", _sample_actions_kernel,
+    {"fp32": ({"mean_ptr": "*fp32", "std_ptr": "*fp32", "low_ptr": "*fp32", "high_ptr": "*fp32",
+               "rng_ptr": "*i64", "out_ptr": "*fp32", "N": "i32", "P": "i32", "A": "i32"}, {"INCLUDE_MEAN": True})},
+    [_CONFIG],
+))
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference (the specification): the same Philox stream with integer torch ops.
+# --------------------------------------------------------------------------------------------------
+def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit halves of the 64-bit product of the constant ``a`` and uint32 values ``b``
+    held in int64, computed in 16-bit limbs so no intermediate leaves int64's range."""
+    b_lo, b_hi = b & 0xFFFF, b >> 16
+    lo = a * b_lo                 # < 2^48
+    mid = a * b_hi                # < 2^48; the product is lo + mid * 2^16
+    high = ((lo >> 16) + mid) >> 16
+    low = (lo + ((mid & 0xFFFF) << 16)) & _M32
+    return high, low
+
+
+def philox4x32(seed: int, counter: torch.Tensor, rounds: int = 10) -> tuple[torch.Tensor, ...]:
+    """Philox-4x32 of 64-bit ``counter`` values (int64) under the 64-bit key ``seed``."""
+    c0, c1 = counter & _M32, (counter >> 32) & _M32
+    c2 = c3 = torch.zeros_like(counter)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(rounds):
+        hi_b, lo_b = _mul32(_PHILOX_ROUND[1], c2)
+        hi_a, lo_a = _mul32(_PHILOX_ROUND[0], c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY[0]) & _M32, (k1 + _PHILOX_KEY[1]) & _M32
+    return c0, c1, c2, c3
+
+
+def sample_actions_reference(mean, std, low, high, rng, n: int, include_mean: bool = True):
+    E, P = mean.shape
+    seed, offset = (int(v) for v in rng.tolist())
+    counter = offset + torch.arange(E * n * P, dtype=torch.int64, device=mean.device).view(E, n, P)
+    r0, r1, _, _ = philox4x32(seed, counter)
+    u1 = ((r0 >> 8).float() + 0.5) / 16777216.0
+    u2 = ((r1 >> 8).float() + 0.5) / 16777216.0
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+    x = mean[:, None, :] + std[:, None, :] * z
+    if include_mean:
+        x[:, 0, :] = mean
+    A = low.numel()
+    lo, hi = low.repeat(P // A), high.repeat(P // A)
+    return torch.minimum(torch.maximum(x, lo), hi)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public op
+# --------------------------------------------------------------------------------------------------
+def sample_actions(mean: torch.Tensor, std: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
+                   rng: torch.Tensor, n: int, *, include_mean: bool = True) -> torch.Tensor:
+    """Draw ``n`` clipped Gaussian candidates per environment (see the module docstring).
+
+    Args:
+        mean, std: fp32 ``[E, P]`` with ``P = horizon * action_dim``.
+        low, high: fp32 ``[A]`` action bounds (``A`` divides ``P``), ``low <= high``.
+        rng: int64 ``[2]`` = ``[seed, offset]`` on the same device (advance ``rng[1]`` by ``E*n*P``
+            between calls for fresh samples).
+        n: candidates per environment (>= 1).
+
+    Returns:
+        fp32 ``[E, n, P]``.
+    """
+    check = _launch.check_tensor
+    check(OP, "mean", mean, ndim=2, dtypes=(torch.float32,))
+    dev = mean.device
+    check(OP, "std", std, ndim=2, dtypes=(torch.float32,), device=dev)
+    _launch.check_shape(OP, "std", std, mean.shape, "mean.shape")
+    check(OP, "low", low, ndim=1, dtypes=(torch.float32,), device=dev)
+    check(OP, "high", high, ndim=1, dtypes=(torch.float32,), device=dev)
+    _launch.check_shape(OP, "high", high, low.shape, "low.shape")
+    if mean.shape[1] % low.numel():
+        raise ValueError(f"{OP}: the action dim A = len(low) = {low.numel()} must divide P = {mean.shape[1]}")
+    check(OP, "rng", rng, ndim=1, dtypes=(torch.int64,), device=dev)
+    _launch.check_shape(OP, "rng", rng, (2,), "[seed, offset]")
+    if not (isinstance(n, int) and n >= 1):
+        raise ValueError(f"{OP}: n must be an int >= 1, got {n!r}")
+    if _launch.backend_for(OP, dev) == "reference":
+        return sample_actions_reference(mean, std, low, high, rng, n, include_mean)
+    return sample_actions_forward(mean.contiguous(), std.contiguous(), low.contiguous(), high.contiguous(), rng, n,
+                                  include_mean)

@@ -1,0 +1,98 @@
+"""Elite selection + refit (CEM / MPPI): Triton kernel (interpreter on CPU) vs the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jepa_engine.kernels import elite_refit, elite_refit_reference, use_backend
+from tests.helpers import assert_close, needs_triton
+
+
+def make(E, N, P, dtype=torch.float32, seed=0, ties=False, nan=False):
+    g = torch.Generator().manual_seed(seed)
+    costs = torch.randn(E, N, generator=g)
+    if ties:
+        costs = costs.round()  # many equal costs: the stable tie-break decides the elites
+    if nan:
+        costs[:, ::7] = float("nan")
+    samples = torch.randn(E, N, P, generator=g).to(dtype)
+    return costs, samples, torch.randn(E, P, generator=g), torch.rand(E, P, generator=g) + 0.1
+
+
+def _both(args, **kw):
+    with use_backend("triton"):
+        a = elite_refit(*args, **kw)
+    b = elite_refit_reference(*args, **kw)
+    return a, b
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["cem", "mppi"])
+@pytest.mark.parametrize("E,N,P,k", [(1, 1, 1, 1), (3, 100, 10, 7), (2, 130, 67, 30), (4, 64, 64, 64)])
+@pytest.mark.parametrize("ties,nan", [(False, False), (True, False), (False, True)])
+def test_matches_reference(mode, E, N, P, k, ties, nan):
+    args = make(E, N, P, ties=ties, nan=nan)
+    if nan and N == 1:
+        pytest.skip("a single NaN candidate has no finite elite")
+    a, b = _both(args, mode=mode, k=k, temperature=0.7, momentum=0.25, min_std=0.05)
+    for name, x, y in zip(("mean", "std", "best_cost"), a[:3], b[:3]):
+        assert_close(x, y, torch.float32, what=f"{name} {mode} {E, N, P, k}", scale=10)
+    assert torch.equal(a[3], b[3]), "best index"
+
+
+@needs_triton
+def test_bf16_samples():
+    args = make(2, 80, 12, dtype=torch.bfloat16)
+    a, b = _both(args, mode="cem", k=8)
+    assert_close(a[0], b[0], torch.float32, what="mean", scale=10)
+
+
+@needs_triton
+@settings(max_examples=8, deadline=None)
+@given(E=st.integers(1, 3), N=st.integers(1, 150), P=st.integers(1, 40), seed=st.integers(0, 999),
+       mode=st.sampled_from(["cem", "mppi"]), data=st.data())
+def test_fuzz(E, N, P, seed, mode, data):
+    k = data.draw(st.integers(1, N))
+    a, b = _both(make(E, N, P, seed=seed, ties=seed % 2 == 0), mode=mode, k=k, temperature=0.3)
+    assert_close(a[0], b[0], torch.float32, what="mean", scale=10)
+    assert_close(a[1], b[1], torch.float32, what="std", scale=10)
+
+
+def test_cem_elites_are_the_k_best():
+    costs = torch.tensor([[5.0, 1.0, 3.0, 0.0, 2.0]])
+    samples = torch.arange(5.0).view(1, 5, 1)
+    mean, std, best, idx = elite_refit(costs, samples, torch.zeros(1, 1), torch.ones(1, 1), mode="cem", k=2)
+    assert mean.item() == pytest.approx((3 + 1) / 2) and std.item() == pytest.approx(1.0)
+    assert best.item() == 0.0 and idx.item() == 3
+
+
+def test_mppi_low_temperature_picks_the_best():
+    costs = torch.tensor([[5.0, 1.0, 3.0, 0.0, 2.0]])
+    samples = torch.arange(5.0).view(1, 5, 1)
+    mean, std, *_ = elite_refit(costs, samples, torch.zeros(1, 1), torch.full((1, 1), 0.3), mode="mppi",
+                                temperature=1e-3)
+    assert mean.item() == pytest.approx(3.0) and std.item() == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(k=0), ValueError, r"k must be in \[1, N\] = \[1, 10\], got 0"),
+    (dict(k=11), ValueError, r"k must be in \[1, N\] = \[1, 10\], got 11"),
+    (dict(mode="mcmc"), ValueError, "mode must be one of"),
+    (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+    (dict(momentum=1.5), ValueError, r"momentum must be in \[0, 1\]"),
+])
+def test_bad_parameters(kw, exc, match):
+    with pytest.raises(exc, match="elite_refit: " + match):
+        elite_refit(*make(2, 10, 4), **{"k": 3, **kw})
+
+
+def test_bad_shapes():
+    costs, samples, mean, std = make(2, 10, 4)
+    with pytest.raises(ValueError, match=r"costs must be \[E, N\] = \[2, 10\], got \[2, 9\]"):
+        elite_refit(costs[:, :9], samples, mean, std)
+    with pytest.raises(ValueError, match=r"mean must be \[E, P\] = \[2, 4\], got \[2, 5\]"):
+        elite_refit(costs, samples, torch.zeros(2, 5), std)
+    with pytest.raises(TypeError, match="costs must have dtype in \\(float32\\), got float64"):
+        elite_refit(costs.double(), samples, mean, std)
