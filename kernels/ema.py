@@ -47,8 +47,11 @@ from ._registry import KernelSpec, LaunchConfig, register_kernel
 OP = "ema_update_"
 # Triton element types of the storage dtypes (also the variant labels of the audit).
 _TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-# Persistent programs per SM: 4 x 8 warps keeps 32 warps resident per SM for memory parallelism.
+# Persistent programs per SM (8 warps each). The plain update compiles to <= 64 registers, so 4
+# programs (32 warps) are resident per SM; with copy flags or the distance it takes up to 126, which
+# leaves room for 2: the grid follows, so every program is resident and the blocks split evenly.
 PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM_HEAVY = 2
 _PLAN_CACHE_SIZE = 8
 
 
@@ -166,7 +169,8 @@ class _Group:
     blocks: torch.Tensor   # [n_blocks, 2] int64
     n_blocks: int
     has_copy: bool
-    grid: int
+    grid: int              # programs of the plain update
+    grid_heavy: int        # programs when the distance is computed
     partials: Optional[torch.Tensor] = None  # this group's slice of the plan's partials
 
 
@@ -196,17 +200,20 @@ class EMAPlan:
                 meta.append([t.data_ptr(), o.data_ptr(), n, int(copy)])
                 blocks.extend([i, s] for s in range(0, n, block))
             n_blocks = len(blocks)
+            has_copy = any(c for _, _, c in items)
             self.groups.append(_Group(
                 td, od, aligned,
                 torch.tensor(meta, dtype=torch.int64).to(device),
                 torch.tensor(blocks, dtype=torch.int64).reshape(-1, 2).to(device),
-                n_blocks, any(c for _, _, c in items), max(1, min(n_blocks, sms * PROGRAMS_PER_SM))))
-        self.partials = torch.zeros(max(1, sum(g.grid for g in self.groups)), dtype=torch.float32,
+                n_blocks, has_copy,
+                max(1, min(n_blocks, sms * (PROGRAMS_PER_SM_HEAVY if has_copy else PROGRAMS_PER_SM))),
+                max(1, min(n_blocks, sms * PROGRAMS_PER_SM_HEAVY))))
+        self.partials = torch.zeros(max(1, sum(g.grid_heavy for g in self.groups)), dtype=torch.float32,
                                     device=device)
         self._n_partials = 0
         for g in self.groups:
-            g.partials = self.partials[self._n_partials:self._n_partials + g.grid]
-            self._n_partials += g.grid
+            g.partials = self.partials[self._n_partials:self._n_partials + g.grid_heavy]
+            self._n_partials += g.grid_heavy
         self._round_bf16 = _launch.interpreting()
 
     @property
@@ -216,7 +223,7 @@ class EMAPlan:
 
     def run(self, momentum: torch.Tensor, distance: bool) -> Optional[torch.Tensor]:
         for g in self.groups:
-            _ema_kernel[(g.grid,)](
+            _ema_kernel[(g.grid_heavy if distance else g.grid,)](
                 g.meta, g.blocks, momentum, g.partials, g.n_blocks,
                 T_DTYPE=_TL_DTYPE[g.t_dtype], O_DTYPE=_TL_DTYPE[g.o_dtype], ALIGNED=g.aligned,
                 HAS_COPY=g.has_copy, DISTANCE=distance, BLOCK=self.block,
