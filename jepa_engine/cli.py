@@ -20,17 +20,95 @@ def _selfcheck(args: argparse.Namespace) -> int:
     return selfcheck.run()
 
 
+def _train(args: argparse.Namespace) -> int:
+    from jepa_engine.train import NonFiniteLossError, TrainConfig, Trainer
+
+    overrides = {"steps": args.steps} if args.steps is not None else {}
+    if args.device is not None:
+        overrides["device"] = args.device
+    config = args.config
+    if config is None:
+        saved = os.path.join(args.out, "config.json")
+        if not (args.resume and os.path.isfile(saved)):
+            print("jepa-engine train: --config is required (a preset or a JSON file) unless --resume finds "
+                  f"{saved}", file=sys.stderr)
+            return 2
+        config = saved
+    try:
+        cfg = TrainConfig.load(config, **overrides)
+    except ValueError as e:
+        print(f"jepa-engine train: {e}", file=sys.stderr)
+        return 2
+    trainer = Trainer(cfg, args.out, resume=args.resume)
+    try:
+        summary = trainer.fit()
+    except KeyboardInterrupt:
+        return 130
+    except NonFiniteLossError as e:
+        print(f"jepa-engine train: {e}", file=sys.stderr)
+        return 1
+    finally:
+        trainer.close()
+    _print_training_summary(summary)
+    return 0
+
+
+def _print_training_summary(summary: dict) -> None:
+    losses = summary["losses"]
+    if losses:
+        values = [v for _, v in losses]
+        best = min(range(len(values)), key=values.__getitem__)
+        print(f"loss: first {values[0]:.4f} (step {losses[0][0]}), last {values[-1]:.4f} (step {losses[-1][0]}), "
+              f"min {values[best]:.4f} (step {losses[best][0]})")
+        picks = sorted({round(i * (len(losses) - 1) / 7) for i in range(8)})
+        print("loss curve: " + "  ".join(f"{losses[i][0]}:{losses[i][1]:.4f}" for i in picks))
+    if summary.get("probe"):
+        p = summary["probe"]
+        print(f"linear probe (held out): R^2 position {p['r2_position']:.3f}, velocity {p['r2_velocity']:.3f} "
+              f"({', '.join(f'{k} {v:.3f}' for k, v in p['r2'].items())})")
+    print(f"checkpoint: {summary['checkpoint']}")
+
+
 def _demo(args: argparse.Namespace) -> int:
-    print("== Kernel audit: sm_90a and sm_80, compiled ahead of time ==", flush=True)
-    rc = _audit(args)
-    print("\n== Self-check ==", flush=True)
-    return rc or _selfcheck(args)
+    import time
+
+    import torch
+
+    from jepa_engine.train import TrainConfig, Trainer
+
+    cfg = TrainConfig.from_name("demo")
+    device = cfg.resolved_device()
+    print(f"== Training a tiny I-JEPA on the built-in world ({device}, budget {cfg.max_minutes:g} min, "
+          f"{cfg.steps} steps max) ==", flush=True)
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, args.out, resume=False)
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    print(f"trained {summary['step']} steps in {time.perf_counter() - t0:.0f} s "
+          f"(torch {torch.__version__}, {torch.get_num_threads()} threads); run folder {args.out}")
+    _print_training_summary(summary)
+    probe = summary.get("probe") or {}
+    ok = probe.get("r2_position", 0.0) >= 0.9
+    print(f"position probe {'PASSES' if ok else 'MISSES'} the R^2 >= 0.9 target", flush=True)
+    print("\n== Kernel self-check ==", flush=True)
+    return _selfcheck(args) or (0 if ok else 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jepa-engine", description="Fused Triton kernels and a fast JEPA engine.")
     sub = ap.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="the main job on the built-in default").set_defaults(func=_demo)
+    demo = sub.add_parser("demo", help="train a tiny JEPA on the built-in world (CPU ok), probe it, check the kernels")
+    demo.add_argument("--out", default=os.path.join("runs", "demo"), help="run folder (default: runs/demo)")
+    demo.set_defaults(func=_demo)
+    train = sub.add_parser("train", help="train a JEPA world model (preset or JSON config) into a run folder")
+    train.add_argument("--config", help="a preset name (demo, small, base) or a JSON file")
+    train.add_argument("--out", required=True, help="run folder: config.json, metrics.jsonl, checkpoints")
+    train.add_argument("--steps", type=int, help="override the total number of steps")
+    train.add_argument("--device", help="override the device (cpu, cuda, cuda:1)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    train.set_defaults(func=_train)
     sub.add_parser("audit", help="compile every kernel for sm_90a/sm_80, print registers/spills/smem").set_defaults(
         func=_audit)
     sub.add_parser("selfcheck", help="each kernel against its PyTorch reference").set_defaults(func=_selfcheck)
