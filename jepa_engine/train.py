@@ -187,7 +187,7 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # The CPU demo: a few minutes on 2 cores, linear-probe R^2(position) >= 0.9.
     "demo": dict(encoder="tiny", encoder_overrides=dict(embed_dim=96, depth=4, num_heads=3),
-                 predictor_overrides=dict(embed_dim=48, depth=2, num_heads=3),
+                 predictor_overrides=dict(predictor_dim=48, depth=2, num_heads=3),
                  batch_size=32, episode_len=3, steps=300, lr=1e-3, warmup=30, min_lr=1e-5,
                  checkpoint_every=100, keep_last=2, log_every=10, probe_train=1536, probe_test=512,
                  max_minutes=5.0, device="auto"),
@@ -206,11 +206,10 @@ def build_models(cfg: TrainConfig) -> tuple[nn.Module, nn.Module, Any]:
     """(context encoder, predictor, encoder config) for ``cfg``."""
     from jepa_engine.models import Predictor, PredictorConfig, ViTConfig, VisionTransformer
 
-    enc_cfg = dataclasses.replace(ViTConfig.from_name(cfg.encoder), **cfg.encoder_overrides)
     world = build_world(cfg)
-    if (enc_cfg.img_size, enc_cfg.in_chans) != (world.image_size, world.channels):
-        enc_cfg = dataclasses.replace(enc_cfg, img_size=world.image_size, in_chans=world.channels)
-    pred_cfg = dataclasses.replace(PredictorConfig.for_encoder(enc_cfg, cfg.predictor), **cfg.predictor_overrides)
+    enc_cfg = ViTConfig.from_name(cfg.encoder, **{"img_size": world.image_size, "in_chans": world.channels,
+                                                  **cfg.encoder_overrides})
+    pred_cfg = PredictorConfig.for_encoder(enc_cfg, cfg.predictor, **cfg.predictor_overrides)
     return VisionTransformer(enc_cfg), Predictor(pred_cfg), enc_cfg
 
 

@@ -20,7 +20,7 @@ from jepa_engine import train as T
 from jepa_engine.kernels import use_backend
 
 TINY = dict(encoder="tiny", encoder_overrides=dict(embed_dim=32, depth=1, num_heads=2),
-            predictor_overrides=dict(embed_dim=16, depth=1, num_heads=2),
+            predictor_overrides=dict(predictor_dim=32, depth=1, num_heads=2),
             world_overrides=dict(image_size=32), batch_size=8, episode_len=3, steps=6, warmup=2, lr=3e-3,
             checkpoint_every=3, keep_last=2, log_every=1, probe=False, device="cpu",
             collapse_std_min=0.0, collapse_rank_min=0.0)
@@ -67,7 +67,7 @@ def _standin_models(cfg: T.TrainConfig):
     size = T.build_world(cfg).image_size
     dim = cfg.encoder_overrides.get("embed_dim", 32)
     enc_cfg = SimpleNamespace(img_size=size, patch_size=8, in_chans=1, embed_dim=dim)
-    return _Encoder(size, dim), _Predictor((size // 8) ** 2, dim, cfg.predictor_overrides.get("embed_dim", 16)), enc_cfg
+    return _Encoder(size, dim), _Predictor((size // 8) ** 2, dim, cfg.predictor_overrides.get("predictor_dim", 16)), enc_cfg
 
 
 def _use_standins_if_needed(monkeypatch=None) -> None:
