@@ -41,7 +41,8 @@ def test_converges_to_known_optimum(planner, cfg, tol):
 def test_bounds_are_respected():
     far = lambda a: (a - 5.0).square().sum(dim=(2, 3))  # optimum outside the box: plan sits on the bound
     for planner in (CEMPlanner, MPPIPlanner, GradientPlanner):
-        plan = planner(PlannerConfig(horizon=H, action_dim=A, samples=64, iterations=10, elites=8)).plan(far, 2)
+        with use_backend("reference"):
+            plan = planner(PlannerConfig(horizon=H, action_dim=A, samples=64, iterations=10, elites=8)).plan(far, 2)
         assert plan.actions.max().item() <= 1.0 and plan.actions.min().item() >= -1.0
 
 
@@ -56,6 +57,7 @@ def test_fused_path_equals_reference_path(planner):
     torch.testing.assert_close(plans[0].actions, plans[1].actions, atol=1e-4, rtol=1e-4)
 
 
+@use_backend("reference")
 def test_warm_start_shifts_the_previous_plan():
     cfg = PlannerConfig(horizon=H, action_dim=A, samples=100, iterations=5, elites=10)
     planner = CEMPlanner(cfg)
@@ -66,6 +68,7 @@ def test_warm_start_shifts_the_previous_plan():
         planner.plan(quadratic, 3, warm_start=first)
 
 
+@use_backend("reference")
 def test_memory_flat_across_replans():
     planner = CEMPlanner(PlannerConfig(horizon=H, action_dim=A, samples=300, iterations=5, elites=30))
     plan = planner.plan(quadratic, 4)
