@@ -42,6 +42,9 @@ class KernelSpec:
     configs: list[LaunchConfig] | Callable[[str], list[LaunchConfig]]
     uses_tensor_cores: bool = False
     targets: tuple[int, ...] = field(default=(90, 80))
+    # Runtime arguments the launcher guarantees 16-divisible (16-byte aligned pointers, strides that are
+    # multiples of 16): compiled with the same ``tt.divisibility=16`` specialization Triton applies at launch.
+    aligned_args: tuple[str, ...] = ()
 
     def configs_for(self, variant: str) -> list[LaunchConfig]:
         return self.configs(variant) if callable(self.configs) else list(self.configs)

@@ -39,6 +39,8 @@ class AuditRow:
     tensor_core_ops: int
     ok: bool
     error: str = ""
+    # Stack frame of the kernel (ptxas puts register spills there; LOCAL counts only .local arrays).
+    stack_bytes: int = -1
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,7 +67,18 @@ def _cubin_facts(cubin: bytes) -> tuple[int, int, int]:
     return (int(reg.group(1)) if reg else -1, int(local.group(1)) if local else -1, tc)
 
 
-def compile_one(fn, signature: dict[str, str], constexprs: dict, num_warps: int, num_stages: int, arch: int):
+def _stack_bytes(cubin: bytes) -> int:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+    stack = re.search(r"STACK:(\d+)", usage)
+    return int(stack.group(1)) if stack else -1
+
+
+def compile_one(fn, signature: dict[str, str], constexprs: dict, num_warps: int, num_stages: int, arch: int,
+                aligned: tuple[str, ...] = ()):
     """Compile a ``@triton.jit`` function for ``arch`` (90 or 80) without a GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -84,7 +97,8 @@ def compile_one(fn, signature: dict[str, str], constexprs: dict, num_warps: int,
             sig[name] = signature[name]
         else:
             raise KeyError(f"audit: {jit.__name__} argument {name!r} has no type in the spec")
-    src = ASTSource(fn=jit, signature=sig, constexprs=dict(constexprs))
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(jit.arg_names) if name in aligned}
+    src = ASTSource(fn=jit, signature=sig, constexprs=dict(constexprs), attrs=attrs or None)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -105,9 +119,10 @@ def audit(names: list[str] | None = None) -> list[AuditRow]:
                     row = AuditRow(spec.name, variant, cfg.label(), TARGET_NAME[arch], -1, -1, -1, -1, False)
                     try:
                         k = compile_one(spec.fn, signature, {**consts, **cfg.constexprs},
-                                        cfg.num_warps, cfg.num_stages, arch)
+                                        cfg.num_warps, cfg.num_stages, arch, spec.aligned_args)
                         row.registers, row.spill_bytes, row.tensor_core_ops = _cubin_facts(k.asm["cubin"])
                         row.shared_bytes = int(k.metadata.shared)
+                        row.stack_bytes = _stack_bytes(k.asm["cubin"])
                         row.ok = row.spill_bytes == 0 and row.shared_bytes <= SHARED_LIMIT[arch]
                         if spec.uses_tensor_cores and "fp32" not in variant and row.tensor_core_ops == 0:
                             row.ok, row.error = False, "no tensor-core instruction"

@@ -65,6 +65,12 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 # Kernels
 # --------------------------------------------------------------------------------------------------
 @triton.jit
+def _base(ptr, b, h, start, stride_b, stride_h, stride_n):
+    """The pointer to (batch b, head h, token start): int64 offsets."""
+    return ptr + b * stride_b + h * stride_h + start * stride_n
+
+
+@triton.jit
 def _load_tile(ptr, rows, row_ok, stride_n, offs_d, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
     """A [rows, BLOCK_D] tile at ``ptr + rows * stride_n + d``; columns >= HEAD_DIM read as 0."""
     ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
@@ -142,10 +148,10 @@ def _masked_attention_fwd_kernel(
         return
 
     # Base pointers of this (batch, head); tokens are addressed relative to the sequence start.
-    q_base = q_ptr + b * stride_qb + h * stride_qh + start * stride_qn
-    k_base = k_ptr + b * stride_kb + h * stride_kh + start * stride_kn
-    v_base = v_ptr + b * stride_vb + h * stride_vh + start * stride_vn
-    o_base = o_ptr + b * stride_ob + h * stride_oh + start * stride_on
+    q_base = _base(q_ptr, b, h, start, stride_qb, stride_qh, stride_qn)
+    k_base = _base(k_ptr, b, h, start, stride_kb, stride_kh, stride_kn)
+    v_base = _base(v_ptr, b, h, start, stride_vb, stride_vh, stride_vn)
+    o_base = _base(o_ptr, b, h, start, stride_ob, stride_oh, stride_on)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -214,8 +220,8 @@ def _masked_attention_bwd_preprocess_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q_ok = offs_m < n_q
     ok = q_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    o_base = o_ptr + b * stride_ob + h * stride_oh + start * stride_on
-    do_base = do_ptr + b * stride_db + h * stride_dh + start * stride_dn
+    o_base = _base(o_ptr, b, h, start, stride_ob, stride_oh, stride_on)
+    do_base = _base(do_ptr, b, h, start, stride_db, stride_dh, stride_dn)
     o = tl.load(o_base + offs_m[:, None] * stride_on + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
     do = tl.load(do_base + offs_m[:, None] * stride_dn + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
     tl.store(delta_ptr + b * stride_lb + h * stride_lh + start + offs_m, tl.sum(o * do, axis=1), mask=q_ok)
@@ -250,10 +256,10 @@ def _masked_attention_bwd_kernel(
     h = (bh % H).to(tl.int64)
     start, n_q, n_k = _seq_bounds(cu_ptr, b, N_Q, N_K, VARLEN)
 
-    q_base = q_ptr + b * stride_qb + h * stride_qh + start * stride_qn
-    k_base = k_ptr + b * stride_kb + h * stride_kh + start * stride_kn
-    v_base = v_ptr + b * stride_vb + h * stride_vh + start * stride_vn
-    do_base = do_ptr + b * stride_db + h * stride_dh + start * stride_dn
+    q_base = _base(q_ptr, b, h, start, stride_qb, stride_qh, stride_qn)
+    k_base = _base(k_ptr, b, h, start, stride_kb, stride_kh, stride_kn)
+    v_base = _base(v_ptr, b, h, start, stride_vb, stride_vh, stride_vn)
+    do_base = _base(do_ptr, b, h, start, stride_db, stride_dh, stride_dn)
     stat_base = b * stride_lb + h * stride_lh + start
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
@@ -288,11 +294,12 @@ def _masked_attention_bwd_kernel(
         # Index set: scatter to the selected rows (distinct, validated); unused slots write nothing.
         g_ok = k_ok[:, None] & d_ok
         g_off = k_pos[:, None] * stride_gkn + offs_d[None, :]
-        g_base = b * stride_gkb + h * stride_gkh + start * stride_gkn
+        dk_base = _base(dk_ptr, b, h, start, stride_gkb, stride_gkh, stride_gkn)
+        dv_base = _base(dv_ptr, b, h, start, stride_gkb, stride_gkh, stride_gkn)
         if not INDEX:
             g_ok = (slots < n_k)[:, None] & d_ok  # masked keys in range get their zero gradient
-        tl.store(dk_ptr + g_base + g_off, dk.to(dk_ptr.dtype.element_ty), mask=g_ok)
-        tl.store(dv_ptr + g_base + g_off, dv.to(dv_ptr.dtype.element_ty), mask=g_ok)
+        tl.store(dk_base + g_off, dk.to(dk_ptr.dtype.element_ty), mask=g_ok)
+        tl.store(dv_base + g_off, dv.to(dv_ptr.dtype.element_ty), mask=g_ok)
 
     # ---- dQ for query block `pid`: loop over the key blocks it can see ------------------------
     m0 = pid * BLOCK_M
@@ -320,7 +327,7 @@ def _masked_attention_bwd_kernel(
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         dq = dq * sm_scale
-        dq_base = dq_ptr + b * stride_gqb + h * stride_gqh + start * stride_gqn
+        dq_base = _base(dq_ptr, b, h, start, stride_gqb, stride_gqh, stride_gqn)
         tl.store(dq_base + offs_m[:, None] * stride_gqn + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
                  mask=q_ok[:, None] & d_ok)
 
@@ -328,21 +335,22 @@ def _masked_attention_bwd_kernel(
 # --------------------------------------------------------------------------------------------------
 # Launchers: check constraints, allocate, pick the config, launch.
 # --------------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) by dtype class and head-dim tile. 16-bit dots keep Q, the
-# fp32 accumulator and one K/V tile in registers: 128x64 tiles with 4 warps up to D = 64 and 8 warps
-# at D = 128. The fp32 ("ieee", no tensor cores) variant uses 64x32 tiles to stay spill-free. The
-# backward holds dK, dV (and K, V) in registers per key block and runs 64x64 / 64x32 tiles.
-# Under the interpreter 16x16 tiles make the tests' small shapes span several blocks, so the
-# online softmax, the frame skipping and the tails are all exercised.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by dtype class and head-dim tile, chosen from the audit
+# (spill-free on sm_90a and sm_80, registers and stack read from the cubin; no GPU timing yet):
+# 16-bit forward 128-row query tiles over 8 warps (D <= 64: 147/175 registers on sm_90a/sm_80;
+# D = 128 with 32-key tiles: 147/223; 128x64 tiles there spill on sm_80 and 4 warps spill at D = 64
+# on sm_90a). The backward holds K, V, dK, dV of a key block in registers: 64x32 tiles. fp32
+# ("ieee" dots, no tensor cores) uses smaller tiles. Under the interpreter 16x16 tiles make the
+# tests' small shapes span several blocks, so the online softmax, frame skipping and tails run.
 _FWD_CONFIGS = {
-    ("16bit", 64): LaunchConfig({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    ("16bit", 128): LaunchConfig({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-    ("fp32", 64): LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    ("fp32", 128): LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    ("16bit", 64): LaunchConfig({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    ("16bit", 128): LaunchConfig({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    ("fp32", 64): LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    ("fp32", 128): LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
 }
 _BWD_CONFIGS = {
-    ("16bit", 64): LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    ("16bit", 128): LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    ("16bit", 64): LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    ("16bit", 128): LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
     ("fp32", 64): LaunchConfig({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
     ("fp32", 128): LaunchConfig({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
 }
@@ -361,9 +369,12 @@ def _pick_config(table: dict, dtype: torch.dtype, head_dim: int) -> LaunchConfig
     return table[(cls, 64 if _block_d(head_dim) <= 64 else 128)]
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 dots in IEEE fp32 (exact against the reference); 16-bit dots run on tensor cores.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _precision(dtype: torch.dtype, backward: bool = False) -> str:
+    """fp32 forward dots in IEEE fp32 (exact against the reference). The fp32 backward uses TF32
+    tensor-core dots: its five IEEE (FMA) dots per tile spill at every tile size on both targets,
+    so fp32 gradients on a GPU carry TF32 rounding (about 1e-3 relative; exact under the
+    interpreter). 16-bit dots always run on tensor cores."""
+    return "ieee" if dtype == torch.float32 and not backward else "tf32"
 
 
 def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
@@ -374,7 +385,12 @@ def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """``t`` itself when the kernels' alignment promise holds (unit last-dim stride, every other
+    stride a multiple of 16 elements, 16-byte aligned data), else a contiguous copy (which keeps it,
+    since D is a multiple of 16). Slices of a fused qkv projection keep it: no copy there."""
+    ok = (t.stride(-1) == 1 and all(s % 16 == 0 for s in t.stride()[:-1])
+          and t.data_ptr() % 16 == 0)
+    return t if ok else t.contiguous()
 
 
 class _Problem:
@@ -453,7 +469,7 @@ def masked_attention_backward(grad_out, q, k, v, out, lse, key_padding, cu_seqle
         *_strides3(grad_out, pb.varlen), *_strides3(dq, pb.varlen), *_strides3(dk, pb.varlen),
         *pb.stat_strides, pb.stride_pb, pb.stride_ib,
         pb.H, pb.n_q, pb.n_k, pb.frame_len, float(scale) * math.log2(math.e), float(scale),
-        UPCAST=_launch.upcast_bf16(q.dtype), PRECISION=_precision(q.dtype), HEAD_DIM=pb.D,
+        UPCAST=_launch.upcast_bf16(q.dtype), PRECISION=_precision(q.dtype, backward=True), HEAD_DIM=pb.D,
         BLOCK_D=_block_d(pb.D), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pb.flags, **cfg.constexprs,
     )
     return dq, dk, dv
@@ -507,7 +523,7 @@ def _bwd_variants():
         sig.update({"lse_ptr": "*fp32", "delta_ptr": "*fp32", "kpad_ptr": "*u8", "cu_ptr": "*i32",
                     "kidx_ptr": "*i32", "qk_scale": "fp32", "sm_scale": "fp32"})
         sig.update({n: "i32" for n in _launch_int_args(_masked_attention_bwd_kernel)})
-        consts = {**_AUDIT_MASKS[masks], "UPCAST": False, "PRECISION": "ieee" if dt == "fp32" else "tf32",
+        consts = {**_AUDIT_MASKS[masks], "UPCAST": False, "PRECISION": "tf32",
                   "HEAD_DIM": d, "BLOCK_D": _block_d(d)}
         out[_audit_label(dt, d, masks)] = (sig, consts)
     return out
@@ -540,13 +556,22 @@ def _configs_for(table):
     return configs
 
 
+def _aligned(variants) -> tuple[str, ...]:
+    """Arguments compiled 16-divisible, as Triton specializes them at launch: the q/k/v/o/dO/dq/dk/dv
+    pointers and their strides (``_unit_last`` guarantees both) and the fresh lse/delta buffers."""
+    sig = next(iter(variants.values()))[0]
+    return tuple(n for n, t in sig.items() if (t.startswith("*") and n not in ("kpad_ptr", "cu_ptr", "kidx_ptr"))
+                 or (n.startswith("stride_") and n not in ("stride_lb", "stride_lh", "stride_pb", "stride_ib")))
+
+
 if _launch.triton_available():
-    register_kernel(KernelSpec("masked_attention_fwd", _masked_attention_fwd_kernel, _fwd_variants(),
-                               _configs_for(_FWD_CONFIGS), uses_tensor_cores=True))
-    register_kernel(KernelSpec("masked_attention_bwd_preprocess", _masked_attention_bwd_preprocess_kernel,
-                               _pre_variants(), [_PRE_CONFIG]))
-    register_kernel(KernelSpec("masked_attention_bwd", _masked_attention_bwd_kernel, _bwd_variants(),
-                               _configs_for(_BWD_CONFIGS), uses_tensor_cores=True))
+    for _name, _kernel, _vars, _cfgs, _tc in (
+        ("masked_attention_fwd", _masked_attention_fwd_kernel, _fwd_variants(), _configs_for(_FWD_CONFIGS), True),
+        ("masked_attention_bwd_preprocess", _masked_attention_bwd_preprocess_kernel, _pre_variants(),
+         [_PRE_CONFIG], False),
+        ("masked_attention_bwd", _masked_attention_bwd_kernel, _bwd_variants(), _configs_for(_BWD_CONFIGS), True),
+    ):
+        register_kernel(KernelSpec(_name, _kernel, _vars, _cfgs, uses_tensor_cores=_tc, aligned_args=_aligned(_vars)))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -274,8 +274,10 @@ def test_audit_no_spills_and_tensor_cores():
     rows = run_audit(*names)
     assert {r["kernel"] for r in rows} == set(names)
     assert {r["target"] for r in rows} == {"sm_90a", "sm_80"}
-    bad = [r for r in rows if r["error"] or r["spill_bytes"] != 0 or not r["ok"]]
+    # ptxas puts register spills in the stack frame: no stack either (the kernels make no calls).
+    bad = [r for r in rows if r["error"] or r["spill_bytes"] != 0 or r["stack_bytes"] != 0 or not r["ok"]]
     assert not bad, f"kernels that spill or fail: {bad}"
     for r in rows:
-        if r["kernel"] != "masked_attention_bwd_preprocess" and not r["variant"].startswith("fp32"):
+        if r["kernel"] == "masked_attention_bwd" or (r["kernel"] == "masked_attention_fwd"
+                                                     and not r["variant"].startswith("fp32")):
             assert r["tensor_core_ops"] > 0, f"no HGMMA/HMMA: {r}"
