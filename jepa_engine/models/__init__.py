@@ -1,1 +1,7 @@
 """JEPA models: ViT encoder, predictor, world model."""
+from jepa_engine.models.blocks import Block, sincos_pos_embed_2d
+from jepa_engine.models.predictor import PREDICTOR_PRESETS, Predictor, PredictorConfig
+from jepa_engine.models.vit import VIT_PRESETS, VisionTransformer, ViTConfig
+
+__all__ = ["Block", "sincos_pos_embed_2d", "ViTConfig", "VisionTransformer", "VIT_PRESETS",
+           "PredictorConfig", "Predictor", "PREDICTOR_PRESETS"]

@@ -1,0 +1,46 @@
+"""Dict/JSON round trip shared by the model config dataclasses."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, fields
+from typing import Any, TypeVar, Union
+
+T = TypeVar("T", bound="ConfigIO")
+
+
+class ConfigIO:
+    """Mixin for dataclass configs: ``to_dict``/``from_dict`` and ``to_json``/``from_json``.
+
+    JSON turns tuples into lists; ``from_dict`` turns them back for fields whose default is a tuple.
+    Unknown keys are an error (a typo in a run's config must not be ignored silently).
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[T], d: dict[str, Any]) -> T:
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"{cls.__name__}.from_dict: unknown keys {unknown}, expected a subset of {sorted(known)}")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kwargs)
+
+    def to_json(self, path: Union[str, os.PathLike, None] = None) -> str:
+        """The config as JSON text; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls: type[T], text_or_path: Union[str, os.PathLike]) -> T:
+        """A config from JSON text, or from a file when the argument is not JSON text."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            with open(text_or_path) as f:
+                text = f.read()
+        return cls.from_dict(json.loads(text))
