@@ -42,6 +42,9 @@ block (looping over key blocks), recomputing P from the log-sum-exp. No atomics:
 Batch/head offsets are int64 (B * H * N * D may exceed 2^31); offsets within one sequence are
 int32 (one sequence's N * token stride must stay below 2^31).
 
+Precision on a GPU: fp16/bf16 as FlashAttention (P rounded to the input dtype before the PV dot);
+fp32 forward exact (IEEE dots), fp32 backward with TF32 dots (IEEE ones spill at every tile size).
+
 ``dropout_p`` must be 0.0 (attention dropout is not implemented; JEPA encoders train without it).
 """
 from __future__ import annotations
@@ -130,7 +133,7 @@ def _masked_attention_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
     stride_lb, stride_lh, stride_pb, stride_ib,
     # sizes: heads, queries, key slots (positions, or index-set size), frame length, softmax scale
-    H, N_Q, N_K, frame_len, qk_scale,
+    H, N_Q, N_K, frame_len, qk_scale, bh0,
     # meta-parameters: mask kinds, precision switches, tiles
     PAD: tl.constexpr, VARLEN: tl.constexpr, FRAME: tl.constexpr, INDEX: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -139,7 +142,7 @@ def _masked_attention_fwd_kernel(
     pid_m = tl.program_id(0)
     # int64 batch/head bases (B * H * N * D may exceed 2^31); int32 offsets inside one sequence,
     # so positions, frame arithmetic and masks stay 32-bit (64-bit division would be a slow call).
-    bh = tl.program_id(1)
+    bh = tl.program_id(1) + bh0  # launches over more than 65535 (batch, head) pairs come in chunks
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     start, n_q, n_k = _seq_bounds(cu_ptr, b, N_Q, N_K, VARLEN)
@@ -201,7 +204,7 @@ def _masked_attention_bwd_preprocess_kernel(
     # strides (elements)
     stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn, stride_lb, stride_lh,
     # sizes
-    H, N_Q,
+    H, N_Q, bh0,
     # meta-parameters
     VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -209,7 +212,7 @@ def _masked_attention_bwd_preprocess_kernel(
     pid_m = tl.program_id(0)
     # int64 batch/head bases (B * H * N * D may exceed 2^31); int32 offsets inside one sequence,
     # so positions, frame arithmetic and masks stay 32-bit (64-bit division would be a slow call).
-    bh = tl.program_id(1)
+    bh = tl.program_id(1) + bh0  # launches over more than 65535 (batch, head) pairs come in chunks
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     start, n_q, _n_k = _seq_bounds(cu_ptr, b, N_Q, N_Q, VARLEN)
@@ -237,7 +240,7 @@ def _masked_attention_bwd_kernel(
     stride_gqb, stride_gqh, stride_gqn, stride_gkb, stride_gkh, stride_gkn,
     stride_lb, stride_lh, stride_pb, stride_ib,
     # sizes, frame length, softmax scales (qk_scale = scale * log2(e))
-    H, N_Q, N_K, frame_len, qk_scale, sm_scale,
+    H, N_Q, N_K, frame_len, qk_scale, sm_scale, bh0,
     # meta-parameters
     PAD: tl.constexpr, VARLEN: tl.constexpr, FRAME: tl.constexpr, INDEX: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -251,7 +254,7 @@ def _masked_attention_bwd_kernel(
     pid = tl.program_id(0)
     # int64 batch/head bases (B * H * N * D may exceed 2^31); int32 offsets inside one sequence,
     # so positions, frame arithmetic and masks stay 32-bit (64-bit division would be a slow call).
-    bh = tl.program_id(1)
+    bh = tl.program_id(1) + bh0  # launches over more than 65535 (batch, head) pairs come in chunks
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     start, n_q, n_k = _seq_bounds(cu_ptr, b, N_Q, N_K, VARLEN)
@@ -358,6 +361,14 @@ _PRE_CONFIG = LaunchConfig({"BLOCK_M": 64}, num_warps=4, num_stages=1)
 _INTERP_CONFIG = LaunchConfig({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
 
 
+# CUDA limits the second grid dimension to 65535: more (batch, head) pairs launch in chunks.
+_MAX_GRID_Y = 65535
+
+
+def _bh_chunks(n: int):
+    return [(s, min(_MAX_GRID_Y, n - s)) for s in range(0, n, _MAX_GRID_Y)]
+
+
 def _block_d(head_dim: int) -> int:
     return _launch.next_power_of_2(head_dim)
 
@@ -430,15 +441,15 @@ def masked_attention_forward(q, k, v, key_padding, cu_seqlens, keep_index, frame
     out = _empty_out(q, pb.varlen)
     lse = torch.empty(pb.stat_shape, device=q.device, dtype=torch.float32)
     cfg = _pick_config(_FWD_CONFIGS, q.dtype, pb.D)
-    grid = (_launch.cdiv(pb.max_q, cfg.constexprs["BLOCK_M"]), pb.B * pb.H)
-    _masked_attention_fwd_kernel[grid](
-        q, k, v, out, lse, pb.kpad, pb.cu, pb.kidx,
-        *_strides3(q, pb.varlen), *_strides3(k, pb.varlen), *_strides3(v, pb.varlen), *_strides3(out, pb.varlen),
-        *pb.stat_strides, pb.stride_pb, pb.stride_ib,
-        pb.H, pb.n_q, pb.n_k, pb.frame_len, float(scale) * math.log2(math.e),
-        UPCAST=_launch.upcast_bf16(q.dtype), PRECISION=_precision(q.dtype), HEAD_DIM=pb.D,
-        BLOCK_D=_block_d(pb.D), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pb.flags, **cfg.constexprs,
-    )
+    for bh0, n_bh in _bh_chunks(pb.B * pb.H):
+        _masked_attention_fwd_kernel[(_launch.cdiv(pb.max_q, cfg.constexprs["BLOCK_M"]), n_bh)](
+            q, k, v, out, lse, pb.kpad, pb.cu, pb.kidx,
+            *_strides3(q, pb.varlen), *_strides3(k, pb.varlen), *_strides3(v, pb.varlen), *_strides3(out, pb.varlen),
+            *pb.stat_strides, pb.stride_pb, pb.stride_ib,
+            pb.H, pb.n_q, pb.n_k, pb.frame_len, float(scale) * math.log2(math.e), bh0,
+            UPCAST=_launch.upcast_bf16(q.dtype), PRECISION=_precision(q.dtype), HEAD_DIM=pb.D,
+            BLOCK_D=_block_d(pb.D), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pb.flags, **cfg.constexprs,
+        )
     return out, lse
 
 
@@ -449,12 +460,12 @@ def masked_attention_backward(grad_out, q, k, v, out, lse, key_padding, cu_seqle
     pb = _Problem(q, k, key_padding, cu_seqlens, keep_index, frame_len, max_seqlen)
     delta = torch.empty(pb.stat_shape, device=q.device, dtype=torch.float32)
     pre = _INTERP_CONFIG if _launch.interpreting() else _PRE_CONFIG
-    grid = (_launch.cdiv(pb.max_q, pre.constexprs["BLOCK_M"]), pb.B * pb.H)
-    _masked_attention_bwd_preprocess_kernel[grid](
-        out, grad_out, delta, pb.cu, *_strides3(out, pb.varlen), *_strides3(grad_out, pb.varlen), *pb.stat_strides,
-        pb.H, pb.n_q, VARLEN=pb.varlen, HEAD_DIM=pb.D, BLOCK_M=pre.constexprs["BLOCK_M"], BLOCK_D=_block_d(pb.D),
-        num_warps=pre.num_warps, num_stages=pre.num_stages,
-    )
+    for bh0, n_bh in _bh_chunks(pb.B * pb.H):
+        _masked_attention_bwd_preprocess_kernel[(_launch.cdiv(pb.max_q, pre.constexprs["BLOCK_M"]), n_bh)](
+            out, grad_out, delta, pb.cu, *_strides3(out, pb.varlen), *_strides3(grad_out, pb.varlen), *pb.stat_strides,
+            pb.H, pb.n_q, bh0, VARLEN=pb.varlen, HEAD_DIM=pb.D, BLOCK_M=pre.constexprs["BLOCK_M"],
+            BLOCK_D=_block_d(pb.D), num_warps=pre.num_warps, num_stages=pre.num_stages,
+        )
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     # An index set leaves the keys it does not select untouched by the kernel: their gradient is 0.
     alloc = torch.zeros if keep_index is not None else torch.empty
@@ -462,16 +473,17 @@ def masked_attention_backward(grad_out, q, k, v, out, lse, key_padding, cu_seqle
     dv = alloc(v.shape, device=v.device, dtype=v.dtype)
     cfg = _pick_config(_BWD_CONFIGS, q.dtype, pb.D)
     bm, bn = cfg.constexprs["BLOCK_M"], cfg.constexprs["BLOCK_N"]
-    grid = (max(_launch.cdiv(pb.max_q, bm), _launch.cdiv(pb.max_k, bn)), pb.B * pb.H)
-    _masked_attention_bwd_kernel[grid](
-        q, k, v, grad_out, lse, delta, dq, dk, dv, pb.kpad, pb.cu, pb.kidx,
-        *_strides3(q, pb.varlen), *_strides3(k, pb.varlen), *_strides3(v, pb.varlen),
-        *_strides3(grad_out, pb.varlen), *_strides3(dq, pb.varlen), *_strides3(dk, pb.varlen),
-        *pb.stat_strides, pb.stride_pb, pb.stride_ib,
-        pb.H, pb.n_q, pb.n_k, pb.frame_len, float(scale) * math.log2(math.e), float(scale),
-        UPCAST=_launch.upcast_bf16(q.dtype), PRECISION=_precision(q.dtype, backward=True), HEAD_DIM=pb.D,
-        BLOCK_D=_block_d(pb.D), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pb.flags, **cfg.constexprs,
-    )
+    n_blocks = max(_launch.cdiv(pb.max_q, bm), _launch.cdiv(pb.max_k, bn))
+    for bh0, n_bh in _bh_chunks(pb.B * pb.H):
+        _masked_attention_bwd_kernel[(n_blocks, n_bh)](
+            q, k, v, grad_out, lse, delta, dq, dk, dv, pb.kpad, pb.cu, pb.kidx,
+            *_strides3(q, pb.varlen), *_strides3(k, pb.varlen), *_strides3(v, pb.varlen),
+            *_strides3(grad_out, pb.varlen), *_strides3(dq, pb.varlen), *_strides3(dk, pb.varlen),
+            *pb.stat_strides, pb.stride_pb, pb.stride_ib,
+            pb.H, pb.n_q, pb.n_k, pb.frame_len, float(scale) * math.log2(math.e), float(scale), bh0,
+            UPCAST=_launch.upcast_bf16(q.dtype), PRECISION=_precision(q.dtype, backward=True), HEAD_DIM=pb.D,
+            BLOCK_D=_block_d(pb.D), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pb.flags, **cfg.constexprs,
+        )
     return dq, dk, dv
 
 
@@ -545,7 +557,7 @@ def _launch_int_args(kernel) -> list[str]:
     fn = kernel
     while not hasattr(fn, "arg_names"):
         fn = fn.fn
-    return [n for n in fn.arg_names if n.startswith("stride_") or n in ("H", "N_Q", "N_K", "frame_len")]
+    return [n for n in fn.arg_names if n.startswith("stride_") or n in ("H", "N_Q", "N_K", "frame_len", "bh0")]
 
 
 def _configs_for(table):
@@ -681,7 +693,7 @@ def masked_attention_backward_reference(grad_out, q, k, v, *, key_padding=None, 
         mask = attention_mask(B, N_q, k.shape[2], key_padding=key_padding, frame_len=frame_len,
                               keep_index=keep_index, device=q.device)
         grads = _reference_grads(grad_out, q, k, v, mask, scale)
-    return tuple(gr.to(x.dtype) for gr, x in zip(grads, (q, k, v)))
+    return tuple(gr.to(x.dtype).contiguous() for gr, x in zip(grads, (q, k, v)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -750,14 +762,15 @@ def _masked_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: to
         with torch.enable_grad():
             leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
             o = F.scaled_dot_product_attention(*leaves, scale=scale)
-            return tuple(torch.autograd.grad(o, leaves, grad_out))
+            return tuple(g.contiguous() for g in torch.autograd.grad(o, leaves, grad_out))
     return masked_attention_backward_reference(grad_out, q, k, v, key_padding=key_padding, cu_seqlens=cu_seqlens,
                                                frame_len=frame_len, keep_index=keep_index, scale=scale)
 
 
 @_masked_attention_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, key_padding, cu_seqlens, keep_index, frame_len, scale, max_seqlen):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # Gradients are contiguous on every path (the kernels allocate them so; the reference copies).
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):

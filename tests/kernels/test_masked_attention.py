@@ -1,6 +1,8 @@
 """Fused masked attention: Triton kernels (interpreter on CPU) vs the PyTorch reference, for every mask kind."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -92,6 +94,15 @@ def test_head_dims(D, dtype, mask):
 def test_cross_attention_lengths(mask):
     # N_q != N_k, neither a multiple of the tile; B * H = 3.
     check(mask, torch.float32, B=3, H=1, N=19, N_k=34)
+
+
+@needs_triton
+def test_more_batch_heads_than_one_grid_column(monkeypatch):
+    # CUDA's grid y limit (65535 batch x head pairs) is met by chunked launches; chunks of 3 here.
+    ma = importlib.import_module("jepa_engine.kernels.masked_attention")  # the module, not the function
+    monkeypatch.setattr(ma, "_MAX_GRID_Y", 3)
+    check("key_padding", torch.float32, B=2, H=2, N=19)
+    check("varlen+frame", torch.float32, B=2, H=2, N=19)
 
 
 @needs_triton
@@ -234,9 +245,11 @@ def _bad_cases():
         ("unsupported head dim", (torch.randn(2, 3, 8, 24),) * 3, {}, "head dim"),
         ("dtype mix", (q, f16, q), {}, "k must have the dtype of q"),
         ("v length", (q, q, torch.randn(2, 3, 9, 16)), {}, "v must be [B, H, N_k, D]"),
-        ("key padding N_k", (q, q, q), {"key_padding": torch.ones(2, 7, dtype=torch.bool)}, "key_padding must be [B, N_k] = [2, 8]"),
+        ("key padding N_k", (q, q, q), {"key_padding": torch.ones(2, 7, dtype=torch.bool)},
+         "key_padding must be [B, N_k] = [2, 8]"),
         ("key padding dtype", (q, q, q), {"key_padding": torch.ones(2, 8)}, "key_padding must have dtype"),
-        ("keep_index range", (q, q, q), {"keep_index": torch.tensor([[0, 8], [1, 2]])}, "keep_index values must be in [-1, N_k)"),
+        ("keep_index range", (q, q, q), {"keep_index": torch.tensor([[0, 8], [1, 2]])},
+         "keep_index values must be in [-1, N_k)"),
         ("keep_index negative", (q, q, q), {"keep_index": torch.tensor([[0, -2], [1, 2]])}, "keep_index values"),
         ("keep_index duplicates", (q, q, q), {"keep_index": torch.tensor([[0, 3, 3], [1, 2, -1]])}, "must not repeat"),
         ("keep_index batch", (q, q, q), {"keep_index": torch.tensor([[0, 1]])}, "keep_index must be [B, K]"),
