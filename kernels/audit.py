@@ -12,7 +12,9 @@ Triton's interpreter replaces ``@triton.jit`` at import time, so the audit refus
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import functools
+import multiprocessing
 import json
 import os
 import re
@@ -103,33 +105,50 @@ def compile_one(fn, signature: dict[str, str], constexprs: dict, num_warps: int,
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def audit(names: list[str] | None = None) -> list[AuditRow]:
+def _audit_one(task: tuple[str, str, int, int]) -> AuditRow:
+    """Compile one (kernel, variant, config index, arch) and read its cubin."""
+    from ._registry import KERNELS
+
+    name, variant, cfg_index, arch = task
+    spec = KERNELS[name]
+    signature, consts = spec.variants[variant]
+    cfg = spec.configs_for(variant)[cfg_index]
+    row = AuditRow(spec.name, variant, cfg.label(), TARGET_NAME[arch], -1, -1, -1, -1, False)
+    try:
+        k = compile_one(spec.fn, signature, {**consts, **cfg.constexprs}, cfg.num_warps, cfg.num_stages, arch)
+        row.registers, row.spill_bytes, row.tensor_core_ops = _cubin_facts(k.asm["cubin"])
+        row.shared_bytes = int(k.metadata.shared)
+        row.ok = row.spill_bytes == 0 and row.shared_bytes <= SHARED_LIMIT[arch]
+        if spec.uses_tensor_cores and "fp32" not in variant and row.tensor_core_ops == 0:
+            row.ok, row.error = False, "no tensor-core instruction"
+    except Exception as e:  # reported in the table, fails the audit
+        row.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+    return row
+
+
+def audit(names: list[str] | None = None, jobs: int | None = None) -> list[AuditRow]:
+    """Compile every registered kernel (or those in ``names``) for each of its variants, configs and
+    targets; ``jobs`` worker processes compile in parallel (default: one per CPU core)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("audit: unset TRITON_INTERPRET; the interpreter replaces compiled kernels")
     import jepa_engine.kernels  # noqa: F401  (importing the ops registers their kernels)
     from ._registry import KERNELS
 
-    rows = []
-    for spec in KERNELS.values():
-        if names and spec.name not in names:
-            continue
-        for variant, (signature, consts) in spec.variants.items():
-            for cfg in spec.configs_for(variant):
-                for arch in spec.targets:
-                    row = AuditRow(spec.name, variant, cfg.label(), TARGET_NAME[arch], -1, -1, -1, -1, False)
-                    try:
-                        k = compile_one(spec.fn, signature, {**consts, **cfg.constexprs},
-                                        cfg.num_warps, cfg.num_stages, arch, spec.aligned_args)
-                        row.registers, row.spill_bytes, row.tensor_core_ops = _cubin_facts(k.asm["cubin"])
-                        row.shared_bytes = int(k.metadata.shared)
-                        row.stack_bytes = _stack_bytes(k.asm["cubin"])
-                        row.ok = row.spill_bytes == 0 and row.shared_bytes <= SHARED_LIMIT[arch]
-                        if spec.uses_tensor_cores and "fp32" not in variant and row.tensor_core_ops == 0:
-                            row.ok, row.error = False, "no tensor-core instruction"
-                    except Exception as e:  # reported in the table, fails the audit
-                        row.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-                    rows.append(row)
-    return rows
+    unknown = set(names or ()) - set(KERNELS)
+    if unknown:
+        raise ValueError(f"audit: unknown kernels {sorted(unknown)}; registered: {sorted(KERNELS)}")
+    tasks = [(spec.name, variant, i, arch)
+             for spec in KERNELS.values() if not names or spec.name in names
+             for variant in spec.variants
+             for i in range(len(spec.configs_for(variant)))
+             for arch in spec.targets]
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(tasks)))
+    if jobs == 1:
+        return [_audit_one(t) for t in tasks]
+    # Compilation is CPU-bound Python + ptxas: separate processes (forked: the registry is inherited).
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        return list(pool.map(_audit_one, tasks, chunksize=4))
 
 
 def format_table(rows: list[AuditRow]) -> str:
@@ -143,11 +162,14 @@ def format_table(rows: list[AuditRow]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Triton 3.9 warns that its fp-fusion default will change; keep today's default, quietly.
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     ap = argparse.ArgumentParser(prog="python -m jepa_engine.kernels.audit", description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     ap.add_argument("--kernel", action="append", help="audit only this kernel (repeatable)")
+    ap.add_argument("--jobs", type=int, default=None, help="compile in this many processes (default: CPU cores)")
     args = ap.parse_args(argv)
-    rows = audit(args.kernel)
+    rows = audit(args.kernel, args.jobs)
     print(json.dumps([asdict(r) for r in rows], indent=1) if args.json else format_table(rows))
     bad = [r for r in rows if not r.ok]
     if not args.json:
