@@ -795,23 +795,30 @@ _masked_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _check_values(key_padding, cu_seqlens, keep_index, N_k: int, T: int) -> None:
     """Checks that read tensor values (one host synchronisation); skipped while torch.compile traces."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (cu_seqlens is None and keep_index is None):
         return
+    facts = []
     if cu_seqlens is not None:
-        first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
-        steps = cu_seqlens.diff()
-        if first != 0 or last != T or bool((steps < 0).any()):
+        c = cu_seqlens.long()
+        facts += [c[0], c[-1], (c.diff() < 0).any().long()]
+    if keep_index is not None:
+        srt = keep_index.long().sort(dim=1).values
+        dup = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(dim=1)
+        first_dup = torch.where(dup, torch.arange(dup.numel(), device=dup.device), dup.numel()).min()
+        facts += [srt.min(), srt.max(), first_dup]
+    facts = torch.stack(facts).tolist()
+    if cu_seqlens is not None:
+        first, last, decreasing = facts[:3]
+        facts = facts[3:]
+        if first != 0 or last != T or decreasing:
             raise ValueError(f"{OP}: cu_seqlens must start at 0, be non-decreasing and end at the token total "
                              f"{T}, got {cu_seqlens.tolist()}")
     if keep_index is not None:
-        lo, hi = int(keep_index.min()), int(keep_index.max())
+        lo, hi, row = facts
         if lo < -1 or hi >= N_k:
             raise ValueError(f"{OP}: keep_index values must be in [-1, N_k) = [-1, {N_k}) (-1 = unused slot), "
                              f"got min {lo}, max {hi}")
-        srt = keep_index.sort(dim=1).values
-        dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
-        if bool(dup.any()):
-            row = int(dup.any(dim=1).nonzero()[0])
+        if row < keep_index.shape[0]:
             raise ValueError(f"{OP}: keep_index must not repeat a key position within a sample "
                              f"(sample {row} does); duplicates would double-count that key")
 
