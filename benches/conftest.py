@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from benches.device_tag import device_name
+from jepa_engine.profiling.pytest_energy import add_energy_info, energy_info  # noqa: F401 (fixture)
 
 # Published dense peaks: (bf16/fp16 dense TFLOP/s, HBM TB/s).
 ROOFLINES = {"H100": (989.0, 3.35), "H200": (989.0, 4.8), "A100": (312.0, 2.0)}
@@ -56,7 +57,8 @@ def _flush_l2() -> None:
 @pytest.fixture
 def run_bench():
     def _run(benchmark, fn: Callable[[], object], *, impl: str, group: str, flops: float | None = None,
-             bytes: float | None = None, flush_l2: bool = False, device: str | None = None, **info):
+             bytes: float | None = None, flush_l2: bool = False, device: str | None = None, energy: bool = False,
+             **info):
         cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
         for _ in range(3):  # warm-up: compilation, autotuning, allocator
             fn()
@@ -92,6 +94,8 @@ def run_bench():
             impl=impl, group=group, flops=flops, bytes=bytes, calls_per_round=calls,
             device=device_name() if (cuda or device is None) else device, **_versions(), **info,
         )
+        if energy:  # joules and watts per call, measured in windows of their own after the timing
+            add_energy_info(benchmark, fn, device="cuda" if cuda else "cpu")
 
     return _run
 

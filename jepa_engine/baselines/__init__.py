@@ -1,0 +1,1 @@
+"""Token-by-token decoding baseline: a decoder-only transformer that writes its action plan as tokens."""
