@@ -10,7 +10,8 @@ from torch import nn
 
 from jepa_engine.nn import MaskedSelfAttention
 
-__all__ = ["Block", "DropPath", "Mlp", "sincos_pos_embed_2d", "init_weights", "rescale_residual_weights"]
+__all__ = ["Block", "DropPath", "Mlp", "drop_path_rates", "sincos_pos_embed_2d", "init_weights",
+           "rescale_residual_weights"]
 
 
 def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -29,6 +30,12 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
     rows = torch.arange(h).repeat_interleave(w)  # [h*w]: r of each flat index
     cols = torch.arange(w).repeat(h)             # [h*w]: c of each flat index
     return torch.cat([_sincos_1d(dim // 2, rows), _sincos_1d(dim // 2, cols)], dim=1).float()
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Stochastic-depth rate of each block: linear from 0 to ``rate`` (plain floats, so models can be
+    built on the meta device)."""
+    return [rate * i / max(depth - 1, 1) for i in range(depth)]
 
 
 class DropPath(nn.Module):

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from jepa_engine.models._config import ConfigIO
-from jepa_engine.models.blocks import Block, init_weights, rescale_residual_weights, sincos_pos_embed_2d
+from jepa_engine.models.blocks import (Block, drop_path_rates, init_weights, rescale_residual_weights,
+                                      sincos_pos_embed_2d)
 from jepa_engine.models.vit import VIT_PRESETS, ViTConfig
 
 __all__ = ["PredictorConfig", "Predictor", "PREDICTOR_PRESETS"]
@@ -94,7 +95,7 @@ class Predictor(nn.Module):
         self.predictor_embed = nn.Linear(cfg.embed_dim, Dp)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dp))
         self.register_buffer("pos_embed", sincos_pos_embed_2d(Dp, cfg.grid), persistent=False)  # [N, Dp]
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        rates = drop_path_rates(cfg.drop_path, cfg.depth)
         self.blocks = nn.ModuleList(
             Block(Dp, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, drop_path=r) for r in rates)
         self.norm = nn.LayerNorm(Dp, eps=1e-6)

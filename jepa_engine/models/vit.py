@@ -11,7 +11,8 @@ from torch import nn
 
 from jepa_engine.masks import apply_index
 from jepa_engine.models._config import ConfigIO
-from jepa_engine.models.blocks import Block, init_weights, rescale_residual_weights, sincos_pos_embed_2d
+from jepa_engine.models.blocks import (Block, drop_path_rates, init_weights, rescale_residual_weights,
+                                      sincos_pos_embed_2d)
 
 __all__ = ["ViTConfig", "VisionTransformer", "VIT_PRESETS"]
 
@@ -78,7 +79,7 @@ class VisionTransformer(nn.Module):
         D = cfg.embed_dim
         self.patch_embed = nn.Conv2d(cfg.in_chans, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(D, cfg.grid)[None], persistent=False)  # [1, N, D]
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        rates = drop_path_rates(cfg.drop_path, cfg.depth)
         self.blocks = nn.ModuleList(
             Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, drop_path=r) for r in rates)
         self.norm = nn.LayerNorm(D, eps=1e-6)
