@@ -82,7 +82,7 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 10
     max_minutes: float = 0.0         # wall-clock budget of fit(); 0 = none (the LR schedule still uses steps)
-    # collapse monitors (on the target encoder's mean-pooled output)
+    # collapse monitors (on the target encoder's output tokens)
     collapse_std_min: float = 0.05
     collapse_rank_min: float = 1.5
     # linear probe at the end of training
@@ -188,9 +188,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The CPU demo: a few minutes on 2 cores, linear-probe R^2(position) >= 0.9.
     "demo": dict(encoder="tiny", encoder_overrides=dict(embed_dim=96, depth=4, num_heads=3),
                  predictor_overrides=dict(predictor_dim=48, depth=2, num_heads=3),
-                 batch_size=32, episode_len=3, steps=300, lr=1e-3, warmup=30, min_lr=1e-5,
-                 checkpoint_every=100, keep_last=2, log_every=10, probe_train=1536, probe_test=512,
-                 max_minutes=5.0, device="auto"),
+                 batch_size=32, episode_len=3, steps=250, lr=1e-3, warmup=25, min_lr=1e-5,
+                 checkpoint_every=125, keep_last=2, log_every=10, probe_train=1536, probe_test=512,
+                 max_minutes=4.5, device="auto"),
     # One GPU: ViT-S/8 on 64x64 frames.
     "small": dict(encoder="small", predictor="small", batch_size=256, steps=20_000, lr=1e-3, warmup=1_000,
                   min_lr=1e-6, checkpoint_every=1_000, keep_last=3, log_every=50, probe_train=8192, probe_test=4096),
@@ -303,7 +303,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 @dataclass
 class StepOutput:
     loss: torch.Tensor        # fp32 scalar: the global mean latent loss (device; no host sync)
-    pooled: torch.Tensor      # [B_local, D] mean-pooled target-encoder output (for collapse monitors)
+    tokens: torch.Tensor      # [M, D] target-encoder tokens (up to 4096 of them, for the collapse monitors)
 
 
 def train_step(model: nn.Module, target: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
@@ -326,7 +326,7 @@ def train_step(model: nn.Module, target: nn.Module, ema: EMA, optimizer: torch.o
     with autocast:
         with torch.no_grad():
             h = target(images)                                    # [B, N, D]
-            pooled = h.float().mean(dim=1)                        # [B, D]
+            tokens = h.detach().flatten(0, 1)[:4096].float()      # [M, D]
             h = F.layer_norm(h.float(), (h.shape[-1],))
             tgt = apply_index(h, masks.target_index)              # [B, Kt, D]
         pred = model(images, masks.context_index, masks.context_valid, masks.target_index, masks.target_valid)
@@ -341,7 +341,7 @@ def train_step(model: nn.Module, target: nn.Module, ema: EMA, optimizer: torch.o
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
     optimizer.step()
     ema.step()
-    return StepOutput(loss.detach(), pooled)
+    return StepOutput(loss.detach(), tokens)
 
 
 @torch.no_grad()
@@ -492,7 +492,7 @@ class Trainer:
 
     def _log(self, values: list[float], out: StepOutput, seconds: float, images: int, bar) -> None:
         cfg = self.cfg
-        std, rank = collapse_stats(out.pooled)
+        std, rank = collapse_stats(out.tokens)
         rec = {"step": self.step, "loss": sum(values) / len(values), "loss_last": values[-1],
                "lr": lr_at(cfg, self.step - 1), "weight_decay": weight_decay_at(cfg, self.step - 1),
                "ema_momentum": self.ema.schedule(self.ema.steps - 1), "images_per_s": images / max(seconds, 1e-9),
