@@ -115,9 +115,11 @@ def _audit_one(task: tuple[str, str, int, int]) -> AuditRow:
     cfg = spec.configs_for(variant)[cfg_index]
     row = AuditRow(spec.name, variant, cfg.label(), TARGET_NAME[arch], -1, -1, -1, -1, False)
     try:
-        k = compile_one(spec.fn, signature, {**consts, **cfg.constexprs}, cfg.num_warps, cfg.num_stages, arch)
+        k = compile_one(spec.fn, signature, {**consts, **cfg.constexprs}, cfg.num_warps, cfg.num_stages, arch,
+                        spec.aligned_args)
         row.registers, row.spill_bytes, row.tensor_core_ops = _cubin_facts(k.asm["cubin"])
         row.shared_bytes = int(k.metadata.shared)
+        row.stack_bytes = _stack_bytes(k.asm["cubin"])
         row.ok = row.spill_bytes == 0 and row.shared_bytes <= SHARED_LIMIT[arch]
         if spec.uses_tensor_cores and "fp32" not in variant and row.tensor_core_ops == 0:
             row.ok, row.error = False, "no tensor-core instruction"
