@@ -423,9 +423,11 @@ class _Problem:
             self.stat_shape = (self.B, self.H, self.n_q)
             self.stat_strides = (self.H * self.n_q, self.n_q)
         dummy = q
+        if key_padding is not None:
+            key_padding = key_padding.contiguous()  # the kernels read it with a unit key stride
         self.kpad = key_padding.view(torch.uint8) if key_padding is not None else dummy
         self.kidx = keep_index.to(torch.int32).contiguous() if keep_index is not None else dummy
-        self.cu = cu_seqlens if cu_seqlens is not None else dummy
+        self.cu = cu_seqlens.contiguous() if cu_seqlens is not None else dummy
         self.stride_pb = key_padding.stride(0) if key_padding is not None else 0
         self.stride_ib = self.kidx.stride(0) if keep_index is not None else 0
         self.frame_len = max(int(frame_len), 1)

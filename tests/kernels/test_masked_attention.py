@@ -106,6 +106,17 @@ def test_more_batch_heads_than_one_grid_column(monkeypatch):
 
 
 @needs_triton
+def test_non_contiguous_mask_arguments():
+    q, k, v, kw = make_inputs("key_padding", torch.float32)
+    kp = kw["key_padding"]
+    kw["key_padding"] = kp.t().contiguous().t()  # same values, key stride != 1
+    assert kw["key_padding"].stride(1) != 1
+    with use_backend("triton"):
+        out = masked_attention(q, k, v, **kw)
+    assert_close(out, masked_attention_reference(q, k, v, key_padding=kp), torch.float32, what="strided key_padding")
+
+
+@needs_triton
 def test_fully_masked_rows_give_zero_output_and_gradients():
     q, k, v, kw = make_inputs("padding+frame", torch.float16)
     q, k, v = (x.requires_grad_(True) for x in (q, k, v))
