@@ -55,28 +55,25 @@ def _cuobjdump() -> str:
     return str(path)
 
 
-def _cubin_facts(cubin: bytes) -> tuple[int, int, int]:
-    """(registers, local-memory bytes, tensor-core instruction count) of a one-kernel cubin."""
+def _cubin_facts(cubin: bytes) -> dict[str, int]:
+    """Registers, local memory, stack frame and tensor-core instruction count of a one-kernel cubin.
+
+    ptxas puts register spills in the stack frame (``STACK``) as well as in ``LOCAL``: a kernel is
+    spill-free only when both are 0.
+    """
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name],
                                capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    reg = re.search(r"REG:(\d+)", usage)
-    local = re.search(r"LOCAL:(\d+)", usage)
-    tc = len(re.findall(r"\b(?:HGMMA|HMMA)\.", sass))
-    return (int(reg.group(1)) if reg else -1, int(local.group(1)) if local else -1, tc)
 
+    def field(name: str) -> int:
+        m = re.search(rf"{name}:(\d+)", usage)
+        return int(m.group(1)) if m else -1
 
-def _stack_bytes(cubin: bytes) -> int:
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name],
-                               capture_output=True, text=True, check=True).stdout
-    stack = re.search(r"STACK:(\d+)", usage)
-    return int(stack.group(1)) if stack else -1
+    return {"registers": field("REG"), "spill_bytes": field("LOCAL"), "stack_bytes": field("STACK"),
+            "tensor_core_ops": len(re.findall(r"\b(?:HGMMA|HMMA)\.", sass))}
 
 
 def compile_one(fn, signature: dict[str, str], constexprs: dict, num_warps: int, num_stages: int, arch: int,
@@ -85,7 +82,6 @@ def compile_one(fn, signature: dict[str, str], constexprs: dict, num_warps: int,
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
     from triton.runtime.jit import JITFunction
 
     jit = fn
@@ -117,10 +113,10 @@ def _audit_one(task: tuple[str, str, int, int]) -> AuditRow:
     try:
         k = compile_one(spec.fn, signature, {**consts, **cfg.constexprs}, cfg.num_warps, cfg.num_stages, arch,
                         spec.aligned_args)
-        row.registers, row.spill_bytes, row.tensor_core_ops = _cubin_facts(k.asm["cubin"])
+        for key, value in _cubin_facts(k.asm["cubin"]).items():
+            setattr(row, key, value)
         row.shared_bytes = int(k.metadata.shared)
-        row.stack_bytes = _stack_bytes(k.asm["cubin"])
-        row.ok = row.spill_bytes == 0 and row.shared_bytes <= SHARED_LIMIT[arch]
+        row.ok = row.spill_bytes == 0 and row.stack_bytes == 0 and row.shared_bytes <= SHARED_LIMIT[arch]
         if spec.uses_tensor_cores and "fp32" not in variant and row.tensor_core_ops == 0:
             row.ok, row.error = False, "no tensor-core instruction"
     except Exception as e:  # reported in the table, fails the audit
@@ -154,8 +150,8 @@ def audit(names: list[str] | None = None, jobs: int | None = None) -> list[Audit
 
 
 def format_table(rows: list[AuditRow]) -> str:
-    head = ["kernel", "variant", "config", "target", "regs", "spill B", "smem B", "TC ops", "ok"]
-    body = [[r.kernel, r.variant, r.config, r.target, str(r.registers), str(r.spill_bytes),
+    head = ["kernel", "variant", "config", "target", "regs", "spill B", "stack B", "smem B", "TC ops", "ok"]
+    body = [[r.kernel, r.variant, r.config, r.target, str(r.registers), str(r.spill_bytes), str(r.stack_bytes),
              str(r.shared_bytes), str(r.tensor_core_ops), "yes" if r.ok else f"NO {r.error}"] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"

@@ -33,6 +33,20 @@ _PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
 # Kernel
 # --------------------------------------------------------------------------------------------------
 @triton.jit
+def _cos_2pi(u):
+    """cos(2 pi u) for u in (0, 1): reduced to [0, pi/2] by symmetry, then a degree-12 Taylor
+    polynomial (error < 1e-8). libdevice's cosf carries a stack frame for huge arguments that this
+    range never needs."""
+    v = tl.abs(u - 0.5)                       # cos(2 pi u) = -cos(2 pi v)
+    flip = v > 0.25                           # cos(2 pi v) = -cos(2 pi (0.5 - v))
+    x = 6.283185307179586 * tl.where(flip, 0.5 - v, v)
+    x2 = x * x
+    c = 1.0 + x2 * (-1.0 / 2 + x2 * (1.0 / 24 + x2 * (-1.0 / 720 + x2 * (1.0 / 40320 + x2 * (
+        -1.0 / 3628800 + x2 * (1.0 / 479001600))))))
+    return tl.where(flip, c, -c)
+
+
+@triton.jit
 def _sample_actions_kernel(
     # pointers
     mean_ptr, std_ptr, low_ptr, high_ptr, rng_ptr, out_ptr,
@@ -54,7 +68,7 @@ def _sample_actions_kernel(
     r0, r1, _, _ = tl.randint4x(seed, counter)
     u1 = ((r0.to(tl.uint32) >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
     u2 = ((r1.to(tl.uint32) >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-    z = tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
+    z = tl.sqrt(-2.0 * tl.log(u1)) * _cos_2pi(u2)
 
     mean = tl.load(mean_ptr + e * P + p, mask=ok, other=0.0)
     std = tl.load(std_ptr + e * P + p, mask=ok, other=0.0)
