@@ -560,9 +560,8 @@ class Trainer:
         except KeyboardInterrupt:
             clean = False
             if not self._stop_requested:
-                # Raised outside a step boundary (no handler in this thread): the finished steps are intact
-                # only if the interrupt did not land inside the optimizer/EMA update, which we cannot know
-                # here; the step counter still matches the last completed step's weights in practice.
+                # No handler in this thread (fit() runs outside the main thread): the interrupt came
+                # straight from Python; save the steps counted as finished.
                 self._check_losses(pending)
                 self.save()
             if self.is_main:

@@ -270,3 +270,16 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     assert len(rows) == 1
     ref_loss = json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
     assert json.loads(rows[0])["loss"] == pytest.approx(ref_loss, rel=1e-4)
+
+
+def test_cli_train_and_resume(tmp_path, capsys):
+    from jepa_engine import cli
+
+    cfg_path = tmp_path / "tiny.json"
+    tiny_config(steps=4, checkpoint_every=2).to_json(cfg_path)
+    assert cli.main(["train", "--config", str(cfg_path), "--out", str(tmp_path / "run"), "--steps", "2"]) == 0
+    assert "loss: first" in capsys.readouterr().out
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "4"]) == 0
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [2, 4]
+    assert cli.main(["train", "--config", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "TrainConfig.load" in capsys.readouterr().err
