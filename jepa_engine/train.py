@@ -37,6 +37,7 @@ from jepa_engine import checkpoint as ckpt
 from jepa_engine.ema import EMA, SCHEDULES
 from jepa_engine.envs import TrajectoryStream, WorldConfig
 from jepa_engine.kernels import latent_loss
+from jepa_engine.masks import apply_index
 
 LOSS_KINDS = ("smooth_l1", "l2")
 
@@ -225,15 +226,6 @@ def build_world(cfg: TrainConfig) -> WorldConfig:
     return WorldConfig.from_name(cfg.world, **cfg.world_overrides)
 
 
-def apply_index(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, N, D], index [B, K] -> [B, K, D]."""
-    try:
-        from jepa_engine.masks import apply_index as _apply
-    except ImportError:
-        return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-    return _apply(x, index)
-
-
 def derived_seed(seed: int, step: int, stream: int) -> int:
     """A 63-bit seed for (run seed, step, stream): independent streams for data and masks."""
     return int(np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0] >> np.uint64(1))
@@ -250,8 +242,7 @@ def make_batch(cfg: TrainConfig, world: WorldConfig, step: int, device: torch.de
 
 def make_masks(cfg: TrainConfig, masker, step: int, device: torch.device):
     g = torch.Generator().manual_seed(derived_seed(cfg.seed, step, 1))
-    m = masker.sample(cfg.batch_size, g)
-    return _map_masks(m, lambda t: t.to(device))
+    return masker.sample(cfg.batch_size, g).to(device)
 
 
 def _map_masks(m, fn):
