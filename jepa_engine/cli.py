@@ -83,6 +83,8 @@ def _demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     trainer = Trainer(cfg, args.out, resume=False)
     try:
+        # The same probe on the untrained encoder: what training adds over random features.
+        before = trainer.run_probe() or {}
         summary = trainer.fit()
     finally:
         trainer.close()
@@ -90,6 +92,9 @@ def _demo(args: argparse.Namespace) -> int:
           f"(torch {torch.__version__}, {torch.get_num_threads()} threads); run folder {args.out}")
     _print_training_summary(summary)
     probe = summary.get("probe") or {}
+    if before:
+        print(f"same probe on the untrained encoder: R^2 position {before['r2_position']:.3f}, "
+              f"velocity {before['r2_velocity']:.3f}")
     ok = probe.get("r2_position", 0.0) >= 0.9
     print(f"position probe {'PASSES' if ok else 'MISSES'} the R^2 >= 0.9 target", flush=True)
     print("\n== Kernel self-check ==", flush=True)
