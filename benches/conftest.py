@@ -116,6 +116,8 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         data = [t / calls for t in (bench.stats.data if hasattr(bench, "stats") else [])] or [row["stats"]["median"]]
         med = statistics.median(data)
         info["median_s"], info["p20_s"], info["p80_s"] = med, _percentile(data, 0.2), _percentile(data, 0.8)
+        if info.get("images"):
+            info["images_per_s"] = info["images"] / med
         peak = roofline(info.get("device", ""))
         if info.get("flops"):
             info["tflops"] = info["flops"] / med / 1e12
