@@ -223,3 +223,14 @@ def test_decoding_cost_row(cache):
 def test_decoding_cost_energy_on_cpu_says_why_or_measures():
     row = decoding_cost(DecoderConfig.from_name("tiny"), repeats=2, energy=True, min_seconds=0.05, trials=1)
     assert (row["joules_per_decision"] is None) == bool(row["energy_reason"])
+
+
+def test_policy_decide_shapes_and_bounds():
+    world = WorldConfig(image_size=32)
+    policy = DecoderPolicy(Decoder(DecoderConfig.from_name("tiny")), world, cache="dynamic")
+    obs = torch.rand(3, 1, 32, 32)
+    one = policy.decide(obs[0], torch.tensor([0.3, 0.6]))                 # one frame, a goal position
+    many = policy.decide(obs, obs)                                        # frames and goal frames
+    assert one.shape == (2, 2) and many.shape == (3, 2, 2)
+    assert one.abs().max() <= 1.0 and many.abs().max() <= 1.0
+    assert policy.tokens_per_decision == 4

@@ -230,13 +230,14 @@ class Decoder(nn.Module):
         step = self.compiled_decode_step() if compile else self.decode_step
         L, n = reasoning_tokens, cfg.action_tokens
         out = torch.empty(B, L + n, dtype=torch.long, device=dev)
+        positions = torch.arange(P + 1, P + L + n, device=dev)  # made once: no host-to-device copy per step
         for i in range(L + n):
             lo, hi = (cfg.bins, cfg.bins + cfg.reasoning_vocab) if i < L else (0, cfg.bins)
             tok = pick(logits[:, lo:hi], greedy, temperature, generator) + lo  # [B, 1]
             out[:, i] = tok[:, 0]
             if i + 1 == L + n:
                 break
-            pos = torch.tensor([P + 1 + i], device=dev)
+            pos = positions[i:i + 1]
             if caches is None:
                 logits = step(tok, pos).clone()  # clone: a CUDA-graph output is overwritten by the next replay
             else:
