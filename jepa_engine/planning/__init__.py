@@ -6,3 +6,7 @@ from .sampling import CEMPlanner, MPPIPlanner
 PLANNERS = {"cem": CEMPlanner, "mppi": MPPIPlanner, "gradient": GradientPlanner}
 
 __all__ = ["CEMPlanner", "CostFn", "GradientPlanner", "MPPIPlanner", "PLANNERS", "Plan", "Planner", "PlannerConfig"]
+
+from .mpc import MPC, MPCConfig, MPCResult, latent_cost  # noqa: E402  (mpc looks planners up in PLANNERS)
+
+__all__ += ["MPC", "MPCConfig", "MPCResult", "latent_cost"]

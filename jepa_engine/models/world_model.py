@@ -1,0 +1,297 @@
+"""Action-conditioned JEPA world model: frame encoder, action encoder, frame-causal latent predictor.
+
+    encode:   obs [B, C, H, W] --ViT--> tokens [B, N, De] --mean--> [B, De] --Linear--> z [B, D]
+    predict:  z [B, T, D], a [B, T, A] -> tokens [z_0, a_0, z_1, a_1, ...]   [B, 2T, Dp]
+              -> blocks, frame-causal (frame t = [embedding token, action token]: it sees frames <= t)
+              -> action-token rows --LayerNorm, Linear--> z_next [B, T, D]   (z_next[:, t] ~ z_{t+1})
+    rollout:  autoregressive in latent space over a sliding window of `history` frames.
+
+A frame's two tokens share its learned time position (the window's frame index) and carry a learned
+type embedding (embedding or action). The prediction at step t reads the action token of frame t, so
+it sees z_0..z_t and a_0..a_t and nothing after: one teacher-forced pass predicts every step.
+
+Anti-collapse (used by the trainer, `jepa_engine.train_wm`): an EMA target encoder (stop-gradient) or
+SIGReg (:func:`sigreg`, LeJEPA's sketched Epps-Pulley normality statistic), chosen by
+``WorldModelConfig.anti_collapse``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from jepa_engine.models._config import ConfigIO
+from jepa_engine.models.blocks import Block, init_weights, rescale_residual_weights
+from jepa_engine.models.vit import VisionTransformer, ViTConfig
+
+__all__ = ["WorldModelConfig", "WorldModel", "WM_PRESETS", "FrameEncoder", "ActionEncoder", "LatentPredictor",
+           "sigreg"]
+
+ANTI_COLLAPSE = ("sigreg", "ema")
+POOLS = ("mean", "flat")
+
+
+@dataclass
+class WorldModelConfig(ConfigIO):
+    # frames
+    img_size: int = 64
+    in_chans: int = 1
+    patch_size: int = 8
+    # encoder: a small ViT, mean-pooled and projected to embed_dim
+    enc_dim: int = 64
+    enc_depth: int = 2
+    enc_heads: int = 4
+    embed_dim: int = 32           # D: the world model's latent
+    pool: str = "mean"            # "mean" over patches, or "flat": every patch token into the projector
+    # actions and predictor
+    action_dim: int = 2
+    history: int = 3              # frames in the predictor's window
+    pred_dim: int = 64
+    pred_depth: int = 2
+    pred_heads: int = 4
+    mlp_ratio: float = 4.0
+    # anti-collapse
+    anti_collapse: str = "sigreg"  # "sigreg" or "ema"
+    sigreg_weight: float = 0.1
+    sigreg_projections: int = 256
+    sigreg_knots: int = 17
+    ema_momentum: float = 0.99
+
+    def __post_init__(self):
+        def bad(name: str, expected: str) -> ValueError:
+            return ValueError(f"WorldModelConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+
+        for name in ("img_size", "in_chans", "patch_size", "enc_dim", "enc_depth", "enc_heads", "embed_dim",
+                     "action_dim", "history", "pred_dim", "pred_depth", "pred_heads", "sigreg_projections"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise bad(name, "an int >= 1")
+        if self.img_size % self.patch_size:
+            raise bad("img_size", f"divisible by patch_size = {self.patch_size}")
+        if self.enc_dim % self.enc_heads or self.enc_dim % 4:
+            raise bad("enc_dim", f"divisible by enc_heads = {self.enc_heads} and by 4")
+        if self.pred_dim % self.pred_heads:
+            raise bad("pred_dim", f"divisible by pred_heads = {self.pred_heads}")
+        if self.pool not in POOLS:
+            raise bad("pool", f"one of {POOLS}")
+        if self.anti_collapse not in ANTI_COLLAPSE:
+            raise bad("anti_collapse", f"one of {ANTI_COLLAPSE}")
+        if not (self.sigreg_weight >= 0 and math.isfinite(self.sigreg_weight)):
+            raise bad("sigreg_weight", "a finite float >= 0")
+        if not (isinstance(self.sigreg_knots, int) and self.sigreg_knots >= 3):
+            raise bad("sigreg_knots", "an int >= 3")
+        if not 0.0 <= self.ema_momentum <= 1.0:
+            raise bad("ema_momentum", "in [0, 1]")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "WorldModelConfig":
+        """A preset (:data:`WM_PRESETS`: ``"demo"``, ``"lewm"``, ``"test"``) with field overrides."""
+        if name not in WM_PRESETS:
+            raise ValueError(f"WorldModelConfig.from_name: name must be one of {sorted(WM_PRESETS)}, got {name!r}")
+        return cls(**{**WM_PRESETS[name], **overrides})
+
+    def vit_config(self) -> ViTConfig:
+        return ViTConfig(img_size=self.img_size, patch_size=self.patch_size, in_chans=self.in_chans,
+                         embed_dim=self.enc_dim, depth=self.enc_depth, num_heads=self.enc_heads,
+                         mlp_ratio=self.mlp_ratio)
+
+
+WM_PRESETS: dict[str, dict] = {
+    # Trains on 2 CPU cores in a few minutes (64x64 grey frames, 64 patches).
+    "demo": dict(),
+    # Test-sized: 32x32 frames, 16 patches, one block each; trains in seconds.
+    "test": dict(img_size=32, enc_dim=32, enc_depth=1, enc_heads=2, embed_dim=16, pool="flat", pred_dim=32, pred_depth=2,
+                 pred_heads=2, sigreg_projections=64),
+    # LeWorldModel scale: 192-dim latent, history 3, a ViT-tiny-like encoder (~5.4M parameters) and a
+    # ~10.7M-parameter predictor.
+    "lewm": dict(enc_dim=192, enc_depth=12, enc_heads=3, embed_dim=192, history=3, pred_dim=384, pred_depth=6,
+                 pred_heads=6),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------------
+class FrameEncoder(nn.Module):
+    """``forward(obs [B, C, H, W]) -> z [B, embed_dim]``: ViT, pooling, projector.
+
+    Pooling "mean" averages the patch tokens; "flat" feeds every patch token to the projector (the
+    patch layout then reaches the latent directly, which small models learn much faster from).
+    The projector is Linear + BatchNorm (LeWorldModel's choice): the pooled ViT outputs of two frames
+    differ only in the few patches the mass covers, so without a per-dimension standardisation the
+    embeddings start nearly collapsed, where SIGReg's gradient vanishes. In eval mode BatchNorm is
+    a fixed affine map (running statistics).
+    """
+
+    def __init__(self, cfg: WorldModelConfig):
+        super().__init__()
+        self.vit = VisionTransformer(cfg.vit_config())
+        self.pool = cfg.pool
+        n_in = cfg.enc_dim * (cfg.vit_config().num_patches if cfg.pool == "flat" else 1)
+        self.proj = nn.Linear(n_in, cfg.embed_dim)
+        self.bn = nn.BatchNorm1d(cfg.embed_dim)
+        init_weights(self.proj)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        tokens = self.vit(obs)                                                   # [B, N, De]
+        pooled = tokens.flatten(1) if self.pool == "flat" else tokens.mean(dim=1)
+        return self.bn(self.proj(pooled))
+
+
+class ActionEncoder(nn.Module):
+    """``forward(a [..., A]) -> [..., pred_dim]``: a two-layer MLP (one token per action)."""
+
+    def __init__(self, action_dim: int, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(action_dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.net.apply(init_weights)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.net(a)
+
+
+class FrameCausalBlock(Block):
+    """A :class:`Block` whose attention is frame-causal over frames of ``frame_len = 2`` tokens."""
+
+    def forward(self, x: torch.Tensor, key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), frame_size=1, frame_extra_tokens=1)
+        return x + self.mlp(self.norm2(x))
+
+
+class LatentPredictor(nn.Module):
+    """``forward(z [B, T, D], a_tok [B, T, Dp]) -> z_next [B, T, D]`` for ``T <= history``."""
+
+    def __init__(self, cfg: WorldModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        Dp = cfg.pred_dim
+        self.embed = nn.Linear(cfg.embed_dim, Dp)
+        self.time_pos = nn.Parameter(torch.zeros(cfg.history, Dp))
+        self.type_embed = nn.Parameter(torch.zeros(2, Dp))        # 0: embedding token, 1: action token
+        self.blocks = nn.ModuleList(FrameCausalBlock(Dp, cfg.pred_heads, cfg.mlp_ratio) for _ in range(cfg.pred_depth))
+        self.norm = nn.LayerNorm(Dp, eps=1e-6)
+        self.out = nn.Linear(Dp, cfg.embed_dim)
+        self.apply(init_weights)
+        nn.init.trunc_normal_(self.time_pos, std=0.02)
+        nn.init.trunc_normal_(self.type_embed, std=0.02)
+        rescale_residual_weights(self.blocks)
+
+    def forward(self, z: torch.Tensor, a_tok: torch.Tensor) -> torch.Tensor:
+        B, T, _ = z.shape
+        pos = self.time_pos[:T].to(z.dtype)                                      # [T, Dp]
+        ze = self.embed(z) + pos + self.type_embed[0]                            # [B, T, Dp]
+        ae = a_tok + pos + self.type_embed[1]                                    # [B, T, Dp]
+        x = torch.stack([ze, ae], dim=2).reshape(B, 2 * T, -1)                   # [z_0, a_0, z_1, a_1, ...]
+        for block in self.blocks:
+            x = block(x)
+        return self.out(self.norm(x[:, 1::2]))                                   # action-token rows
+
+
+class WorldModel(nn.Module):
+    """Encoder + action encoder + frame-causal predictor. See the module docstring for the shapes."""
+
+    def __init__(self, cfg: WorldModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = FrameEncoder(cfg)
+        self.action_encoder = ActionEncoder(cfg.action_dim, cfg.pred_dim)
+        self.predictor = LatentPredictor(cfg)
+
+    # ---- validation
+    def _check(self, name: str, x: torch.Tensor, shape: tuple) -> None:
+        """shape entries: an int (must match) or None (any)."""
+        ok = x.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, x.shape))
+        if not ok:
+            want = ", ".join("*" if s is None else str(s) for s in shape)
+            raise ValueError(f"WorldModel: {name} must be [{want}], got {list(x.shape)}")
+
+    # ---- API
+    def encode(self, obs: torch.Tensor) -> torch.Tensor:
+        """obs [B, C, H, W] in [0, 1] -> z [B, D]."""
+        c = self.cfg
+        self._check("obs", obs, (None, c.in_chans, c.img_size, c.img_size))
+        return self.encoder(obs)
+
+    def encode_frames(self, obs: torch.Tensor) -> torch.Tensor:
+        """obs [B, T, C, H, W] -> z [B, T, D] (all frames in one encoder batch)."""
+        B, T = obs.shape[:2]
+        return self.encode(obs.flatten(0, 1)).view(B, T, -1)
+
+    def predict(self, z_hist: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced: z_hist [B, T, D], actions [B, T, A] -> z_next [B, T, D], T <= history.
+
+        ``z_next[:, t]`` predicts the embedding after ``actions[:, t]`` from frames ``<= t`` only.
+        """
+        c = self.cfg
+        self._check("z_hist", z_hist, (None, None, c.embed_dim))
+        B, T, _ = z_hist.shape
+        if not 1 <= T <= c.history:
+            raise ValueError(f"WorldModel.predict: z_hist must have 1 <= T <= history = {c.history} frames, got {T}")
+        self._check("actions", actions, (B, T, c.action_dim))
+        return self.predictor(z_hist, self.action_encoder(actions.to(z_hist.dtype)))
+
+    def rollout(self, z_hist: torch.Tensor, actions: torch.Tensor,
+                past_actions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Autoregressive latent rollout: z_hist [B, h, D], actions [B, H, A] -> z [B, H, D].
+
+        ``past_actions [B, h-1, A]`` are the actions taken between the history frames (zeros when
+        None). ``z[:, k]`` is the embedding after ``actions[:, k]``. The window keeps the last
+        ``history`` frames; the action tokens are encoded once for the whole sequence.
+        """
+        c = self.cfg
+        self._check("z_hist", z_hist, (None, None, c.embed_dim))
+        B, h, _ = z_hist.shape
+        if not 1 <= h <= c.history:
+            raise ValueError(f"WorldModel.rollout: z_hist must have 1 <= h <= history = {c.history} frames, got {h}")
+        self._check("actions", actions, (B, None, c.action_dim))
+        H = actions.shape[1]
+        if H < 1:
+            raise ValueError(f"WorldModel.rollout: actions must have a horizon H >= 1, got {H}")
+        if past_actions is None:
+            past_actions = actions.new_zeros(B, h - 1, c.action_dim)
+        self._check("past_actions", past_actions, (B, h - 1, c.action_dim))
+        a_tok = self.action_encoder(torch.cat([past_actions, actions], dim=1).to(z_hist.dtype))  # [B, h-1+H, Dp]
+        z_win, outs = z_hist, []
+        for k in range(H):
+            end = h + k                                         # frames so far: z_0 .. z_{end-1}
+            start = max(0, end - c.history)
+            z_next = self.predictor(z_win, a_tok[:, start:end])[:, -1]      # [B, D]
+            outs.append(z_next)
+            z_win = torch.cat([z_win, z_next[:, None]], dim=1)[:, -c.history:]
+        return torch.stack(outs, dim=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# SIGReg (LeJEPA): sketched isotropic Gaussian regularisation
+# --------------------------------------------------------------------------------------------------
+def sigreg(z: torch.Tensor, num_projections: int = 256, knots: int = 17, t_max: float = 3.0,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Epps-Pulley normality statistic of ``z [N, D]`` along random 1-D projections, averaged.
+
+    For each unit direction ``u`` (``num_projections`` of them, drawn fresh), ``x = z @ u`` is
+    compared with N(0, 1) through the characteristic function::
+
+        EP(x) = N * integral_{-t_max}^{t_max} |phi_x(t) - exp(-t^2/2)|^2 exp(-t^2/2) dt
+
+    with ``phi_x(t) = mean_n exp(i t x_n)`` (trapezoid rule on ``knots`` points over [0, t_max],
+    doubled by symmetry). It is O(1) for N(0, I) samples and grows with N when the embeddings
+    collapse or drift from zero mean / unit variance. Differentiable in ``z``.
+    """
+    if z.dim() != 2:
+        raise ValueError(f"sigreg: z must be [N, D], got {list(z.shape)}")
+    N, D = z.shape
+    u = torch.randn(D, num_projections, device=z.device, dtype=torch.float32, generator=generator)
+    u = u / u.norm(dim=0, keepdim=True)
+    x = z.float() @ u                                                        # [N, P]
+    t = torch.linspace(0.0, t_max, knots, device=z.device)                   # [K]
+    tx = x[:, :, None] * t                                                   # [N, P, K]
+    cos_m, sin_m = tx.cos().mean(0), tx.sin().mean(0)                        # [P, K]
+    gauss = torch.exp(-0.5 * t * t)                                          # [K]
+    err = ((cos_m - gauss) ** 2 + sin_m ** 2) * gauss                        # [P, K]
+    dt = t_max / (knots - 1)
+    w = torch.full((knots,), dt, device=z.device)
+    w[0] = w[-1] = dt / 2
+    return N * 2.0 * (err * w).sum(-1).mean()

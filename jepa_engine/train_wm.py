@@ -1,0 +1,286 @@
+"""Training the action-conditioned world model on trajectories of the built-in world.
+
+One step (``wm_step``) on a batch of B episodes of T steps (``TrajectoryStream``)::
+
+    z    = model.encode(obs)                                   # [B, T+1, D]  every frame
+    tgt  = z (SIGReg) | target_encoder(obs) (EMA, no grad)     # [B, T+1, D]
+    teacher forcing: every window of `history` frames, one pass
+         pred = model.predict(z[:, s:s+h], a[:, s:s+h])       -> tgt[:, s+1:s+h+1]
+    multi-step: open-loop latent rollout from the first `history` frames
+         roll = model.rollout(z[:, :h], a[:, h-1:h-1+R], past_actions=a[:, :h-1])  -> tgt[:, h:h+R]
+    loss = mse(pred) + rollout_weight * mse(roll) [+ sigreg_weight * SIGReg(z)]
+    backward; clip; AdamW (warm-up + cosine LR); EMA(target <- encoder) in "ema" mode
+
+Checkpoints go through :mod:`jepa_engine.checkpoint` (tensors ``model/``, ``target/``, ``optim/``;
+the resolved config in the JSON meta); :func:`load_world_model` reads one back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from jepa_engine import checkpoint as ckpt
+from jepa_engine.ema import EMA
+from jepa_engine.envs import TrajectoryStream, WorldConfig
+from jepa_engine.models.world_model import WorldModel, WorldModelConfig, sigreg
+
+
+@dataclass
+class WMTrainConfig:
+    model: str = "demo"                      # a WorldModelConfig preset ...
+    model_overrides: dict = field(default_factory=dict)   # ... with field overrides
+    world: str = "open"
+    world_overrides: dict = field(default_factory=dict)
+    policy: str = "mixed"                    # TrajectoryStream policy
+    batch_size: int = 32                     # episodes per step
+    rollout_steps: int = 4                   # R: open-loop steps of the multi-step loss
+    rollout_weight: float = 0.5
+    episode_len: int = 0                     # T; 0 = history - 1 + rollout_steps + 2
+    steps: int = 1000
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup: int = 50
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 250
+    keep_last: int = 2
+    log_every: int = 25
+    max_minutes: float = 0.0                 # wall-clock budget; 0 = none
+
+    def __post_init__(self) -> None:
+        def bad(name: str, expected: str) -> ValueError:
+            return ValueError(f"WMTrainConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+
+        for name in ("batch_size", "rollout_steps", "steps", "checkpoint_every", "keep_last", "log_every"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise bad(name, "an int >= 1")
+        if not (isinstance(self.episode_len, int) and self.episode_len >= 0):
+            raise bad("episode_len", "an int >= 0")
+        for name in ("lr", "min_lr", "rollout_weight", "weight_decay", "grad_clip", "max_minutes"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+                raise bad(name, "a finite float >= 0")
+        if not self.lr > 0:
+            raise bad("lr", "> 0")
+        self.model_config()  # validates model / model_overrides
+        need = self.model_config().history - 1 + self.rollout_steps
+        if self.episode_len and self.episode_len < max(need, self.model_config().history):
+            raise bad("episode_len", f">= max(history - 1 + rollout_steps, history) = "
+                      f"{max(need, self.model_config().history)} (or 0)")
+
+    # ---- derived configs
+    def model_config(self) -> WorldModelConfig:
+        return WorldModelConfig.from_name(self.model, **self.model_overrides)
+
+    def world_config(self) -> WorldConfig:
+        m = self.model_config()
+        return WorldConfig.from_name(self.world, **{**self.world_overrides, "image_size": m.img_size,
+                                                    "channels": m.in_chans})
+
+    def resolved_episode_len(self) -> int:
+        return self.episode_len or self.model_config().history - 1 + self.rollout_steps + 2
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    # ---- presets and serialisation
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "WMTrainConfig":
+        if name not in WM_TRAIN_PRESETS:
+            raise ValueError(f"WMTrainConfig.from_name: name must be one of {sorted(WM_TRAIN_PRESETS)}, got {name!r}")
+        return cls(**{**WM_TRAIN_PRESETS[name], **overrides})
+
+    @classmethod
+    def load(cls, name_or_file: str, **overrides: Any) -> "WMTrainConfig":
+        """A preset name or a JSON file."""
+        if name_or_file in WM_TRAIN_PRESETS:
+            return cls.from_name(name_or_file, **overrides)
+        if not Path(name_or_file).is_file():
+            raise ValueError(f"WMTrainConfig.load: config must be a preset {sorted(WM_TRAIN_PRESETS)} or a JSON "
+                             f"file, got {name_or_file!r}")
+        return dataclasses.replace(cls.from_dict(json.loads(Path(name_or_file).read_text())), **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "WMTrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"WMTrainConfig.from_dict: unknown fields {unknown}, expected a subset of {sorted(known)}")
+        return cls(**data)
+
+
+WM_TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # 2 CPU cores, a few minutes.
+    "demo": dict(model="demo", batch_size=32, steps=600, lr=2e-3, warmup=30, max_minutes=5.0, device="auto"),
+    # Seconds: the tests' model.
+    "test": dict(model="test", batch_size=32, steps=150, lr=3e-3, warmup=10, checkpoint_every=1000, log_every=50,
+                 device="cpu"),
+    # One GPU.
+    "lewm": dict(model="lewm", batch_size=128, steps=20_000, lr=5e-4, warmup=1_000, checkpoint_every=2_000,
+                 log_every=100),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# One step
+# --------------------------------------------------------------------------------------------------
+def _windows(x: torch.Tensor, h: int) -> torch.Tensor:
+    """Every window of h consecutive steps: x [B, T, F] -> [B * (T - h + 1), h, F]."""
+    B, T, Fd = x.shape
+    return x.unfold(1, h, 1).permute(0, 1, 3, 2).reshape(B * (T - h + 1), h, Fd)
+
+
+def wm_losses(model: WorldModel, obs: torch.Tensor, actions: torch.Tensor, cfg: WMTrainConfig,
+              target_encoder: Optional[torch.nn.Module] = None) -> dict[str, torch.Tensor]:
+    """The loss terms of one batch: obs [B, T+1, C, H, W], actions [B, T, A]. Keys: loss, teacher,
+    rollout, sigreg (0 in "ema" mode), z_std (the embeddings' mean per-dimension std, a collapse monitor)."""
+    mc = model.cfg
+    h, R = mc.history, cfg.rollout_steps
+    B, T1 = obs.shape[:2]
+    T = T1 - 1
+    z = model.encode_frames(obs)                                      # [B, T+1, D]
+    if mc.anti_collapse == "ema":
+        if target_encoder is None:
+            raise ValueError("wm_losses: anti_collapse 'ema' needs target_encoder")
+        with torch.no_grad():
+            tgt = target_encoder(obs.flatten(0, 1)).view(B, T1, -1)
+    else:
+        tgt = z
+    hw = min(h, T)
+    pred = model.predict(_windows(z[:, :T], hw), _windows(actions, hw))
+    teacher = F.mse_loss(pred, _windows(tgt[:, 1:], hw))
+    roll = model.rollout(z[:, :h], actions[:, h - 1:h - 1 + R], past_actions=actions[:, :h - 1])
+    rollout = F.mse_loss(roll, tgt[:, h:h + R])
+    loss = teacher + cfg.rollout_weight * rollout
+    zf = z.flatten(0, 1)
+    sig = torch.zeros((), device=z.device)
+    if mc.anti_collapse == "sigreg":
+        sig = sigreg(zf, mc.sigreg_projections, mc.sigreg_knots)
+        loss = loss + mc.sigreg_weight * sig
+    return {"loss": loss, "total": loss.detach(), "teacher": teacher.detach(), "rollout": rollout.detach(), "sigreg": sig.detach(),
+            "z_std": zf.detach().std(0).mean()}
+
+
+def lr_at(cfg: WMTrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+# --------------------------------------------------------------------------------------------------
+# Build, train, load
+# --------------------------------------------------------------------------------------------------
+def build_world_model(cfg: WMTrainConfig, device) -> tuple[WorldModel, Optional[EMA]]:
+    torch.manual_seed(cfg.seed)
+    model = WorldModel(cfg.model_config()).to(device)
+    ema = None
+    if model.cfg.anti_collapse == "ema":
+        ema = EMA.from_model(model.encoder, momentum=model.cfg.ema_momentum, schedule="linear",
+                             end_momentum=1.0, total_steps=cfg.steps)
+    return model, ema
+
+
+def train_world_model(cfg: WMTrainConfig, out_dir: Union[str, os.PathLike, None] = None,
+                      log: Optional[Callable[[str], None]] = print) -> dict:
+    """Train ``cfg``; writes config.json, metrics.jsonl and checkpoints to ``out_dir`` (None: nothing).
+
+    Returns a summary: steps done, seconds, loss history ``[(step, loss, teacher, rollout, sigreg, z_std)]``,
+    the last checkpoint path and the model (``summary["model"]``, in eval mode).
+    """
+    device = cfg.resolved_device()
+    model, ema = build_world_model(cfg, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    stream = iter(TrajectoryStream(cfg.world_config(), cfg.batch_size, cfg.resolved_episode_len(),
+                                   policy=cfg.policy, seed=cfg.seed, device=device))
+    out = Path(out_dir) if out_dir is not None else None
+    metrics = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+        metrics = open(out / "metrics.jsonl", "a")
+    history, last_ckpt, saved_at, t0, done = [], None, -1, time.perf_counter(), 0
+    model.train()
+    try:
+        for step in range(cfg.steps):
+            if cfg.max_minutes and time.perf_counter() - t0 > 60 * cfg.max_minutes:
+                break
+            batch = next(stream)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, step)
+            terms = wm_losses(model, batch["obs"], batch["actions"], cfg, ema.module if ema else None)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            if ema is not None:
+                ema.step()
+            done = step + 1
+            if step % cfg.log_every == 0 or done == cfg.steps:
+                row = [step] + [float(terms[k]) for k in ("total", "teacher", "rollout", "sigreg", "z_std")]
+                if not math.isfinite(row[1]):
+                    raise FloatingPointError(f"train_world_model: loss became {row[1]} at step {step}")
+                history.append(tuple(row))
+                if metrics is not None:
+                    metrics.write(json.dumps(dict(zip(("step", "loss", "teacher", "rollout", "sigreg", "z_std"),
+                                                      row))) + "\n")
+                    metrics.flush()
+                if log:
+                    log(f"step {step:5d}  loss {row[1]:.4f}  teacher {row[2]:.4f}  rollout {row[3]:.4f}  "
+                        f"sigreg {row[4]:.3f}  z_std {row[5]:.3f}  ({time.perf_counter() - t0:.0f} s)")
+            if out is not None and done % cfg.checkpoint_every == 0:
+                last_ckpt, saved_at = save_world_model(out, done, model, cfg, opt, ema), done
+        if out is not None and saved_at != done:
+            last_ckpt = save_world_model(out, done, model, cfg, opt, ema)
+    finally:
+        if metrics is not None:
+            metrics.close()
+    model.eval()
+    return {"steps": done, "seconds": time.perf_counter() - t0, "losses": history,
+            "checkpoint": str(last_ckpt) if last_ckpt else None, "model": model}
+
+
+def save_world_model(out_dir: Union[str, os.PathLike], step: int, model: WorldModel, cfg: WMTrainConfig,
+                     optimizer: Optional[torch.optim.Optimizer] = None, ema: Optional[EMA] = None) -> Path:
+    tensors = ckpt.module_tensors(model, "model/")
+    meta: dict[str, Any] = {"kind": "world_model", "config": cfg.to_dict(), "model_config": model.cfg.to_dict()}
+    if ema is not None:
+        tensors.update(ckpt.module_tensors(ema.module, "target/"))
+        meta["ema"] = ema.state_dict()
+    if optimizer is not None:
+        ot, om = ckpt.optimizer_state(optimizer)
+        tensors.update(ot)
+        meta["optim"] = om
+    return ckpt.save_checkpoint(out_dir, step, tensors, meta, keep_last=cfg.keep_last)
+
+
+def load_world_model(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"
+                     ) -> tuple[WorldModel, WMTrainConfig]:
+    """A trained world model (eval mode) and its training config from a checkpoint file or run folder."""
+    tensors, meta = ckpt.load_checkpoint(path, device=device)
+    if meta.get("kind") != "world_model":
+        raise ckpt.CheckpointError(f"load_world_model: {path} must be a world-model checkpoint (meta kind "
+                                   f"'world_model'), got {meta.get('kind')!r}")
+    cfg = WMTrainConfig.from_dict(meta["config"])
+    model = WorldModel(WorldModelConfig.from_dict(meta["model_config"])).to(device)
+    ckpt.load_module_tensors(model, tensors, "model/")
+    model.eval()
+    return model, cfg
