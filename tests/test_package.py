@@ -25,3 +25,11 @@ def test_kernels_resolve_from_any_directory():
 def test_cli_help():
     proc = subprocess.run([sys.executable, "-m", "jepa_engine", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "demo" in proc.stdout
+
+
+def test_selfcheck_passes_for_every_op(capsys):
+    from jepa_engine import selfcheck
+
+    assert selfcheck.run() == 0
+    out = capsys.readouterr().out
+    assert out.count(" ok") == len(selfcheck.CHECKS), out
