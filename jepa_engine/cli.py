@@ -101,6 +101,61 @@ def _demo(args: argparse.Namespace) -> int:
     return _selfcheck(args) or (0 if ok else 1)
 
 
+def _train_wm(args: argparse.Namespace) -> int:
+    from jepa_engine.train_wm import WMTrainConfig, train_world_model
+
+    overrides = {k: v for k, v in (("steps", args.steps), ("device", args.device)) if v is not None}
+    try:
+        cfg = WMTrainConfig.load(args.config, **overrides)
+    except ValueError as e:
+        print(f"jepa-engine train-wm: {e}", file=sys.stderr)
+        return 2
+    summary = train_world_model(cfg, args.out)
+    print(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s; checkpoint {summary['checkpoint']}")
+    if not args.no_report:
+        _physics_report(summary["model"], cfg.world_config())
+    return 0
+
+
+def _physics_report(model, world) -> None:
+    from jepa_engine.surprise import impossible_trajectories, physics_probe, surprise
+
+    print(f"physics probe (embeddings): {physics_probe(model, world, n_train=1024, n_test=512).summary()}")
+    kinds = ("teleport", "wall") if world.layout == "two_rooms" else ("teleport",)
+    for kind in kinds:
+        d = impossible_trajectories(world, 64, 8, kind=kind, seed=7)
+        e = d["event_step"]
+        normal = surprise(model, d["obs"], d["actions"])[:, e]
+        odd = surprise(model, d["obs_impossible"], d["actions"])[:, e]
+        print(f"surprise at a {kind}: {odd.mean():.3f} vs {normal.mean():.3f} on the same normal transition "
+              f"(x{odd.mean() / normal.mean():.1f}; higher in {(odd > normal).float().mean():.0%} of 64 episodes)")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from jepa_engine.checkpoint import CheckpointError
+    from jepa_engine.planning import MPC, MPCConfig
+    from jepa_engine.train_wm import load_world_model
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        model, cfg = load_world_model(args.checkpoint, device=device)
+        mpc_cfg = MPCConfig(planner=args.planner, horizon=args.horizon, samples=args.samples,
+                            iterations=args.iterations, elites=args.elites, cost=args.cost, reduce=args.reduce,
+                            max_steps=args.max_steps, seed=args.seed)
+    except (CheckpointError, ValueError) as e:
+        print(f"jepa-engine plan: {e}", file=sys.stderr)
+        return 2
+    world = cfg.world_config()
+    print(f"MPC in the {world.layout!r} world: {args.planner}, N={args.samples} x I={args.iterations} x "
+          f"H={args.horizon} (K={args.elites}), {args.episodes} episodes of <= {args.max_steps} steps, "
+          f"{args.num_envs} env(s) per plan, {device}", flush=True)
+    result = MPC(model, world, mpc_cfg, device=device).run(args.episodes, num_envs=args.num_envs)
+    print(result.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jepa-engine", description="Fused Triton kernels and a fast JEPA engine.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -114,6 +169,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", help="override the device (cpu, cuda, cuda:1)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     train.set_defaults(func=_train)
+    twm = sub.add_parser("train-wm", help="train the action-conditioned world model (preset or JSON config)")
+    twm.add_argument("--config", default="demo", help="a preset name (demo, test, lewm) or a JSON file")
+    twm.add_argument("--out", default=os.path.join("runs", "wm"), help="run folder (default: runs/wm)")
+    twm.add_argument("--steps", type=int, help="override the number of steps")
+    twm.add_argument("--device", help="override the device (cpu, cuda, cuda:1)")
+    twm.add_argument("--no-report", action="store_true", help="skip the physics probe / surprise report")
+    twm.set_defaults(func=_train_wm)
+    plan = sub.add_parser("plan", help="MPC in the built-in world with a trained world model")
+    plan.add_argument("--checkpoint", required=True, help="a world-model checkpoint (JSON file) or run folder")
+    plan.add_argument("--planner", default="cem", choices=("cem", "mppi", "gradient"))
+    plan.add_argument("--episodes", type=int, default=8)
+    plan.add_argument("--num-envs", type=int, default=1, help="episodes planned at once (batched)")
+    plan.add_argument("--samples", type=int, default=300)
+    plan.add_argument("--iterations", type=int, default=30)
+    plan.add_argument("--elites", type=int, default=30)
+    plan.add_argument("--horizon", type=int, default=5)
+    plan.add_argument("--cost", default="l2", choices=("l1", "l2"))
+    plan.add_argument("--reduce", default="final", choices=("final", "sum"))
+    plan.add_argument("--max-steps", type=int, default=60)
+    plan.add_argument("--seed", type=int, default=0)
+    plan.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    plan.set_defaults(func=_plan)
     sub.add_parser("audit", help="compile every kernel for sm_90a/sm_80, print registers/spills/smem").set_defaults(
         func=_audit)
     sub.add_parser("selfcheck", help="each kernel against its PyTorch reference").set_defaults(func=_selfcheck)

@@ -101,7 +101,7 @@ class WorldModelConfig(ConfigIO):
 
 WM_PRESETS: dict[str, dict] = {
     # Trains on 2 CPU cores in a few minutes (64x64 grey frames, 64 patches).
-    "demo": dict(),
+    "demo": dict(pool="flat"),
     # Test-sized: 32x32 frames, 16 patches, one block each; trains in seconds.
     "test": dict(img_size=32, enc_dim=32, enc_depth=1, enc_heads=2, embed_dim=16, pool="flat", pred_dim=32, pred_depth=2,
                  pred_heads=2, sigreg_projections=64),
