@@ -1,0 +1,429 @@
+"""accelerate / restore: patched models against the unpatched ones (outputs and every gradient), for a
+real timm ViT, an I-JEPA-style attention tree and an SDPA-calling module; masks, fallbacks, restore,
+idempotence, the report, the timm EMA helper, torch.compile(fullgraph=True) and torch.export on CPU."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import glob
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import jepa_engine
+from jepa_engine.accelerator import patch_model_ema, to_key_padding
+from jepa_engine.kernels import use_backend
+from tests.helpers import assert_close, needs_triton
+
+# Gradients sum over every query/key of a row: twice the output's tolerance (as the kernel tests).
+GRAD_SCALE = 2.0
+BACKENDS = ["reference", pytest.param("triton", marks=needs_triton)]
+
+
+# --------------------------------------------------------------------------------------------------
+# timm, importable on a CPU-only torch
+# --------------------------------------------------------------------------------------------------
+def _import_timm():
+    """Import timm, or skip (visibly) when it is not installed (``make install`` installs it).
+
+    timm imports torchvision at import time. The torchvision wheel built for our torch is a CUDA build
+    whose C extension cannot load against the CPU torch; its Python part then works, except that it
+    registers fake kernels for ``torchvision::nms``/``qnms`` without checking the extension loaded.
+    Declaring those two schemas first lets it import; no torchvision op is ever run by these tests.
+    """
+    spec = importlib.util.find_spec("torchvision")
+    if spec is not None and spec.origin:
+        libs = glob.glob(os.path.join(os.path.dirname(spec.origin), "_C*.so"))
+        try:
+            torch.ops.load_library(libs[0])
+        except (IndexError, OSError):
+            for op in ("nms", "qnms"):
+                try:
+                    getattr(torch.ops.torchvision, op)
+                except (AttributeError, RuntimeError):
+                    torch.library.define(f"torchvision::{op}",
+                                         "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    return pytest.importorskip("timm", reason="timm is not installed (make install adds it)")
+
+
+def tiny_timm_vit(seed=0):
+    timm = _import_timm()
+    torch.manual_seed(seed)
+    # 32 px / 8 px patches + class token = 17 tokens; 64 wide, 2 heads of 32; qk-norm on.
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
+                             depth=2, num_heads=2, num_classes=5, qk_norm=True).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Module trees written here: the I-JEPA ViT attention, an SDPA-calling attention, unrecognised ones
+# --------------------------------------------------------------------------------------------------
+class IJepaAttention(nn.Module):
+    """The plain ViT attention of the I-JEPA code: returns ``(x, attn)``; ``mask`` is key padding."""
+
+    def __init__(self, dim, num_heads=2, qkv_bias=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x, mask=None):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        if mask is not None:
+            attn = attn.masked_fill(~mask[:, None, None, :], float("-inf"))
+        attn = attn.softmax(dim=-1)
+        attn = self.attn_drop(attn)
+        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        x = self.proj_drop(self.proj(x))
+        return x, attn
+
+
+class SdpaAttention(nn.Module):
+    """V-JEPA 2 style: a forward of its own (here a rotation of q/k) that calls SDPA with a mask."""
+
+    def __init__(self, dim, num_heads=2):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, attn_mask=None):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
+        q, k = q.roll(1, dims=-1), k.roll(1, dims=-1)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Block(nn.Module):
+    def __init__(self, attn, dim):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), attn
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x, mask=None):
+        y = self.attn(self.norm1(x), mask)
+        if isinstance(y, tuple):
+            y = y[0]
+        x = x + y
+        return x + self.mlp(x)
+
+
+class Tree(nn.Module):
+    def __init__(self, make_attn, dim=64, depth=2, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.blocks = nn.ModuleList(Block(make_attn(dim), dim) for _ in range(depth))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x, mask=None):
+        for blk in self.blocks:
+            x = blk(x, mask)
+        return self.head(x)
+
+
+class ManualAttention(nn.Module):
+    """Attention-like, but neither recognised form: left alone and listed."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), -1) @ self.v(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+def _run(model, inputs, *args):
+    """Output and the gradients of every parameter and of the input (sum of the output times a fixed
+    random cotangent)."""
+    x = inputs.detach().clone().requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    out = model(x, *args)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (out * g).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), x.grad.clone(), grads
+
+
+def _compare(patched, plain, inputs, *args, backend="reference"):
+    ctx = use_backend(backend) if backend else contextlib.nullcontext()
+    with ctx:
+        out, gx, grads = _run(patched, inputs, *args)
+    ref_out, ref_gx, ref_grads = _run(plain, inputs, *args)
+    assert_close(out, ref_out, what="output")
+    assert_close(gx, ref_gx, what="input grad", scale=GRAD_SCALE)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        assert_close(grads[n], ref_grads[n], what=f"grad {n}", scale=GRAD_SCALE)
+
+
+def _key_padding(B, N, seed=0):
+    kp = torch.rand(B, N, generator=torch.Generator().manual_seed(seed)) < 0.7
+    kp[:, 0] = True  # every sample sees a key (SDPA gives NaN for fully masked rows; we give 0)
+    return kp
+
+
+# --------------------------------------------------------------------------------------------------
+# timm ViT
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_timm_vit_matches_unpatched(backend):
+    plain = tiny_timm_vit()
+    model = copy.deepcopy(plain)
+    report = jepa_engine.accelerate(model)
+    assert [e.name for e in report.patched] == ["blocks.0.attn", "blocks.1.attn"]
+    assert {e.kind for e in report.patched} == {"timm"}
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    _compare(model, plain, x, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_timm_attention_key_padding_masks(backend):
+    """timm's attn_mask in SDPA form (bool [B, 1, 1, N], additive) and our [B, N] key padding."""
+    plain = tiny_timm_vit().blocks[0].attn
+    attn = copy.deepcopy(plain)
+    jepa_engine.accelerate(attn)
+    B, N = 3, 17
+    x = torch.randn(B, N, 64, generator=torch.Generator().manual_seed(2))
+    kp = _key_padding(B, N)
+    additive = torch.zeros(B, 1, 1, N).masked_fill(~kp[:, None, None, :], float("-inf"))
+    _compare(attn, plain, x, kp[:, None, None, :], backend=backend)
+    _compare(attn, plain, x, additive, backend=backend)
+    with use_backend(backend):
+        out = attn(x, kp)  # [B, N] key padding: our user format
+    assert_close(out, plain(x, kp[:, None, None, :]), what="[B, N] key padding")
+
+
+def test_timm_fallbacks_keep_results():
+    """A mask that is not key padding, and is_causal, run timm's own forward: same results."""
+    plain = tiny_timm_vit().blocks[0].attn
+    attn = copy.deepcopy(plain)
+    jepa_engine.accelerate(attn)
+    B, N = 2, 17
+    x = torch.randn(B, N, 64)
+    full = torch.rand(B, 1, N, N, generator=torch.Generator().manual_seed(3)) < 0.7
+    full[..., 0] = True
+    assert_close(attn(x, full), plain(x, full), what="full mask")
+    assert_close(attn(x, is_causal=True), plain(x, is_causal=True), what="is_causal")
+    with pytest.raises(ValueError, match="not expressible as key padding"):
+        to_key_padding(full, B, N, N)
+
+
+# --------------------------------------------------------------------------------------------------
+# I-JEPA-style and SDPA-calling trees
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_ijepa_tree_matches_unpatched(backend, masked):
+    plain = Tree(IJepaAttention)
+    model = copy.deepcopy(plain)
+    report = jepa_engine.accelerate(model)
+    assert [(e.name, e.kind) for e in report.patched] == [("blocks.0.attn", "ijepa"), ("blocks.1.attn", "ijepa")]
+    x = torch.randn(2, 19, 64, generator=torch.Generator().manual_seed(4))
+    args = (_key_padding(2, 19),) if masked else ()
+    _compare(model, plain, x, *args, backend=backend)
+
+
+def test_ijepa_attention_weights():
+    """The fused path returns None for the weights; need_weights=True runs the original forward."""
+    plain = IJepaAttention(64)
+    attn = copy.deepcopy(plain)
+    jepa_engine.accelerate(attn)
+    x = torch.randn(2, 9, 64)
+    out, weights = attn(x)
+    assert weights is None
+    out2, weights2 = attn(x, need_weights=True)
+    ref, ref_weights = plain(x)
+    assert_close(out, ref)
+    assert_close(out2, ref)
+    assert_close(weights2, ref_weights)
+
+
+def test_index_list_masks():
+    """I-JEPA ``masks`` (lists of kept indices) become the key padding of their union."""
+    idx = [torch.tensor([[0, 2], [1, 3]]), torch.tensor([[2, 5], [4, 4]])]
+    kp = to_key_padding(idx, 2, 6, 6)
+    expected = torch.tensor([[1, 0, 1, 0, 0, 1], [0, 1, 0, 1, 1, 0]], dtype=torch.bool)
+    assert torch.equal(kp, expected)
+    plain = IJepaAttention(64)
+    attn = copy.deepcopy(plain)
+    jepa_engine.accelerate(attn)
+    x = torch.randn(2, 6, 64)
+    assert_close(attn(x, idx)[0], plain(x, expected)[0], what="index-list mask")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask", ["none", "bool", "bool_full", "additive", "not_key_padding"])
+def test_sdpa_module_matches_unpatched(backend, mask):
+    plain = Tree(SdpaAttention)
+    model = copy.deepcopy(plain)
+    report = jepa_engine.accelerate(model)
+    assert [(e.name, e.kind) for e in report.patched] == [("blocks.0.attn", "sdpa"), ("blocks.1.attn", "sdpa")]
+    B, N = 2, 13
+    kp = _key_padding(B, N, seed=5)
+    masks = {
+        "none": None,
+        "bool": kp[:, None, None, :],
+        "bool_full": kp[:, None, None, :].expand(B, 2, N, N),  # key padding written out in full
+        "additive": torch.zeros(B, 1, 1, N).masked_fill(~kp[:, None, None, :], float("-inf")),
+        "not_key_padding": torch.ones(N, N, dtype=torch.bool).tril(),  # falls back to SDPA
+    }
+    x = torch.randn(B, N, 64, generator=torch.Generator().manual_seed(6))
+    args = () if masks[mask] is None else (masks[mask],)
+    _compare(model, plain, x, *args, backend=backend)
+
+
+# --------------------------------------------------------------------------------------------------
+# Report, idempotence, restore
+# --------------------------------------------------------------------------------------------------
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ijepa = IJepaAttention(64)
+        self.sdpa = SdpaAttention(64)
+        self.manual = ManualAttention(64)
+        self.mha = nn.MultiheadAttention(64, 2, batch_first=True)
+        self.odd = IJepaAttention(48, num_heads=2)  # head dim 24: not a kernel head dim
+
+
+def test_report_lists_skipped_and_accelerate_twice_is_noop():
+    model = Mixed()
+    report = jepa_engine.accelerate(model)
+    assert {e.name: e.kind for e in report.patched} == {"ijepa": "ijepa", "sdpa": "sdpa"}
+    skipped = {e.name: e.reason for e in report.skipped}
+    assert set(skipped) == {"manual", "mha", "odd"}
+    assert "head dim 24" in skipped["odd"]
+    assert "MultiheadAttention" in skipped["mha"]
+    assert "unrecognised" in skipped["manual"]
+    assert "skipped" in str(report)
+    forwards = {n: m.__dict__.get("forward") for n, m in model.named_modules()}
+    again = jepa_engine.accelerate(model)
+    assert again.patched == [] and {e.name for e in again.already} == {"ijepa", "sdpa"}
+    assert {n: m.__dict__.get("forward") for n, m in model.named_modules()} == forwards
+
+
+def test_restore_gives_back_the_original_modules():
+    model = Mixed()
+    modules = dict(model.named_modules())
+    params = {n: p for n, p in model.named_parameters()}
+    dicts = {n: set(m.__dict__) for n, m in modules.items()}
+    keys = list(model.state_dict())
+    jepa_engine.accelerate(model)
+    # Same modules, same parameter tensors, same state_dict keys while patched.
+    assert dict(model.named_modules()) == modules
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert list(model.state_dict()) == keys
+    jepa_engine.restore(model)
+    assert dict(model.named_modules()) == modules
+    assert {n: set(m.__dict__) for n, m in model.named_modules()} == dicts
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    jepa_engine.restore(model)  # idempotent
+
+
+def test_fused_attn_flag_restored():
+    timm = _import_timm()
+    attn = timm.layers.Attention(64, num_heads=2)
+    attn.fused_attn = False
+    # Recognised as timm's Attention (its forward is replaced whole): the flag is not touched.
+    assert jepa_engine.accelerate(attn).patched[0].kind == "timm"
+    assert attn.fused_attn is False
+    jepa_engine.restore(attn)
+    assert "forward" not in attn.__dict__
+
+
+# --------------------------------------------------------------------------------------------------
+# EMA
+# --------------------------------------------------------------------------------------------------
+def test_timm_model_ema_v3_patched_matches_and_restores():
+    timm = _import_timm()
+    from timm.utils import ModelEmaV3
+
+    online = Tree(IJepaAttention)
+    online.register_buffer("running", torch.randn(4))
+    ema_a = ModelEmaV3(online, decay=0.9)
+    ema_b = ModelEmaV3(online, decay=0.9)
+    report = jepa_engine.accelerate(online, ema=ema_b)
+    assert "one-launch" in report.ema
+    for step in range(3):
+        with torch.no_grad():
+            for p in online.parameters():
+                p.add_(torch.randn_like(p))
+            online.running.mul_(2.0)
+        ema_a.update(online, step=step + 5)
+        ema_b.update(online, step=step + 5)
+    for (n, a), b in zip(ema_a.module.state_dict().items(), ema_b.module.state_dict().values()):
+        assert_close(b, a, what=n)
+    jepa_engine.restore(online)
+    assert "update" not in vars(ema_b)
+    assert timm is not None
+
+
+def test_ema_with_any_same_structure_pair():
+    """jepa_engine.EMA on a hand-made pair (the loop it replaces: p_t = m p_t + (1 - m) p_o)."""
+    online, target = Tree(IJepaAttention, seed=0), Tree(IJepaAttention, seed=1)
+    target.requires_grad_(False)
+    expected = [0.99 * t + 0.01 * o for t, o in zip(target.parameters(), online.parameters())]
+    jepa_engine.EMA(online, target, momentum=0.99).step()
+    for e, t in zip(expected, target.parameters()):
+        assert_close(t, e)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.compile and torch.export on CPU
+# --------------------------------------------------------------------------------------------------
+def test_compile_fullgraph_patched_timm_vit():
+    plain = tiny_timm_vit()
+    model = copy.deepcopy(plain)
+    jepa_engine.accelerate(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 32, 32)
+    with use_backend("reference"):
+        out = compiled(x)
+        out.sum().backward()
+    assert_close(out, plain(x), what="compiled output")
+    assert model.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_compile_fullgraph_sdpa_and_ijepa_with_masks():
+    for make, mask in ((SdpaAttention, _key_padding(2, 13)[:, None, None, :]), (IJepaAttention, _key_padding(2, 13))):
+        plain = Tree(make)
+        model = copy.deepcopy(plain)
+        jepa_engine.accelerate(model)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        x = torch.randn(2, 13, 64)
+        with use_backend("reference"):
+            out = compiled(x, mask)
+        assert_close(out, plain(x, mask), what=f"compiled {make.__name__}")
+
+
+def test_export_patched_models():
+    plain = tiny_timm_vit()
+    model = copy.deepcopy(plain)
+    jepa_engine.accelerate(model)
+    x = torch.randn(2, 3, 32, 32)
+    with use_backend("reference"):
+        ep = torch.export.export(model, (x,))
+        out = ep.module()(x)
+    assert "jepa_engine.masked_attention" in str(ep.graph_module.code)
+    assert_close(out, plain(x), what="exported output")
+    tree = Tree(SdpaAttention)
+    jepa_engine.accelerate(tree)
+    kp = _key_padding(2, 13)[:, None, None, :]
+    xt = torch.randn(2, 13, 64)
+    with use_backend("reference"):
+        ep = torch.export.export(tree, (xt, kp))
+        assert_close(ep.module()(xt, kp), tree(xt, kp), what="exported sdpa tree")
