@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import glob
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -18,6 +15,7 @@ import jepa_engine
 from jepa_engine.accelerator import patch_model_ema, to_key_padding
 from jepa_engine.kernels import use_backend
 from tests.helpers import assert_close, needs_triton
+from tests.timm_compat import import_timm
 
 # Gradients sum over every query/key of a row: twice the output's tolerance (as the kernel tests).
 GRAD_SCALE = 2.0
@@ -28,26 +26,12 @@ BACKENDS = ["reference", pytest.param("triton", marks=needs_triton)]
 # timm, importable on a CPU-only torch
 # --------------------------------------------------------------------------------------------------
 def _import_timm():
-    """Import timm, or skip (visibly) when it is not installed (``make install`` installs it).
-
-    timm imports torchvision at import time. The torchvision wheel built for our torch is a CUDA build
-    whose C extension cannot load against the CPU torch; its Python part then works, except that it
-    registers fake kernels for ``torchvision::nms``/``qnms`` without checking the extension loaded.
-    Declaring those two schemas first lets it import; no torchvision op is ever run by these tests.
-    """
-    spec = importlib.util.find_spec("torchvision")
-    if spec is not None and spec.origin:
-        libs = glob.glob(os.path.join(os.path.dirname(spec.origin), "_C*.so"))
-        try:
-            torch.ops.load_library(libs[0])
-        except (IndexError, OSError):
-            for op in ("nms", "qnms"):
-                try:
-                    getattr(torch.ops.torchvision, op)
-                except (AttributeError, RuntimeError):
-                    torch.library.define(f"torchvision::{op}",
-                                         "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    return pytest.importorskip("timm", reason="timm is not installed (make install adds it)")
+    """timm (see tests/timm_compat.py), or a visible skip when it is not installed (``make install``
+    installs it)."""
+    timm = import_timm()
+    if timm is None:
+        pytest.skip("timm/torchvision are not installed (make install adds them)")
+    return timm
 
 
 def tiny_timm_vit(seed=0):
