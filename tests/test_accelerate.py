@@ -382,7 +382,10 @@ def test_compile_fullgraph_patched_timm_vit():
 
 
 def test_compile_fullgraph_sdpa_and_ijepa_with_masks():
-    for make, mask in ((SdpaAttention, _key_padding(2, 13)[:, None, None, :]), (IJepaAttention, _key_padding(2, 13))):
+    kp = _key_padding(2, 13)
+    additive = torch.zeros(2, 1, 1, 13).masked_fill(~kp[:, None, None, :], float("-inf"))
+    # An additive mask is not inspected under compile (compile_safe): SDPA runs it, still one graph.
+    for make, mask in ((SdpaAttention, kp[:, None, None, :]), (SdpaAttention, additive), (IJepaAttention, kp)):
         plain = Tree(make)
         model = copy.deepcopy(plain)
         jepa_engine.accelerate(model)
