@@ -414,3 +414,20 @@ def test_export_patched_models():
     with use_backend("reference"):
         ep = torch.export.export(tree, (xt, kp))
         assert_close(ep.module()(xt, kp), tree(xt, kp), what="exported sdpa tree")
+
+
+def test_sdpa_flag_set_and_restored_and_deepcopy():
+    """A module choosing SDPA by a flag (V-JEPA's use_sdpa) takes the SDPA path while patched; a deep
+    copy of a patched model (e.g. an EMA target made after accelerate) is patched and restorable."""
+    attn = SdpaAttention(64)
+    attn.use_sdpa = False
+    jepa_engine.accelerate(attn)
+    assert attn.use_sdpa is True
+    twin = copy.deepcopy(attn)
+    x = torch.randn(2, 5, 64)
+    assert twin.forward.__self__ is twin
+    assert_close(twin(x), attn(x))
+    jepa_engine.restore(attn)
+    jepa_engine.restore(twin)
+    assert attn.use_sdpa is False and twin.use_sdpa is False
+    assert "forward" not in attn.__dict__ and "forward" not in twin.__dict__
