@@ -77,8 +77,20 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else t
 
 
+# Wrappers that hold the model (same tensors) under a prefix: torch.compile, (Distributed)DataParallel.
+_WRAPPERS = {"OptimizedModule": "_orig_mod", "DistributedDataParallel": "module", "DataParallel": "module"}
+
+
+def _unwrap(m):
+    """The model inside wrappers, so a compiled or DDP online model pairs with a plain target."""
+    while isinstance(m, nn.Module) and type(m).__name__ in _WRAPPERS:
+        m = getattr(m, _WRAPPERS[type(m).__name__])
+    return m
+
+
 def _split(online, target):
     """(target params, online params, target buffers, online buffers) as aligned lists."""
+    online, target = _unwrap(online), _unwrap(target)
     if isinstance(online, nn.Module) != isinstance(target, nn.Module):
         raise TypeError(f"EMA: online and target must both be nn.Modules or both lists of tensors, got "
                         f"{type(online).__name__} and {type(target).__name__}")

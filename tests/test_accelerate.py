@@ -431,3 +431,12 @@ def test_sdpa_flag_set_and_restored_and_deepcopy():
     jepa_engine.restore(twin)
     assert attn.use_sdpa is False and twin.use_sdpa is False
     assert "forward" not in attn.__dict__ and "forward" not in twin.__dict__
+
+
+def test_ema_pairs_a_compiled_online_model_with_a_plain_target():
+    online = Tree(IJepaAttention, seed=0)
+    target = Tree(IJepaAttention, seed=1).requires_grad_(False)
+    expected = [0.9 * t + 0.1 * o for t, o in zip(target.parameters(), online.parameters())]
+    jepa_engine.EMA(torch.compile(online), target, momentum=0.9).step()
+    for e, t in zip(expected, target.parameters()):
+        assert_close(t, e)
