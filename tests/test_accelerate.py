@@ -440,3 +440,17 @@ def test_ema_pairs_a_compiled_online_model_with_a_plain_target():
     jepa_engine.EMA(torch.compile(online), target, momentum=0.9).step()
     for e, t in zip(expected, target.parameters()):
         assert_close(t, e)
+
+
+def test_compile_safe_false_inspects_full_masks_under_compile():
+    """compile_safe=False: a full mask that is key padding is still fused while compiling (a graph break)."""
+    plain = Tree(SdpaAttention)
+    model = copy.deepcopy(plain)
+    jepa_engine.accelerate(model, compile_safe=False)
+    kp = _key_padding(2, 13)
+    full = kp[:, None, None, :].expand(2, 1, 13, 13)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    x = torch.randn(2, 13, 64)
+    with use_backend("reference"):
+        assert_close(compiled(x, full), plain(x, full), what="compile_safe=False")
