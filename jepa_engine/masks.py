@@ -20,10 +20,12 @@ Sampling is vectorised over the batch (boolean ``[B, h, w]`` masks; no per-sampl
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
+
+from jepa_engine.config import ConfigIO
 
 __all__ = ["MaskConfig", "MaskBatch", "MultiBlockMaskCollator", "apply_index", "mask_to_index"]
 
@@ -34,7 +36,7 @@ _REDRAW_TARGETS_AFTER = 10
 
 
 @dataclass
-class MaskConfig:
+class MaskConfig(ConfigIO):
     """Multi-block mask parameters (defaults: I-JEPA). ``grid`` is ``(h, w)`` in patches."""
 
     grid: tuple[int, int] = (8, 8)
@@ -68,16 +70,6 @@ class MaskConfig:
         if not 1 <= self.min_keep <= h * w:
             raise ValueError(f"MaskConfig: min_keep must be in [1, {h * w}], got {self.min_keep}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MaskConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"MaskConfig.from_dict: unknown keys {unknown}, expected a subset of {sorted(known)}")
-        return cls(**d)
 
 
 @dataclass

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jepa_engine import checkpoint as ckpt
+from jepa_engine.config import ConfigIO
 from jepa_engine.ema import EMA, SCHEDULES
 from jepa_engine.envs import TrajectoryStream, WorldConfig
 from jepa_engine.kernels import latent_loss
@@ -50,7 +51,7 @@ class NonFiniteLossError(RuntimeError):
 # Config
 # --------------------------------------------------------------------------------------------------
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigIO):
     # model, world and masks (presets of their own configs, with field overrides)
     encoder: str = "tiny"
     encoder_overrides: dict = field(default_factory=dict)
@@ -145,29 +146,6 @@ class TrainConfig:
         if name not in PRESETS:
             raise ValueError(f"TrainConfig.from_name: name must be one of {sorted(PRESETS)}, got {name!r}")
         return cls(**{**PRESETS[name], **overrides})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig.from_dict: unknown fields {unknown}, expected a subset of {sorted(known)}")
-        return cls(**data)
-
-    def to_json(self, path: Union[str, os.PathLike, None] = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
-
-    @classmethod
-    def from_json(cls, text_or_path: Union[str, os.PathLike]) -> "TrainConfig":
-        s = str(text_or_path)
-        text = s if s.lstrip().startswith("{") else Path(s).read_text()
-        return cls.from_dict(json.loads(text))
 
     @classmethod
     def load(cls, name_or_file: str, **overrides: Any) -> "TrainConfig":

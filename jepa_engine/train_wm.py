@@ -29,13 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from jepa_engine import checkpoint as ckpt
+from jepa_engine.config import ConfigIO
 from jepa_engine.ema import EMA
 from jepa_engine.envs import TrajectoryStream, WorldConfig
 from jepa_engine.models.world_model import WorldModel, WorldModelConfig, sigreg
 
 
 @dataclass
-class WMTrainConfig:
+class WMTrainConfig(ConfigIO):
     model: str = "demo"                      # a WorldModelConfig preset ...
     model_overrides: dict = field(default_factory=dict)   # ... with field overrides
     world: str = "open"
@@ -114,16 +115,6 @@ class WMTrainConfig:
                              f"file, got {name_or_file!r}")
         return dataclasses.replace(cls.from_dict(json.loads(Path(name_or_file).read_text())), **overrides)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "WMTrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"WMTrainConfig.from_dict: unknown fields {unknown}, expected a subset of {sorted(known)}")
-        return cls(**data)
 
 
 WM_TRAIN_PRESETS: dict[str, dict[str, Any]] = {

@@ -173,5 +173,5 @@ def test_config_validation_and_round_trip():
     assert MaskConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="pred_scale"):
         MaskConfig(pred_scale=(0.3, 0.2))
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="unknown fields"):
         MaskConfig.from_dict({"gird": (8, 8)})

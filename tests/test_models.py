@@ -213,7 +213,7 @@ def test_config_json_round_trip(name, tmp_path):
 def test_config_errors():
     with pytest.raises(ValueError, match="name must be one of"):
         ViTConfig.from_name("huge")
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="unknown fields"):
         ViTConfig.from_dict({"embed_dims": 128})
     with pytest.raises(ValueError, match="divisible by patch_size"):
         ViTConfig(img_size=60, patch_size=8)

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from jepa_engine.models._config import ConfigIO
+from jepa_engine.config import ConfigIO
 
 
 @dataclass

@@ -5,15 +5,16 @@ disc of `radius` (it collides with its edge, so its centre stays `radius` away f
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+from jepa_engine.config import ConfigIO
 
 LAYOUTS = ("open", "two_rooms")
 
 
 @dataclass
-class WorldConfig:
+class WorldConfig(ConfigIO):
     layout: str = "open"            # "open" or "two_rooms" (a vertical wall at x = arena_size/2 with a door)
     arena_size: float = 1.0         # side of the square arena
     radius: float = 0.05            # radius of the mass (collision and drawing)
@@ -80,16 +81,6 @@ class WorldConfig:
             raise ValueError(f"WorldConfig.from_name: name must be one of {sorted(PRESETS)}, got {name!r}")
         return cls(**{**PRESETS[name], **overrides})
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "WorldConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"WorldConfig.from_dict: unknown fields {unknown}, expected a subset of {sorted(known)}")
-        return cls(**data)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

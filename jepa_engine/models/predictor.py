@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from jepa_engine.models._config import ConfigIO
+from jepa_engine.config import ConfigIO
 from jepa_engine.models.blocks import (Block, drop_path_rates, init_weights, rescale_residual_weights,
                                       sincos_pos_embed_2d)
 from jepa_engine.models.vit import VIT_PRESETS, ViTConfig

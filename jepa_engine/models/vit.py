@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from jepa_engine.masks import apply_index
-from jepa_engine.models._config import ConfigIO
+from jepa_engine.config import ConfigIO
 from jepa_engine.models.blocks import (Block, drop_path_rates, init_weights, rescale_residual_weights,
                                       sincos_pos_embed_2d)
 

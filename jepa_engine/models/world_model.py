@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from jepa_engine.models._config import ConfigIO
+from jepa_engine.config import ConfigIO
 from jepa_engine.models.blocks import Block, init_weights, rescale_residual_weights
 from jepa_engine.models.vit import VisionTransformer, ViTConfig
 

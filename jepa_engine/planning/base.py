@@ -11,16 +11,18 @@ The planners keep their state on the device and never read a tensor back to the 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+
+from jepa_engine.config import ConfigIO
 
 CostFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
-class PlannerConfig:
+class PlannerConfig(ConfigIO):
     """Search budget and action bounds (defaults: the LeWorldModel-scale CEM budget)."""
 
     horizon: int = 5
@@ -54,16 +56,6 @@ class PlannerConfig:
         need(self.low < self.high, "high", f"> low = {self.low}")
         need(self.lr > 0, "lr", "> 0")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PlannerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"PlannerConfig: unknown fields {sorted(unknown)}")
-        return cls(**d)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Dict/JSON round trip shared by the model config dataclasses."""
+"""Dict/JSON round trip shared by every config dataclass of the engine."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ class ConfigIO:
     """Mixin for dataclass configs: ``to_dict``/``from_dict`` and ``to_json``/``from_json``.
 
     JSON turns tuples into lists; ``from_dict`` turns them back for fields whose default is a tuple.
-    Unknown keys are an error (a typo in a run's config must not be ignored silently).
+    Unknown fields are an error (a typo in a run's config must not be ignored silently).
     """
 
     def to_dict(self) -> dict[str, Any]:
@@ -24,7 +24,7 @@ class ConfigIO:
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(d) - set(known))
         if unknown:
-            raise ValueError(f"{cls.__name__}.from_dict: unknown keys {unknown}, expected a subset of {sorted(known)}")
+            raise ValueError(f"{cls.__name__}.from_dict: unknown fields {unknown}, expected a subset of {sorted(known)}")
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**kwargs)
 
