@@ -21,3 +21,6 @@ __all__ = [
 from .latent_cost import latent_cost, latent_cost_reference  # noqa: E402
 
 __all__ += ["latent_cost", "latent_cost_reference"]
+from .latent_cost import latent_cost, latent_cost_reference  # noqa: E402
+
+__all__ += ["latent_cost", "latent_cost_reference"]
