@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from jepa_engine.envs import PointMassWorld, WorldConfig, render
+from jepa_engine.kernels import latent_cost as fused_latent_cost
 from jepa_engine.models.world_model import WorldModel
 
 from . import PLANNERS
@@ -124,10 +125,9 @@ def latent_cost(model: WorldModel, z_hist: torch.Tensor, past_actions: torch.Ten
                              f"got {list(actions.shape)}")
         zh = z_hist[:, None].expand(E, N, h, D).reshape(E * N, h, D)
         pa = past_actions[:, None].expand(E, N, h - 1, A).reshape(E * N, h - 1, A)
-        z = model.rollout(zh, actions.reshape(E * N, H, A), past_actions=pa).view(E, N, H, D)
-        diff = z - z_goal[:, None, None, :]
-        d = diff.abs().sum(-1) if cost == "l1" else diff.square().sum(-1)      # [E, N, H]
-        return d[:, :, -1] if reduce == "final" else d.sum(-1)
+        z = model.rollout(zh, actions.reshape(E * N, H, A), past_actions=pa)              # [E*N, H, D]
+        # One fused pass over the predictions; goal row e scores the N candidates of environment e.
+        return fused_latent_cost(z, z_goal.to(z.dtype), metric=cost, reduce=reduce).view(E, N)
 
     return cost_fn
 
