@@ -156,6 +156,33 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from jepa_engine.profiling.report import ProfileConfig, run_profile, summary_lines
+
+    try:
+        cfg = ProfileConfig(preset=args.preset, out=args.out, wm_checkpoint=args.wm_checkpoint,
+                            decoder_checkpoint=args.decoder_checkpoint, budget_minutes=args.budget_minutes,
+                            decisions=args.decisions, max_steps=args.max_steps, reasoning_tokens=args.reasoning_tokens,
+                            sizes=args.sizes, budgets=args.budgets, compile=not args.no_compile,
+                            energy=not args.no_energy, energy_seconds=args.energy_seconds, trials=args.trials,
+                            timing_seconds=args.timing_seconds, device=args.device or "auto", seed=args.seed,
+                            progress=not args.no_progress)
+    except ValueError as e:
+        print(f"jepa-engine profile: {e}", file=sys.stderr)
+        return 2
+    try:
+        report = run_profile(cfg)
+    except ValueError as e:
+        print(f"jepa-engine profile: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(summary_lines(report)))
+    for note in report["notes"]:
+        print(f"note: {note}")
+    print(f"energy: {report['energy']['status']}")
+    print(f"wrote {os.path.join(cfg.out, 'profile.json')}, profile.md, profile.png in {report['seconds']:.0f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jepa-engine", description="Fused Triton kernels and a fast JEPA engine.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -191,6 +218,28 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--seed", type=int, default=0)
     plan.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     plan.set_defaults(func=_plan)
+    prof = sub.add_parser("profile", help="JEPA planner vs token-by-token decoding: latency, energy, FLOPs, success")
+    prof.add_argument("--preset", default="tiny", help="tiny, demo, or lewm (an untrained ~15M pair, timing only)")
+    prof.add_argument("--out", default=os.path.join("runs", "profile"), help="run folder (default: runs/profile)")
+    prof.add_argument("--wm-checkpoint", help="a trained world-model checkpoint (file or run folder)")
+    prof.add_argument("--decoder-checkpoint", help="a trained decoder checkpoint (file or run folder)")
+    prof.add_argument("--budget-minutes", type=float, default=3.0,
+                      help="training time for models not given as checkpoints (0: untrained, timing only)")
+    prof.add_argument("--decisions", type=int, default=8, help="seeded (start, goal) pairs")
+    prof.add_argument("--max-steps", type=int, default=40, help="control steps per success episode")
+    prof.add_argument("--reasoning-tokens", default="0,64,256,1024", help="L sweep, comma-separated")
+    prof.add_argument("--sizes", default="1x,10x,100x", help="decoder size sweep, factors of the world model's size")
+    prof.add_argument("--budgets", default="cem:300x30,cem:100x10,cem:64x5,cem:64x5:cold,mppi:100x10,cem:32x3",
+                      help="planner budgets PLANNER:NxI[:cold], comma-separated; the first is the reference")
+    prof.add_argument("--no-compile", action="store_true", help="skip the compiled static-cache decoder form")
+    prof.add_argument("--no-energy", action="store_true", help="skip energy measurement")
+    prof.add_argument("--energy-seconds", type=float, default=2.0, help="shortest energy window per trial")
+    prof.add_argument("--trials", type=int, default=3, help="energy trials per row")
+    prof.add_argument("--timing-seconds", type=float, default=0.5, help="time each latency row at least this long")
+    prof.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    prof.add_argument("--seed", type=int, default=0)
+    prof.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prof.set_defaults(func=_profile)
     sub.add_parser("audit", help="compile every kernel for sm_90a/sm_80, print registers/spills/smem").set_defaults(
         func=_audit)
     sub.add_parser("selfcheck", help="each kernel against its PyTorch reference").set_defaults(func=_selfcheck)
