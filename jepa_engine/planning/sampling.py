@@ -30,6 +30,16 @@ class _SamplingPlanner(Planner):
         mean, std = self.initial(E, device, warm_start)
         low, high = self.bounds(device)
         rng = torch.tensor([c.seed, 0], dtype=torch.int64, device=device)
+        mean, std, best = self.iterate(cost_fn, mean, std, low, high, rng)
+        actions = mean.clamp(c.low, c.high).view(E, H, A)
+        return Plan(actions=actions, cost=best, mean=mean, std=std)
+
+    def iterate(self, cost_fn: CostFn, mean: torch.Tensor, std: torch.Tensor, low: torch.Tensor,
+                high: torch.Tensor, rng: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All ``config.iterations`` iterations from ``mean, std [E, H*A]``; advances ``rng`` in place.
+        Fixed shapes and no host synchronisation: the body a CUDA graph captures (planning/graphs.py)."""
+        c = self.config
+        E, N, H, A = mean.shape[0], c.samples, c.horizon, c.action_dim
         step = E * N * H * A
         best = None
         for _ in range(c.iterations):
@@ -39,8 +49,7 @@ class _SamplingPlanner(Planner):
             mean, std, best, _ = elite_refit(costs, samples, mean, std, mode=self.mode, k=c.elites,
                                              temperature=c.temperature, momentum=c.momentum, min_std=c.min_std)
             rng[1] += step
-        actions = mean.clamp(c.low, c.high).view(E, H, A)
-        return Plan(actions=actions, cost=best, mean=mean, std=std)
+        return mean, std, best
 
 
 class CEMPlanner(_SamplingPlanner):
