@@ -1,0 +1,140 @@
+"""`jepa-engine profile` end to end on a tiny config: JSON rows, markdown, a PNG of the right size; bad options."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from jepa_engine.baselines import DecoderConfig
+from jepa_engine.cli import main
+from jepa_engine.kernels import use_backend
+from jepa_engine.models.world_model import WorldModel, WorldModelConfig
+from jepa_engine.profiling.report import (PLOT_DPI, PLOT_SIZE, SWEEP_LABEL, PlannerBudget, ProfileConfig,
+                                          decoder_flops, parse_int_list, parse_sizes, planner_flops, predictor_flops)
+
+TINY = ["--preset", "tiny", "--budget-minutes", "0.15", "--reasoning-tokens", "0,8", "--sizes", "1x,10x",
+        "--budgets", "cem:32x3,mppi:16x2:cold", "--decisions", "2", "--max-steps", "4", "--no-compile",
+        "--timing-seconds", "0.02", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _reference_ops():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with use_backend("reference"):
+        yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile")
+    torch.set_num_threads(1)
+    with use_backend("reference"):
+        rc = main(["profile", *TINY, "--out", str(out)])
+    return rc, out
+
+
+def test_profile_writes_json_markdown_png(run):
+    rc, out = run
+    assert rc == 0
+    report = json.loads((out / "profile.json").read_text())
+    assert {"config", "environment", "models", "decisions", "rows", "ratios", "notes", "caveats", "energy",
+            "seconds"} <= set(report)
+    assert report["environment"]["torch"] == torch.__version__
+    rows = report["rows"]
+    planners = [r for r in rows if r["kind"] == "planner"]
+    assert [r["budget"] for r in planners] == ["cem 32x3", "mppi 16x2 cold"]
+    decision = [r for r in rows if r["kind"] == "decoder" and r["sweep"] == "decision"]
+    assert [r["cache"] for r in decision] == ["dynamic", "static"]
+    L_sweep = [r for r in rows if r.get("sweep") == "reasoning_tokens"]
+    assert [r["reasoning_tokens"] for r in L_sweep] == [0, 8]
+    assert [r["tokens_per_decision"] for r in L_sweep] == [10, 18]
+    size_sweep = [r for r in rows if r.get("sweep") == "size"]
+    assert [r["size"] for r in size_sweep] == ["1x", "10x"]
+    assert size_sweep[1]["params"] > 5 * size_sweep[0]["params"]
+    for r in L_sweep + size_sweep:
+        assert r["label"] == SWEEP_LABEL and r.get("success_rate") is None
+    for r in rows:
+        assert 0 < r["latency_s"] <= r["latency_p90_s"] * (1 + 1e-9), r
+        assert r["flops_per_decision"] > 0 and r["params"] > 0
+        # energy is a measured number or None with a reason, never a made-up figure
+        assert r["joules_per_decision"] is None or r["joules_per_decision"] > 0
+        if r["joules_per_decision"] is None:
+            assert r["energy_reason"]
+    for r in planners + decision:   # trained models: success is defined
+        assert 0.0 <= r["success_rate"] <= 1.0 and r["episodes"] == 2
+    assert len(report["ratios"]) == len(planners) * len(decision)
+    q = report["ratios"][0]
+    assert q["latency"] == pytest.approx(planners[0]["latency_s"] / decision[0]["latency_s"])
+    md = (out / "profile.md").read_text()
+    for text in ("## What is compared", "## Caveats", "| JEPA cem 32x3 (eager)", "L = 8", "size 10x",
+                 "0.12-0.20 J per token", "## Ratios"):
+        assert text in md, text
+
+
+def test_profile_png_opens_with_the_expected_size(run):
+    import matplotlib.image as mpimg
+
+    _, out = run
+    img = mpimg.imread(out / "profile.png")
+    want = (round(PLOT_SIZE[1] * PLOT_DPI), round(PLOT_SIZE[0] * PLOT_DPI))
+    assert img.shape[:2] == want, (img.shape, want)
+    assert img[..., :3].std() > 0.01   # not a blank image
+
+
+def test_saved_models_are_reused(run, tmp_path):
+    _, out = run
+    rc = main(["profile", *TINY, "--budgets", "cem:16x2", "--reasoning-tokens", "0", "--sizes", "1x",
+               "--wm-checkpoint", str(out / "wm"), "--decoder-checkpoint", str(out / "decoder"), "--out", str(tmp_path)])
+    assert rc == 0
+    report = json.loads((tmp_path / "profile.json").read_text())
+    assert report["models"]["wm_state"].startswith("loaded") and report["models"]["decoder_state"].startswith("loaded")
+    assert report["rows"][0]["success_rate"] is not None
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--budget-minutes", "-1"], "--budget-minutes"),
+    (["--preset", "huge"], "--preset"),
+    (["--reasoning-tokens", "0,x"], "--reasoning-tokens"),
+    (["--reasoning-tokens", "-4"], "--reasoning-tokens"),
+    (["--sizes", "10"], "--sizes"),
+    (["--budgets", "cem:300"], "--budgets"),
+    (["--budgets", "beam:10x2"], "--budgets"),
+    (["--decisions", "0"], "--decisions"),
+    (["--wm-checkpoint", "/nonexistent/wm"], "--wm-checkpoint"),
+])
+def test_bad_options_name_the_option(args, option, capsys, tmp_path):
+    rc = main(["profile", "--out", str(tmp_path), "--no-progress", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and option in err, err
+    assert not (tmp_path / "profile.json").exists()
+
+
+def test_parsers_and_config_errors():
+    assert parse_int_list("0, 64,256", "--reasoning-tokens") == (0, 64, 256)
+    assert parse_sizes("1x,10X,3x") == ("1x", "10x", "3x")
+    b = PlannerBudget.parse("cem:64x5:cold")
+    assert (b.planner, b.samples, b.iterations, b.warm_start, b.elites) == ("cem", 64, 5, False, 6)
+    with pytest.raises(ValueError, match="--sizes"):
+        ProfileConfig(sizes="0x")
+    with pytest.raises(ValueError, match="--energy-seconds"):
+        ProfileConfig(energy_seconds=0)
+
+
+def test_flop_counts():
+    wm = WorldModel(WorldModelConfig.from_name("test"))
+    c = wm.cfg
+    # the predictor's matmuls dominate: 2 x linear weights x tokens, plus attention
+    lin = sum(m.weight.numel() for m in wm.predictor.blocks.modules() if isinstance(m, torch.nn.Linear))
+    S = 2 * c.history
+    assert predictor_flops(wm, c.history) >= 2 * lin * S
+    one = planner_flops(wm, 1, 1, 1)
+    assert planner_flops(wm, 300, 30, 5) - planner_flops(wm, 1, 1, 1) == pytest.approx(
+        (300 * 30 * 5 - 1) * predictor_flops(wm, c.history))
+    assert one > 0
+    d = DecoderConfig.from_name("tiny", reasoning_tokens=64)
+    non_embed = d.depth * (4 * d.dim ** 2 + 2 * d.dim * d.hidden) + d.dim * d.vocab_size
+    extra = decoder_flops(d, 64) - decoder_flops(d, 0)
+    assert 2 * non_embed * 64 <= extra <= 1.5 * 2 * non_embed * 64 + 4 * d.depth * d.dim * 200 * 64
