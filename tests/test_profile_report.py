@@ -123,6 +123,18 @@ def test_parsers_and_config_errors():
         ProfileConfig(energy_seconds=0)
 
 
+def test_energy_fields_measure_or_say_why():
+    from jepa_engine.profiling.report import energy_fields
+
+    cfg = ProfileConfig(energy_seconds=0.02, trials=1)
+    row = energy_fields(lambda: sum(range(1000)), torch.device("cpu"), cfg, True, "", tokens=10)
+    # measured through profiling.measure: joules where RAPL is readable, else None with the meter's reason
+    assert (row["joules_per_decision"] is None) == bool(row["energy_reason"])
+    assert row["energy_trials"] == 1
+    off = energy_fields(lambda: None, torch.device("cpu"), cfg, False, "energy unavailable: no meter")
+    assert off == {"joules_per_decision": None, "energy_reason": "energy unavailable: no meter"}
+
+
 def test_flop_counts():
     wm = WorldModel(WorldModelConfig.from_name("test"))
     c = wm.cfg

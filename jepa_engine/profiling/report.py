@@ -463,8 +463,9 @@ class _null:
 
 def _decoder_row(dcfg, model, L: int, device, cfg: ProfileConfig, energy, cache: str, compile: bool, label: str,
                  extra: dict) -> dict:
-    from jepa_engine.baselines import decoding_cost
+    from jepa_engine.baselines import Decoder, decoding_cost
 
+    model = model if model is not None else Decoder(dcfg).to(device)   # one model for timing and energy
     flops = decoder_flops(dcfg, L)
     est = flops / (5e10 if device.type == "cpu" else 1e13)
     repeats = max(3, min(20, int(cfg.timing_seconds / max(est, 1e-4))))
@@ -475,18 +476,11 @@ def _decoder_row(dcfg, model, L: int, device, cfg: ProfileConfig, energy, cache:
     row.update({"kind": "decoder", "name": f"decoder {name}", "label": label, "flops_per_decision": flops,
                 "cache": cache, "compiled": compile, "timed_calls": repeats, **extra})
     if cfg.energy and energy[0]:
-        m = model if model is not None else None
-        if m is not None:
-            g = torch.Generator(device="cpu").manual_seed(0)
-            shape = (1, dcfg.channels, dcfg.image_size, dcfg.image_size)
-            o, gl = torch.rand(shape, generator=g).to(device), torch.rand(shape, generator=g).to(device)
-            fn = lambda: m.generate(o, gl, L, cache=cache, compile=compile)  # noqa: E731
-            row.update(energy_fields(fn, device, cfg, *energy, tokens=row["tokens_per_decision"]))
-        else:
-            e = decoding_cost(dcfg, L, device=device, cache=cache, compile=compile, repeats=1, energy=True,
-                              min_seconds=cfg.energy_seconds, trials=cfg.trials)
-            row.update({k: e.get(k) for k in ("joules_per_decision", "above_idle_joules_per_decision", "idle_watts",
-                                              "energy_rel_std", "energy_reason", "joules_per_token")})
+        g = torch.Generator(device="cpu").manual_seed(0)
+        shape = (1, dcfg.channels, dcfg.image_size, dcfg.image_size)
+        o, gl = torch.rand(shape, generator=g).to(device), torch.rand(shape, generator=g).to(device)
+        fn = lambda: model.generate(o, gl, L, cache=cache, compile=compile)  # noqa: E731
+        row.update(energy_fields(fn, device, cfg, *energy, tokens=row["tokens_per_decision"]))
     else:
         row.update(energy_fields(lambda: None, device, cfg, *energy))
     return row
