@@ -646,11 +646,24 @@ def _reference_forward(q, k, v, key_padding, cu_seqlens, keep_index, frame_len, 
     return torch.matmul(_probs(q, k, mask, scale), v.float()).to(q.dtype), _lse2(q, k, mask, scale)
 
 
+def _sdpa_masked(q, k, v, mask, scale):
+    """SDPA in fp32 with the boolean ``mask [B, N_q, N_k]``; rows with no visible key give 0.
+
+    SDPA gives NaN for a fully masked row, so such rows attend to every key and are then zeroed
+    (which also zeroes their gradients)."""
+    mask = mask[:, None]                                   # [B, 1, N_q, N_k], broadcast over heads
+    visible = mask.any(dim=-1, keepdim=True)               # [B, 1, N_q, 1]
+    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask | ~visible, scale=scale)
+    return (out * visible).to(q.dtype)
+
+
 def masked_attention_reference(q, k, v, *, key_padding=None, cu_seqlens=None, frame_size=None,
                                frame_extra_tokens=0, keep_index=None, scale=None, **_unused):
-    """Softmax attention with an explicit boolean mask, in fp32, cast back to q's dtype.
+    """PyTorch SDPA in fp32 with an explicit boolean mask (fully masked query rows give 0, not NaN),
+    cast back to q's dtype.
 
-    The specification of :func:`masked_attention` (same arguments; differentiable with autograd).
+    The specification of :func:`masked_attention` (same arguments; differentiable with autograd) and
+    the path it takes on plain CPU tensors.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     frame_len = (frame_size + frame_extra_tokens) if frame_size else 0
@@ -659,11 +672,11 @@ def masked_attention_reference(q, k, v, *, key_padding=None, cu_seqlens=None, fr
         for s0, s1 in _varlen_split(cu_seqlens):
             qs, ks, vs = (x[s0:s1].transpose(0, 1)[None] for x in (q, k, v))  # [1, H, n, D]
             mask = attention_mask(1, s1 - s0, s1 - s0, frame_len=frame_len, device=q.device)
-            outs.append(torch.matmul(_probs(qs, ks, mask, scale), vs.float())[0].transpose(0, 1))
-        return torch.cat(outs, dim=0).to(q.dtype)
+            outs.append(_sdpa_masked(qs, ks, vs, mask, scale)[0].transpose(0, 1))
+        return torch.cat(outs, dim=0)
     mask = attention_mask(q.shape[0], q.shape[2], k.shape[2], key_padding=key_padding, frame_len=frame_len,
                           keep_index=keep_index, device=q.device)
-    return torch.matmul(_probs(q, k, mask, scale), v.float()).to(q.dtype)
+    return _sdpa_masked(q, k, v, mask, scale)
 
 
 def _reference_grads(g, q, k, v, mask, scale):
@@ -903,6 +916,13 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_p
     if not math.isfinite(scale):
         raise ValueError(f"{OP}: scale must be finite, got {scale}")
     _check_values(key_padding, cu_seqlens, keep_index, N_k, T)
+    if _launch.backend_for(OP, q.device) == "reference" and not torch.compiler.is_compiling():
+        # Plain CPU tensors: the reference (fused SDPA under autograd) is the fastest PyTorch path.
+        # A traced graph keeps the custom op, so an exported or compiled model runs the kernel where
+        # it later runs on a GPU.
+        return masked_attention_reference(q, k, v, key_padding=key_padding, cu_seqlens=cu_seqlens,
+                                          frame_size=frame_size, frame_extra_tokens=frame_extra_tokens,
+                                          keep_index=keep_index, scale=scale)
     out, _ = _masked_attention_op(q, k, v, key_padding, cu_seqlens, keep_index, frame_len, scale,
                                   int(max_seqlen or 0))
     return out
