@@ -166,7 +166,7 @@ def _profile(args: argparse.Namespace) -> int:
                             sizes=args.sizes, budgets=args.budgets, compile=not args.no_compile,
                             energy=not args.no_energy, energy_seconds=args.energy_seconds, trials=args.trials,
                             timing_seconds=args.timing_seconds, device=args.device or "auto", seed=args.seed,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, success_max_evals=args.success_max_evals)
     except ValueError as e:
         print(f"jepa-engine profile: {e}", file=sys.stderr)
         return 2
@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     prof.add_argument("--seed", type=int, default=0)
     prof.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prof.add_argument("--success-max-evals", type=int, default=-1,
+                      help="measure success only for budgets with samples x iterations <= this "
+                           "(-1: auto = all on CUDA, 2000 on CPU)")
     prof.set_defaults(func=_profile)
     sub.add_parser("audit", help="compile every kernel for sm_90a/sm_80, print registers/spills/smem").set_defaults(
         func=_audit)

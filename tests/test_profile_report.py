@@ -150,3 +150,13 @@ def test_flop_counts():
     non_embed = d.depth * (4 * d.dim ** 2 + 2 * d.dim * d.hidden) + d.dim * d.vocab_size
     extra = decoder_flops(d, 64) - decoder_flops(d, 0)
     assert 2 * non_embed * 64 <= extra <= 1.5 * 2 * non_embed * 64 + 4 * d.depth * d.dim * 200 * 64
+
+
+def test_success_max_evals_option():
+    from jepa_engine.profiling.report import ProfileConfig
+
+    assert ProfileConfig().success_limit(torch.device("cpu")) == 2000
+    assert ProfileConfig().success_limit(torch.device("cuda")) == float("inf")
+    assert ProfileConfig(success_max_evals=0).success_limit(torch.device("cuda")) == 0
+    with pytest.raises(ValueError, match=r"--success-max-evals: must be an int >= -1"):
+        ProfileConfig(success_max_evals=-2)
