@@ -128,7 +128,7 @@ def make_fn(impl, model, E, budget):
 def _run(benchmark, run_bench, preset, impl, E, budget):
     model = build(preset)
     fn = make_fn(impl, model, E, budget)
-    n_pred = sum(p.numel() for p in model.predictor.parameters()) + sum(p.numel() for p in model.action_encoder.parameters())
+    n_pred = sum(p.numel() for mod in (model.predictor, model.action_encoder) for p in mod.parameters())
     run_bench(benchmark, fn, impl=impl, group=f"plan {preset} N={budget['N']} H={budget['H']} I={budget['I']} "
               f"K={budget['K']} E={E}", envs=E, budget=budget, preset=preset, predictor_params=n_pred,
               plans_per_call=E, success=None, success_note=SUCCESS_NOTE,

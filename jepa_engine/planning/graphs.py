@@ -34,7 +34,8 @@ class GraphedPlanner:
     def __init__(self, planner: _SamplingPlanner, cost_fn: CostFn, num_envs: int = 1, device="cuda",
                  warmup: int = 2):
         if not isinstance(planner, _SamplingPlanner):
-            raise TypeError(f"GraphedPlanner: planner must be a CEMPlanner or MPPIPlanner, got {type(planner).__name__}")
+            raise TypeError(f"GraphedPlanner: planner must be a CEMPlanner or MPPIPlanner, "
+                            f"got {type(planner).__name__}")
         if not (isinstance(num_envs, int) and num_envs >= 1):
             raise ValueError(f"GraphedPlanner: num_envs must be an int >= 1, got {num_envs!r}")
         self.planner, self.cost_fn, self.num_envs = planner, cost_fn, num_envs

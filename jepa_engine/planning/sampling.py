@@ -26,7 +26,7 @@ class _SamplingPlanner(Planner):
 
     def plan(self, cost_fn: CostFn, num_envs: int = 1, device="cpu", warm_start: Optional[Plan] = None) -> Plan:
         c = self.config
-        E, N, H, A = num_envs, c.samples, c.horizon, c.action_dim
+        E, H, A = num_envs, c.horizon, c.action_dim
         mean, std = self.initial(E, device, warm_start)
         low, high = self.bounds(device)
         rng = torch.tensor([c.seed, 0], dtype=torch.int64, device=device)
