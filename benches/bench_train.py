@@ -17,8 +17,8 @@ from jepa_engine.train import (JEPA, TrainConfig, build_masker, build_models, bu
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-CONFIGS = {"demo": dict(batch_size=32), "small": dict(batch_size=256 if CUDA else 16)}
-NAMES = ["demo", "small"] if CUDA else ["demo"]
+CONFIGS = {"demo": dict(batch_size=32), "small": dict(batch_size=256 if CUDA else 8)}
+NAMES = ["demo", "small"]
 
 
 def _setup(name: str, compiled: bool):
