@@ -13,6 +13,7 @@ of the same group measured in the same run.
 from __future__ import annotations
 
 import statistics
+import time
 from typing import Callable
 
 import pytest
@@ -88,7 +89,11 @@ def run_bench():
             benchmark.pedantic(target, setup=setup, rounds=20 if flush_l2 else 10, iterations=1, warmup_rounds=1)
         else:
             calls = 1
-            benchmark.pedantic(fn, rounds=5, iterations=1, warmup_rounds=1)
+            t0 = time.perf_counter()
+            fn()
+            # about one second of rounds: 5 to 30 of them (CPU timings on shared cores are noisy)
+            rounds = max(5, min(30, int(1.0 / max(time.perf_counter() - t0, 1e-6))))
+            benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
         benchmark.group = group
         benchmark.extra_info.update(
             impl=impl, group=group, flops=flops, bytes=bytes, calls_per_round=calls,
