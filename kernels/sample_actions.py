@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from . import _launch
@@ -115,7 +116,15 @@ def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def philox4x32(seed: int, counter: torch.Tensor, rounds: int = 10) -> tuple[torch.Tensor, ...]:
-    """Philox-4x32 of 64-bit ``counter`` values (int64) under the 64-bit key ``seed``."""
+    """Philox-4x32 of 64-bit ``counter`` values (int64) under the 64-bit key ``seed``; the four
+    32-bit outputs as int64 tensors on the counter's device."""
+    if counter.device.type == "cpu":
+        return tuple(torch.from_numpy(x.astype(np.int64)) for x in _philox4x32_numpy(seed, counter.numpy(), rounds))
+    return _philox4x32_torch(seed, counter, rounds)
+
+
+def _philox4x32_torch(seed: int, counter: torch.Tensor, rounds: int) -> tuple[torch.Tensor, ...]:
+    """Philox rounds with int64 torch ops (any device)."""
     c0, c1 = counter & _M32, (counter >> 32) & _M32
     c2 = c3 = torch.zeros_like(counter)
     k0, k1 = seed & _M32, (seed >> 32) & _M32
@@ -124,6 +133,22 @@ def philox4x32(seed: int, counter: torch.Tensor, rounds: int = 10) -> tuple[torc
         hi_a, lo_a = _mul32(_PHILOX_ROUND[0], c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _PHILOX_KEY[0]) & _M32, (k1 + _PHILOX_KEY[1]) & _M32
+    return c0, c1, c2, c3
+
+
+def _philox4x32_numpy(seed: int, counter: np.ndarray, rounds: int) -> tuple[np.ndarray, ...]:
+    """The same rounds in numpy uint64, where a 32 x 32-bit product is exact in one multiply (6x
+    fewer operations than the 16-bit limbs torch's signed int64 needs; the CPU reference's hot path)."""
+    m32, s32 = np.uint64(_M32), np.uint64(32)
+    c = counter.astype(np.uint64)
+    c0, c1 = c & m32, c >> s32
+    c2 = c3 = np.zeros_like(c0)
+    k0, k1 = np.uint64(seed & _M32), np.uint64((seed >> 32) & _M32)
+    ra, rb = np.uint64(_PHILOX_ROUND[0]), np.uint64(_PHILOX_ROUND[1])
+    for _ in range(rounds):
+        pb, pa = rb * c2, ra * c0
+        c0, c1, c2, c3 = (pb >> s32) ^ c1 ^ k0, pb & m32, (pa >> s32) ^ c3 ^ k1, pa & m32
+        k0, k1 = (k0 + np.uint64(_PHILOX_KEY[0])) & m32, (k1 + np.uint64(_PHILOX_KEY[1])) & m32
     return c0, c1, c2, c3
 
 

@@ -65,3 +65,11 @@ def test_bad_input():
         sample_actions(mean, std, low, high, rng, 0)
     with pytest.raises(TypeError, match="rng must have dtype in \\(int64\\), got int32"):
         sample_actions(mean, std, low, high, rng.int(), 4)
+
+
+def test_philox_numpy_and_torch_paths_agree():
+    from jepa_engine.kernels.sample_actions import _philox4x32_torch
+
+    counter = torch.arange(5000, dtype=torch.int64) * 7919 + (1 << 33)  # high counter words too
+    for a, b in zip(philox4x32(987654321987, counter), _philox4x32_torch(987654321987, counter, 10)):
+        assert torch.equal(a, b)
