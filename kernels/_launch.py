@@ -20,6 +20,8 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from ._registry import LaunchConfig
+
 BACKENDS = ("triton", "reference")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -143,6 +145,21 @@ def cdiv(a: int, b: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+# Tiles of the bandwidth-bound row kernels (latent loss, latent cost): ``BLOCK_M`` rows x ``BLOCK_D``
+# features, 1k elements (8 per thread per operand keeps registers under ~100, for occupancy); wide
+# rows get a wide BLOCK_D so each row is swept in few steps, narrow rows more rows per program.
+ROW_TILES = [
+    LaunchConfig({"BLOCK_M": 16, "BLOCK_D": 64}, num_warps=4, num_stages=1),
+    LaunchConfig({"BLOCK_M": 8, "BLOCK_D": 128}, num_warps=4, num_stages=1),
+    LaunchConfig({"BLOCK_M": 4, "BLOCK_D": 256}, num_warps=4, num_stages=1),
+]
+
+
+def row_tile(D: int) -> LaunchConfig:
+    """The :data:`ROW_TILES` entry for rows of ``D`` features."""
+    return ROW_TILES[0] if D <= 64 else ROW_TILES[1] if D <= 128 else ROW_TILES[2]
 
 
 @functools.lru_cache(maxsize=None)

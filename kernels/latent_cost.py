@@ -28,7 +28,7 @@ import torch
 
 from . import _launch
 from ._launch import tl, triton
-from ._registry import KernelSpec, LaunchConfig, register_kernel
+from ._registry import KernelSpec, register_kernel
 
 OP = "latent_cost"
 METRICS = ("l2", "l1")
@@ -46,21 +46,21 @@ def _latent_cost_fwd_kernel(
     B, H, D, rows_per_goal, stride_zb, stride_zh, stride_g,
     # meta-parameters
     L1: tl.constexpr, FINAL: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # First row in int64: B * H * D exceeds 2^31 for large batched rollouts.
-    row0 = tl.program_id(0).to(tl.int64) * BLOCK_B
-    r = tl.arange(0, BLOCK_B)
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    r = tl.arange(0, BLOCK_M)
     rows = row0 + r
     row_ok = rows < B
     z_rows = z_ptr + rows * stride_zb
     g_rows = goal_ptr + (rows // rows_per_goal) * stride_g
-    acc = tl.zeros([BLOCK_B], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     # Steps: only the last one for reduce="final" (the other steps are never read).
     h0 = H - 1 if FINAL else 0
     for h in range(h0, H):
-        step = tl.zeros([BLOCK_B], dtype=tl.float32)
+        step = tl.zeros([BLOCK_M], dtype=tl.float32)
         # Features in BLOCK_D chunks, fp32 accumulation; the goal tile is re-read per step from L1/L2.
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
@@ -82,23 +82,8 @@ def _latent_cost_fwd_kernel(
 # --------------------------------------------------------------------------------------------------
 # Launcher: check constraints, allocate, pick the config, launch.
 # --------------------------------------------------------------------------------------------------
-# (BLOCK_B, BLOCK_D): tiles of 1k elements, like latent_loss (a bandwidth-bound row reduction); the
-# 192-dim LeWorldModel latent takes the 256-wide tile (one masked chunk per step).
-_CONFIGS = [
-    LaunchConfig({"BLOCK_B": 16, "BLOCK_D": 64}, num_warps=4, num_stages=1),
-    LaunchConfig({"BLOCK_B": 8, "BLOCK_D": 128}, num_warps=4, num_stages=1),
-    LaunchConfig({"BLOCK_B": 4, "BLOCK_D": 256}, num_warps=4, num_stages=1),
-]
-
-
-def _pick_config(D: int) -> LaunchConfig:
-    if D <= 64:
-        return _CONFIGS[0]
-    if D <= 128:
-        return _CONFIGS[1]
-    return _CONFIGS[2]
-
-
+# Tiles: _launch.ROW_TILES, as for latent_loss (a bandwidth-bound row reduction); the 192-dim
+# LeWorldModel latent takes the 256-wide tile (one masked chunk per step).
 def latent_cost_forward(z: torch.Tensor, goal: torch.Tensor, weights: Optional[torch.Tensor], metric: str,
                         reduce: str) -> torch.Tensor:
     if z.stride(-1) != 1:
@@ -107,8 +92,8 @@ def latent_cost_forward(z: torch.Tensor, goal: torch.Tensor, weights: Optional[t
         goal = goal.contiguous()
     B, H, D = z.shape
     cost = torch.empty(B, device=z.device, dtype=torch.float32)
-    cfg = _pick_config(D)
-    grid = (_launch.cdiv(B, cfg.constexprs["BLOCK_B"]),)
+    cfg = _launch.row_tile(D)
+    grid = (_launch.cdiv(B, cfg.constexprs["BLOCK_M"]),)
     _latent_cost_fwd_kernel[grid](
         z, goal, weights if weights is not None else cost, cost,
         B, H, D, B // goal.shape[0], z.stride(0), z.stride(1), goal.stride(0),
@@ -129,7 +114,7 @@ def _variants():
     return out
 
 
-register_kernel(KernelSpec("latent_cost_fwd", _latent_cost_fwd_kernel, _variants(), _CONFIGS))
+register_kernel(KernelSpec("latent_cost_fwd", _latent_cost_fwd_kernel, _variants(), _launch.ROW_TILES))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import _launch
 from ._launch import tl, triton
-from ._registry import KernelSpec, LaunchConfig, register_kernel
+from ._registry import KernelSpec, register_kernel
 
 OP = "latent_loss"
 KINDS = ("smooth_l1", "l2")
@@ -123,24 +123,6 @@ def _latent_loss_bwd_kernel(
 # --------------------------------------------------------------------------------------------------
 # Launchers: check constraints, allocate, pick the config, launch.
 # --------------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_D, num_warps): tiles of 1k elements (8 per thread per operand keeps registers
-# under 100, for occupancy on a bandwidth-bound op); wide rows get a wide BLOCK_D so each
-# row is swept in few steps, narrow rows get more rows per program.
-_CONFIGS = [
-    LaunchConfig({"BLOCK_M": 16, "BLOCK_D": 64}, num_warps=4, num_stages=1),
-    LaunchConfig({"BLOCK_M": 8, "BLOCK_D": 128}, num_warps=4, num_stages=1),
-    LaunchConfig({"BLOCK_M": 4, "BLOCK_D": 256}, num_warps=4, num_stages=1),
-]
-
-
-def _pick_config(D: int) -> LaunchConfig:
-    if D <= 64:
-        return _CONFIGS[0]
-    if D <= 128:
-        return _CONFIGS[1]
-    return _CONFIGS[2]
-
-
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
     """[..., D] -> [M, D] with unit feature stride (a copy only when the input needs one)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -156,7 +138,7 @@ def latent_loss_forward(pred, target, mask, kind: str, beta: float) -> torch.Ten
     p2, t2 = _as_rows(pred), _as_rows(target)
     M, D = p2.shape
     row_loss = torch.empty(M, device=pred.device, dtype=torch.float32)
-    cfg = _pick_config(D)
+    cfg = _launch.row_tile(D)
     grid = (_launch.cdiv(M, cfg.constexprs["BLOCK_M"]),)
     _latent_loss_fwd_kernel[grid](
         p2, t2, _keep_rows(mask, row_loss), row_loss,
@@ -175,7 +157,7 @@ def latent_loss_backward(grad, pred, target, mask, kind: str, beta: float, grad_
     scale = (grad.to(torch.float32) / (kept.clamp_min(1).to(torch.float32) * D)).reshape(1)
     d_pred = torch.empty((M, D), device=pred.device, dtype=pred.dtype)
     d_target = torch.empty((M, D), device=pred.device, dtype=target.dtype) if grad_target else d_pred
-    cfg = _pick_config(D)
+    cfg = _launch.row_tile(D)
     grid = (_launch.cdiv(M, cfg.constexprs["BLOCK_M"]),)
     _latent_loss_bwd_kernel[grid](
         p2, t2, _keep_rows(mask, scale), scale, d_pred, d_target,
@@ -207,8 +189,8 @@ def _bwd_variants():
 
 register_kernel(KernelSpec("latent_loss_fwd", _latent_loss_fwd_kernel,
                            {k: ({**s, "row_loss_ptr": "*fp32"}, c) for k, (s, c) in _variants().items()},
-                           _CONFIGS))
-register_kernel(KernelSpec("latent_loss_bwd", _latent_loss_bwd_kernel, _bwd_variants(), _CONFIGS))
+                           _launch.ROW_TILES))
+register_kernel(KernelSpec("latent_loss_bwd", _latent_loss_bwd_kernel, _bwd_variants(), _launch.ROW_TILES))
 
 
 # --------------------------------------------------------------------------------------------------
