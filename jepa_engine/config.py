@@ -1,20 +1,47 @@
 """Dict/JSON round trip shared by every config dataclass of the engine."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict, fields
+from pathlib import Path
 from typing import Any, TypeVar, Union
 
 T = TypeVar("T", bound="ConfigIO")
 
 
 class ConfigIO:
-    """Mixin for dataclass configs: ``to_dict``/``from_dict`` and ``to_json``/``from_json``.
+    """Mixin for dataclass configs: ``to_dict``/``from_dict``, ``to_json``/``from_json``, and named
+    presets (``from_name``, ``load``) for a class that lists them in :meth:`presets`.
 
     JSON turns tuples into lists; ``from_dict`` turns them back for fields whose default is a tuple.
     Unknown fields are an error (a typo in a run's config must not be ignored silently).
     """
+
+    @classmethod
+    def presets(cls) -> dict[str, dict[str, Any]]:
+        """Named presets: field values over the defaults (none unless the class lists some)."""
+        return {}
+
+    @classmethod
+    def from_name(cls: type[T], name: str, **overrides: Any) -> T:
+        """A named preset with field overrides."""
+        presets = cls.presets()
+        if name not in presets:
+            raise ValueError(f"{cls.__name__}.from_name: name must be one of {sorted(presets)}, got {name!r}")
+        return cls(**{**presets[name], **overrides})
+
+    @classmethod
+    def load(cls: type[T], name_or_file: str, **overrides: Any) -> T:
+        """A preset name or a JSON file, with field overrides."""
+        presets = cls.presets()
+        if name_or_file in presets:
+            return cls.from_name(name_or_file, **overrides)
+        if not Path(name_or_file).is_file():
+            raise ValueError(f"{cls.__name__}.load: config must be a preset {sorted(presets)} or a JSON file, "
+                             f"got {name_or_file!r}")
+        return dataclasses.replace(cls.from_json(name_or_file), **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

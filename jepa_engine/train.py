@@ -141,21 +141,9 @@ class TrainConfig(ConfigIO):
             raise bad("world", f"one of {sorted(WORLDS)}")
 
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "TrainConfig":
-        """A named preset (:data:`PRESETS`: "demo", "small", "base") with field overrides."""
-        if name not in PRESETS:
-            raise ValueError(f"TrainConfig.from_name: name must be one of {sorted(PRESETS)}, got {name!r}")
-        return cls(**{**PRESETS[name], **overrides})
-
-    @classmethod
-    def load(cls, name_or_file: str, **overrides: Any) -> "TrainConfig":
-        """A preset name or a JSON file path."""
-        if name_or_file in PRESETS:
-            return cls.from_name(name_or_file, **overrides)
-        if not Path(name_or_file).is_file():
-            raise ValueError(f"TrainConfig.load: config must be a preset {sorted(PRESETS)} or a JSON file, "
-                             f"got {name_or_file!r}")
-        return dataclasses.replace(cls.from_json(name_or_file), **overrides)
+    def presets(cls) -> dict[str, dict[str, Any]]:
+        """:data:`PRESETS`: "demo", "small", "base"."""
+        return PRESETS
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -16,7 +16,6 @@ the resolved config in the JSON meta); :func:`load_world_model` reads one back.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -100,20 +99,8 @@ class WMTrainConfig(ConfigIO):
 
     # ---- presets and serialisation
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "WMTrainConfig":
-        if name not in WM_TRAIN_PRESETS:
-            raise ValueError(f"WMTrainConfig.from_name: name must be one of {sorted(WM_TRAIN_PRESETS)}, got {name!r}")
-        return cls(**{**WM_TRAIN_PRESETS[name], **overrides})
-
-    @classmethod
-    def load(cls, name_or_file: str, **overrides: Any) -> "WMTrainConfig":
-        """A preset name or a JSON file."""
-        if name_or_file in WM_TRAIN_PRESETS:
-            return cls.from_name(name_or_file, **overrides)
-        if not Path(name_or_file).is_file():
-            raise ValueError(f"WMTrainConfig.load: config must be a preset {sorted(WM_TRAIN_PRESETS)} or a JSON "
-                             f"file, got {name_or_file!r}")
-        return dataclasses.replace(cls.from_dict(json.loads(Path(name_or_file).read_text())), **overrides)
+    def presets(cls) -> dict[str, dict[str, Any]]:
+        return WM_TRAIN_PRESETS
 
 
 

@@ -90,11 +90,9 @@ class DecoderConfig(ConfigIO):
 
     # ---- presets
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "DecoderConfig":
-        """A named preset ("tiny", "small", "demo", "lewm" ~15M), with field overrides."""
-        if name not in PRESETS:
-            raise ValueError(f"DecoderConfig.from_name: name must be one of {sorted(PRESETS)}, got {name!r}")
-        return cls(**{**PRESETS[name], **overrides})
+    def presets(cls) -> dict[str, dict[str, Any]]:
+        """"tiny", "small", "demo", "lewm" (about 15M parameters)."""
+        return PRESETS
 
     @classmethod
     def matched(cls, n_params: int, **overrides: Any) -> "DecoderConfig":

@@ -75,11 +75,9 @@ class WorldConfig(ConfigIO):
 
     # ---- presets and serialisation
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "WorldConfig":
-        """A named preset ("open", "two_rooms", "gravity"), with field overrides."""
-        if name not in PRESETS:
-            raise ValueError(f"WorldConfig.from_name: name must be one of {sorted(PRESETS)}, got {name!r}")
-        return cls(**{**PRESETS[name], **overrides})
+    def presets(cls) -> dict[str, dict[str, Any]]:
+        """"open", "two_rooms", "gravity"."""
+        return PRESETS
 
 
 

@@ -87,11 +87,9 @@ class WorldModelConfig(ConfigIO):
             raise bad("ema_momentum", "in [0, 1]")
 
     @classmethod
-    def from_name(cls, name: str, **overrides) -> "WorldModelConfig":
-        """A preset (:data:`WM_PRESETS`: ``"demo"``, ``"lewm"``, ``"test"``) with field overrides."""
-        if name not in WM_PRESETS:
-            raise ValueError(f"WorldModelConfig.from_name: name must be one of {sorted(WM_PRESETS)}, got {name!r}")
-        return cls(**{**WM_PRESETS[name], **overrides})
+    def presets(cls) -> dict:
+        """:data:`WM_PRESETS`: ``"demo"``, ``"lewm"``, ``"test"``."""
+        return WM_PRESETS
 
     def vit_config(self) -> ViTConfig:
         return ViTConfig(img_size=self.img_size, patch_size=self.patch_size, in_chans=self.in_chans,

@@ -784,8 +784,8 @@ def run_profile(cfg: ProfileConfig, log: Callable[[str], None] = print) -> dict:
         "the planner's cost grows with its search budget, the decoder's with the tokens it writes and its size. "
         "Both sweeps are shown so the crossover can be read off.",
         "The cost sweeps use untrained weights: their latency and energy are real, they solve nothing.",
-        f"The decoder sees positions only (frames), like the world model; its success comes from imitating an "
-        f"analytic expert, the planner's from a world model trained without rewards or expert actions.",
+        "The decoder sees positions only (frames), like the world model; its success comes from imitating an "
+        "analytic expert, the planner's from a world model trained without rewards or expert actions.",
         "Latency is one decision for one environment; the success episodes plan all decisions at once (batched).",
         "Planner latency is measured in the steady state (a full history window of "
         f"{models['wm'].cfg.history} frames); FLOPs count the predictor at that window.",
