@@ -20,18 +20,10 @@ import pytest
 import torch
 
 from benches.device_tag import device_name
+from jepa_engine.profiling.hardware import peak_for, percentile
 from jepa_engine.profiling.pytest_energy import add_energy_info, energy_info  # noqa: F401 (fixture)
 
-# Published dense peaks: (bf16/fp16 dense TFLOP/s, HBM TB/s).
-ROOFLINES = {"H100": (989.0, 3.35), "H200": (989.0, 4.8), "A100": (312.0, 2.0)}
 OURS = "jepa_engine"
-
-
-def roofline(name: str) -> tuple[float, float] | None:
-    for key, peak in ROOFLINES.items():
-        if key in name.upper():
-            return peak
-    return None
 
 
 def _versions() -> dict:
@@ -105,13 +97,6 @@ def run_bench():
     return _run
 
 
-def _percentile(data: list[float], q: float) -> float:
-    data = sorted(data)
-    idx = (len(data) - 1) * q
-    lo, hi = int(idx), min(int(idx) + 1, len(data) - 1)
-    return data[lo] + (data[hi] - data[lo]) * (idx - lo)
-
-
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     """Per-call statistics, throughput, roofline fraction, and speed-ups against same-group peers."""
     rows = output_json["benchmarks"]
@@ -120,10 +105,10 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         calls = info.get("calls_per_round") or 1
         data = [t / calls for t in (bench.stats.data if hasattr(bench, "stats") else [])] or [row["stats"]["median"]]
         med = statistics.median(data)
-        info["median_s"], info["p20_s"], info["p80_s"] = med, _percentile(data, 0.2), _percentile(data, 0.8)
+        info["median_s"], info["p20_s"], info["p80_s"] = med, percentile(data, 0.2), percentile(data, 0.8)
         if info.get("images"):
             info["images_per_s"] = info["images"] / med
-        peak = roofline(info.get("device", ""))
+        peak = peak_for(info.get("device", ""))
         if info.get("flops"):
             info["tflops"] = info["flops"] / med / 1e12
             if peak:

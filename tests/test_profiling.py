@@ -268,3 +268,12 @@ def test_add_energy_info_on_cpu_says_why(monkeypatch):
     assert bench.extra_info["energy_available"] is False
     assert bench.extra_info["energy_reason"] == "RAPL unavailable: test"
     assert bench.extra_info["joules_per_call"] is None
+
+
+def test_hardware_peaks_and_percentile():
+    from jepa_engine.profiling.hardware import peak_for, percentile
+
+    assert peak_for("NVIDIA H100 80GB HBM3") == (989.0, 3.35)
+    assert peak_for("cpu-x86_64-2threads") is None
+    assert percentile([4.0, 1.0, 3.0, 2.0], 0.5) == 2.5
+    assert percentile([1.0, 2.0], 0.0) == 1.0 and percentile([1.0, 2.0], 1.0) == 2.0

@@ -25,35 +25,18 @@ from typing import Optional
 import torch
 
 from jepa_engine.profiling import measure
+from jepa_engine.profiling.hardware import peak_for, percentile, sync
 
 from .config import DecoderConfig
 from .decoder import Decoder, DynamicKVCache
-
-# Published HBM peaks (TB/s), matched against the device name.
-PEAK_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}
-
 
 def peak_bandwidth(device: torch.device) -> Optional[float]:
     """Peak memory bandwidth in GB/s where known, else None."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(device).upper()
-    for key, tbps in PEAK_TBPS.items():
-        if key in name:
-            return tbps * 1e3
-    return None
+    peak = peak_for(torch.cuda.get_device_name(device))
+    return peak[1] * 1e3 if peak else None
 
-
-def _percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    i = (len(xs) - 1) * q
-    lo, hi = int(i), min(int(i) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def decoding_cost(cfg: DecoderConfig, reasoning_tokens: int = 0, device="cpu", cache: str = "static",
@@ -85,10 +68,10 @@ def decoding_cost(cfg: DecoderConfig, reasoning_tokens: int = 0, device="cpu", c
     decide()
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         decide()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     # prefill alone: the same call with no token after the first (a decision of one token)
     with torch.no_grad():
@@ -96,11 +79,11 @@ def decoding_cost(cfg: DecoderConfig, reasoning_tokens: int = 0, device="cpu", c
         P = prefix.shape[1]
         x = torch.cat([prefix, model.tok_embed.weight[:1].expand(batch, 1, -1)], dim=1)
         pos = torch.arange(P + 1, device=device)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(repeats):
             model.trunk(x, pos, None if cache == "static" else [DynamicKVCache() for _ in model.blocks])
-        _sync(device)
+        sync(device)
         prefill_s = (time.perf_counter() - t0) / repeats
     n_tokens = reasoning_tokens + cfg.action_tokens
     latency = statistics.median(times)
@@ -117,7 +100,7 @@ def decoding_cost(cfg: DecoderConfig, reasoning_tokens: int = 0, device="cpu", c
         "impl": f"decoder-{cache}" + ("-compiled" if compile else ""), "device": str(device),
         "params": n_params, "dim": cfg.dim, "depth": cfg.depth, "batch": batch, "dtype": str(dtype).split(".")[-1],
         "reasoning_tokens": reasoning_tokens, "tokens_per_decision": n_tokens, "prefix_tokens": P,
-        "latency_s": latency, "latency_p90_s": _percentile(times, 0.9), "decisions_per_s": 1.0 / latency,
+        "latency_s": latency, "latency_p90_s": percentile(times, 0.9), "decisions_per_s": 1.0 / latency,
         "prefill_s": prefill_s, "decode_step_s": step_s, "tokens_per_s": batch / step_s,
         "bytes_per_token": bytes_per_step / batch, "achieved_gbps": achieved, "peak_gbps": peak,
         "bandwidth_utilisation": achieved / peak if peak else None,
@@ -148,7 +131,7 @@ def decision_rows(policy, starts: torch.Tensor, goals: torch.Tensor, world_confi
         lat = r["decide_seconds"]
         rows.append({"decision": i, "success": bool(r["success"][0]), "steps": int(r["steps"][0]),
                      "final_distance": float(r["final_distance"][0]), "latency_s": statistics.median(lat),
-                     "latency_p90_s": _percentile(lat, 0.9), "decides": len(lat),
+                     "latency_p90_s": percentile(lat, 0.9), "decides": len(lat),
                      "tokens_per_decision": getattr(policy, "tokens_per_decision", None),
                      "joules_per_decision": None, "energy_reason": "energy not requested"})
     if energy and rows:

@@ -35,6 +35,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .hardware import sync
+
 # Indirections so tests can drive a fake clock; nothing else reassigns them.
 _clock: Callable[[], float] = time.perf_counter
 _sleep: Callable[[float], None] = time.sleep
@@ -50,11 +52,6 @@ def _device(device: Any) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"EnergyMeter: device must be 'cpu' or 'cuda[:i]', got {str(dev)!r}")
     return dev
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.synchronize(dev)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -262,7 +259,7 @@ class EnergyMeter:
         return statistics.fmean(samples) if samples else None
 
     def __enter__(self) -> "EnergyMeter":
-        _sync(self.device)
+        sync(self.device)
         self.idle_watts = self._measure_idle()
         if self.source is not None and self.source.kind == "nvml":
             self.device_info = self.source.info()  # clocks and temperature at the start of the window
@@ -281,7 +278,7 @@ class EnergyMeter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._events is not None:
             self._events[1].record()
-        _sync(self.device)
+        sync(self.device)
         t1, cpu1 = _clock(), time.process_time()
         e1 = self.source.read_joules() if self.source else None
         self.seconds, self.cpu_seconds = t1 - self._t0, cpu1 - self._cpu0
@@ -358,10 +355,10 @@ def measure(fn: Callable[[], object], *, device: Any = "cpu", min_seconds: float
     dev = _device(device)
     for _ in range(warmup):
         fn()
-    _sync(dev)
+    sync(dev)
     t0 = _clock()
     fn()
-    _sync(dev)
+    sync(dev)
     per_call = max(_clock() - t0, 1e-9)
     calls = max(1, min(max_calls, math.ceil(1.05 * min_seconds / per_call)))
     meters: list[EnergyMeter] = []

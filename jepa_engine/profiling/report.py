@@ -27,11 +27,13 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+
+from jepa_engine.profiling.hardware import percentile, sync
 
 PRESETS = ("tiny", "demo", "lewm")
 SIZE_FACTORS = {"1x": 1.0, "10x": 10.0, "100x": 100.0}
@@ -233,18 +235,6 @@ def decoder_flops(cfg, reasoning_tokens: int) -> int:
 # ------------------------------------------------------------------------------------------------
 # Timing and energy
 # ------------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    i = (len(xs) - 1) * q
-    lo, hi = int(i), min(int(i) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
-
-
 def time_calls(fn: Callable[[], object], device: torch.device, min_seconds: float, min_calls: int = 5,
                max_calls: int = 200, warmup: int = 1) -> dict:
     """Call `fn` one at a time (synchronised) until `min_calls` calls and `min_seconds` have passed."""
@@ -253,13 +243,13 @@ def time_calls(fn: Callable[[], object], device: torch.device, min_seconds: floa
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < max_calls and (len(times) < min_calls or time.perf_counter() - start < min_seconds):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    return {"latency_s": med, "latency_p90_s": _percentile(times, 0.9), "decisions_per_s": 1.0 / med,
+    return {"latency_s": med, "latency_p90_s": percentile(times, 0.9), "decisions_per_s": 1.0 / med,
             "timed_calls": len(times)}
 
 
