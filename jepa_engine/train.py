@@ -21,6 +21,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -486,7 +487,10 @@ class Trainer:
         if self.progress and self.is_main:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=end, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+            # On a terminal the bar redraws in place; written to a file or a CI log, every redraw is a
+            # new chunk of text, so it updates every 10 s there.
+            bar = tqdm(total=end, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                       mininterval=0.1 if sys.stderr.isatty() else 10.0)
         self.jepa.train()
         pending: list[tuple[int, torch.Tensor]] = []
         t0, n_images, clean, stopped_by_time = time.perf_counter(), 0, True, False
