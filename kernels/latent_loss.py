@@ -34,6 +34,14 @@ KINDS = ("smooth_l1", "l2")
 # Kernels
 # --------------------------------------------------------------------------------------------------
 @triton.jit
+def _diff_tile(pred_ptr, target_ptr, r, cols, tile_ok, stride_pred, stride_target):
+    """pred - target on a [rows, cols] tile, in fp32 (masked entries are 0)."""
+    p = tl.load(pred_ptr + r[:, None] * stride_pred + cols[None, :], mask=tile_ok, other=0.0)
+    t = tl.load(target_ptr + r[:, None] * stride_target + cols[None, :], mask=tile_ok, other=0.0)
+    return p.to(tl.float32) - t.to(tl.float32)
+
+
+@triton.jit
 def _latent_loss_fwd_kernel(
     # pointers
     pred_ptr, target_ptr, keep_ptr, row_loss_ptr,
@@ -58,9 +66,7 @@ def _latent_loss_fwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         tile_ok = row_ok[:, None] & (cols[None, :] < D)
-        p = tl.load(pred_ptr + r[:, None] * stride_pred + cols[None, :], mask=tile_ok, other=0.0)
-        t = tl.load(target_ptr + r[:, None] * stride_target + cols[None, :], mask=tile_ok, other=0.0)
-        diff = p.to(tl.float32) - t.to(tl.float32)
+        diff = _diff_tile(pred_ptr, target_ptr, r, cols, tile_ok, stride_pred, stride_target)
         if SMOOTH_L1:
             ad = tl.abs(diff)
             # beta = 0 never takes the quadratic branch: plain L1.
@@ -105,9 +111,7 @@ def _latent_loss_bwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         tile_ok = row_ok[:, None] & (cols[None, :] < D)
-        p = tl.load(pred_ptr + r[:, None] * stride_pred + cols[None, :], mask=tile_ok, other=0.0)
-        t = tl.load(target_ptr + r[:, None] * stride_target + cols[None, :], mask=tile_ok, other=0.0)
-        diff = p.to(tl.float32) - t.to(tl.float32)
+        diff = _diff_tile(pred_ptr, target_ptr, r, cols, tile_ok, stride_pred, stride_target)
         if SMOOTH_L1:
             sign = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
             dl = tl.where(tl.abs(diff) < beta, diff * inv_beta, sign)
