@@ -113,6 +113,16 @@ def _allowed(q_pos, q_ok, k_pos, k_ok, frame_len, FRAME: tl.constexpr):
 
 
 @triton.jit
+def _batch_head(bh0, H):
+    """(batch, head) of this program, int64: bases (B * H * N * D) may exceed 2^31, while offsets
+    inside one sequence stay int32, so positions, frame arithmetic and masks stay 32-bit (64-bit
+    division would be a slow call). Launches over more than 65535 (batch, head) pairs come in chunks
+    starting at ``bh0``."""
+    bh = tl.program_id(1) + bh0
+    return (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+
+
+@triton.jit
 def _seq_bounds(cu_ptr, b, N_Q, N_K, VARLEN: tl.constexpr):
     """(first token, query count, key-slot count) of sequence b."""
     if VARLEN:
@@ -140,11 +150,7 @@ def _masked_attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    # int64 batch/head bases (B * H * N * D may exceed 2^31); int32 offsets inside one sequence,
-    # so positions, frame arithmetic and masks stay 32-bit (64-bit division would be a slow call).
-    bh = tl.program_id(1) + bh0  # launches over more than 65535 (batch, head) pairs come in chunks
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, h = _batch_head(bh0, H)
     start, n_q, n_k = _seq_bounds(cu_ptr, b, N_Q, N_K, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= n_q:  # varlen: this sequence is shorter than the longest one
@@ -210,11 +216,7 @@ def _masked_attention_bwd_preprocess_kernel(
 ):
     """delta[i] = sum_d dO[i, d] * O[i, d] in fp32 (the softmax-backward row term)."""
     pid_m = tl.program_id(0)
-    # int64 batch/head bases (B * H * N * D may exceed 2^31); int32 offsets inside one sequence,
-    # so positions, frame arithmetic and masks stay 32-bit (64-bit division would be a slow call).
-    bh = tl.program_id(1) + bh0  # launches over more than 65535 (batch, head) pairs come in chunks
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, h = _batch_head(bh0, H)
     start, n_q, _n_k = _seq_bounds(cu_ptr, b, N_Q, N_Q, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= n_q:
@@ -252,11 +254,7 @@ def _masked_attention_bwd_kernel(
     dV = P^T dO, dK = sm_scale * dS^T q, dQ = sm_scale * dS k.
     """
     pid = tl.program_id(0)
-    # int64 batch/head bases (B * H * N * D may exceed 2^31); int32 offsets inside one sequence,
-    # so positions, frame arithmetic and masks stay 32-bit (64-bit division would be a slow call).
-    bh = tl.program_id(1) + bh0  # launches over more than 65535 (batch, head) pairs come in chunks
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, h = _batch_head(bh0, H)
     start, n_q, n_k = _seq_bounds(cu_ptr, b, N_Q, N_K, VARLEN)
 
     q_base = _base(q_ptr, b, h, start, stride_qb, stride_qh, stride_qn)
