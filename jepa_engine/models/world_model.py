@@ -199,6 +199,15 @@ class WorldModel(nn.Module):
         self.predictor = LatentPredictor(cfg)
 
     # ---- validation
+    def _check_history(self, method: str, dim: str, z_hist: torch.Tensor) -> tuple[int, int]:
+        """Check z_hist [B, T, D] with 1 <= T <= history; return (B, T)."""
+        self._check("z_hist", z_hist, (None, None, self.cfg.embed_dim))
+        B, T, _ = z_hist.shape
+        if not 1 <= T <= self.cfg.history:
+            raise ValueError(f"WorldModel.{method}: z_hist must have 1 <= {dim} <= history = {self.cfg.history} "
+                             f"frames, got {T}")
+        return B, T
+
     def _check(self, name: str, x: torch.Tensor, shape: tuple) -> None:
         """shape entries: an int (must match) or None (any)."""
         ok = x.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, x.shape))
@@ -224,10 +233,7 @@ class WorldModel(nn.Module):
         ``z_next[:, t]`` predicts the embedding after ``actions[:, t]`` from frames ``<= t`` only.
         """
         c = self.cfg
-        self._check("z_hist", z_hist, (None, None, c.embed_dim))
-        B, T, _ = z_hist.shape
-        if not 1 <= T <= c.history:
-            raise ValueError(f"WorldModel.predict: z_hist must have 1 <= T <= history = {c.history} frames, got {T}")
+        B, T = self._check_history("predict", "T", z_hist)
         self._check("actions", actions, (B, T, c.action_dim))
         return self.predictor(z_hist, self.action_encoder(actions.to(z_hist.dtype)))
 
@@ -240,10 +246,7 @@ class WorldModel(nn.Module):
         ``history`` frames; the action tokens are encoded once for the whole sequence.
         """
         c = self.cfg
-        self._check("z_hist", z_hist, (None, None, c.embed_dim))
-        B, h, _ = z_hist.shape
-        if not 1 <= h <= c.history:
-            raise ValueError(f"WorldModel.rollout: z_hist must have 1 <= h <= history = {c.history} frames, got {h}")
+        B, h = self._check_history("rollout", "h", z_hist)
         self._check("actions", actions, (B, None, c.action_dim))
         H = actions.shape[1]
         if H < 1:
