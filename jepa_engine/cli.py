@@ -102,16 +102,28 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train_wm(args: argparse.Namespace) -> int:
+    from jepa_engine.checkpoint import CheckpointError
     from jepa_engine.train_wm import WMTrainConfig, train_world_model
 
     overrides = {k: v for k, v in (("steps", args.steps), ("device", args.device)) if v is not None}
+    config = args.config
+    if config is None:
+        # --resume without --config continues the run folder's own config (as `train` does).
+        saved = os.path.join(args.out, "config.json")
+        config = saved if args.resume and os.path.isfile(saved) else "demo"
     try:
-        cfg = WMTrainConfig.load(args.config, **overrides)
+        cfg = WMTrainConfig.load(config, **overrides)
     except ValueError as e:
         print(f"jepa-engine train-wm: {e}", file=sys.stderr)
         return 2
-    summary = train_world_model(cfg, args.out)
-    print(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s; checkpoint {summary['checkpoint']}")
+    try:
+        summary = train_world_model(cfg, args.out, resume=args.resume)
+    except CheckpointError as e:
+        print(f"jepa-engine train-wm: {e}", file=sys.stderr)
+        return 2
+    resumed = f" (resumed at step {summary['resumed_from']})" if summary.get("resumed_from") is not None else ""
+    print(f"trained {summary['steps']} steps{resumed} in {summary['seconds']:.0f} s; "
+          f"checkpoint {summary['checkpoint']}")
     if not args.no_report:
         _physics_report(summary["model"], cfg.world_config())
     return 0
@@ -197,10 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     train.set_defaults(func=_train)
     twm = sub.add_parser("train-wm", help="train the action-conditioned world model (preset or JSON config)")
-    twm.add_argument("--config", default="demo", help="a preset name (demo, test, lewm) or a JSON file")
+    twm.add_argument("--config", help="a preset name (demo, test, lewm) or a JSON file (default: demo, or with "
+                     "--resume the run folder's config.json)")
     twm.add_argument("--out", default=os.path.join("runs", "wm"), help="run folder (default: runs/wm)")
     twm.add_argument("--steps", type=int, help="override the number of steps")
     twm.add_argument("--device", help="override the device (cpu, cuda, cuda:1)")
+    twm.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in --out")
     twm.add_argument("--no-report", action="store_true", help="skip the physics probe / surprise report")
     twm.set_defaults(func=_train_wm)
     plan = sub.add_parser("plan", help="MPC in the built-in world with a trained world model")

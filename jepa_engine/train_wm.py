@@ -11,8 +11,9 @@ One step (``wm_step``) on a batch of B episodes of T steps (``TrajectoryStream``
     loss = mse(pred) + rollout_weight * mse(roll) [+ sigreg_weight * SIGReg(z)]
     backward; clip; AdamW (warm-up + cosine LR); EMA(target <- encoder) in "ema" mode
 
-Checkpoints go through :mod:`jepa_engine.checkpoint` (tensors ``model/``, ``target/``, ``optim/``;
-the resolved config in the JSON meta); :func:`load_world_model` reads one back.
+Checkpoints go through :mod:`jepa_engine.checkpoint` (tensors ``model/``, ``target/``, ``optim/``,
+``rng/``, ``data/generator``; the resolved config, EMA schedule and stream position in the JSON meta);
+``train_world_model(..., resume=True)`` continues one exactly, :func:`load_world_model` reads the model.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from jepa_engine import checkpoint as ckpt
 from jepa_engine.config import ConfigIO
 from jepa_engine.ema import EMA
-from jepa_engine.envs import TrajectoryStream, WorldConfig
+from jepa_engine.envs import TrajectoryBatches, TrajectoryStream, WorldConfig
 from jepa_engine.models.world_model import WorldModel, WorldModelConfig, sigreg
 
 
@@ -177,11 +178,18 @@ def build_world_model(cfg: WMTrainConfig, device) -> tuple[WorldModel, Optional[
 
 
 def train_world_model(cfg: WMTrainConfig, out_dir: Union[str, os.PathLike, None] = None,
-                      log: Optional[Callable[[str], None]] = print) -> dict:
+                      log: Optional[Callable[[str], None]] = print, resume: bool = False) -> dict:
     """Train ``cfg``; writes config.json, metrics.jsonl and checkpoints to ``out_dir`` (None: nothing).
 
-    Returns a summary: steps done, seconds, loss history ``[(step, loss, teacher, rollout, sigreg, z_std)]``,
-    the last checkpoint path and the model (``summary["model"]``, in eval mode).
+    ``resume=True`` continues from the newest complete checkpoint in ``out_dir`` (if any) exactly: weights,
+    EMA target and schedule, optimizer, RNG states and the trajectory stream's position, so a run
+    interrupted at a checkpoint and resumed ends with the weights of an uninterrupted run (on CPU).
+    ``cfg.steps`` may be raised on resume to train further (the LR schedule follows the new total).
+
+    Returns a summary: steps done (in total), seconds (this call), loss history
+    ``[(step, loss, teacher, rollout, sigreg, z_std)]`` (metrics.jsonl's rows when resumed), the last
+    checkpoint path, the step resumed from (``resumed_from``, None for a fresh run) and the model
+    (``summary["model"]``, in eval mode).
     """
     device = cfg.resolved_device()
     model, ema = build_world_model(cfg, device)
@@ -189,16 +197,34 @@ def train_world_model(cfg: WMTrainConfig, out_dir: Union[str, os.PathLike, None]
     stream = iter(TrajectoryStream(cfg.world_config(), cfg.batch_size, cfg.resolved_episode_len(),
                                    policy=cfg.policy, seed=cfg.seed, device=device))
     out = Path(out_dir) if out_dir is not None else None
+    start, last_ckpt, resumed_from = 0, None, None
+    if resume:
+        if out is None:
+            raise ValueError("train_world_model: resume=True needs out_dir (the run folder to resume)")
+        latest = ckpt.latest_checkpoint(out)
+        if latest is not None:
+            start = load_training_state(latest, model, opt, ema, stream, device)
+            last_ckpt, resumed_from = latest, start
+            if log:
+                log(f"resumed from {latest} at step {start}")
+    history: list[tuple] = []
     metrics = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+        # Rows an interrupted run logged after its checkpoint are dropped: they are trained again.
+        rows = _read_metrics(out / "metrics.jsonl") if start else []
+        rows = [r for r in rows if r.get("step", math.inf) < start]
+        history = [tuple(r[k] for k in _METRIC_KEYS) for r in rows]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         metrics = open(out / "metrics.jsonl", "a")
-    history, last_ckpt, saved_at, t0, done = [], None, -1, time.perf_counter(), 0
+    saved_at, t0, done = (start if last_ckpt else -1), time.perf_counter(), start
     model.train()
     try:
-        for step in range(cfg.steps):
+        for step in range(start, cfg.steps):
             if cfg.max_minutes and time.perf_counter() - t0 > 60 * cfg.max_minutes:
+                if log:
+                    log(f"time budget of {cfg.max_minutes:g} min reached at step {step}")
                 break
             batch = next(stream)
             for g in opt.param_groups:
@@ -218,26 +244,45 @@ def train_world_model(cfg: WMTrainConfig, out_dir: Union[str, os.PathLike, None]
                     raise FloatingPointError(f"train_world_model: loss became {row[1]} at step {step}")
                 history.append(tuple(row))
                 if metrics is not None:
-                    metrics.write(json.dumps(dict(zip(("step", "loss", "teacher", "rollout", "sigreg", "z_std"),
-                                                      row))) + "\n")
+                    metrics.write(json.dumps(dict(zip(_METRIC_KEYS, row))) + "\n")
                     metrics.flush()
                 if log:
                     log(f"step {step:5d}  loss {row[1]:.4f}  teacher {row[2]:.4f}  rollout {row[3]:.4f}  "
                         f"sigreg {row[4]:.3f}  z_std {row[5]:.3f}  ({time.perf_counter() - t0:.0f} s)")
             if out is not None and done % cfg.checkpoint_every == 0:
-                last_ckpt, saved_at = save_world_model(out, done, model, cfg, opt, ema), done
+                last_ckpt, saved_at = save_world_model(out, done, model, cfg, opt, ema, stream), done
         if out is not None and saved_at != done:
-            last_ckpt = save_world_model(out, done, model, cfg, opt, ema)
+            last_ckpt = save_world_model(out, done, model, cfg, opt, ema, stream)
     finally:
         if metrics is not None:
             metrics.close()
     model.eval()
     return {"steps": done, "seconds": time.perf_counter() - t0, "losses": history,
-            "checkpoint": str(last_ckpt) if last_ckpt else None, "model": model}
+            "checkpoint": str(last_ckpt) if last_ckpt else None, "model": model,
+            "resumed_from": resumed_from}
+
+
+_METRIC_KEYS = ("step", "loss", "teacher", "rollout", "sigreg", "z_std")
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break   # a line cut short by an interruption ends the file
+            if isinstance(row, dict) and all(k in row for k in _METRIC_KEYS):
+                rows.append(row)
+    return rows
 
 
 def save_world_model(out_dir: Union[str, os.PathLike], step: int, model: WorldModel, cfg: WMTrainConfig,
-                     optimizer: Optional[torch.optim.Optimizer] = None, ema: Optional[EMA] = None) -> Path:
+                     optimizer: Optional[torch.optim.Optimizer] = None, ema: Optional[EMA] = None,
+                     stream: Optional[TrajectoryBatches] = None) -> Path:
+    """Checkpoint ``model`` (and, when given, the EMA target, the optimizer and, with ``stream``, the RNG
+    states and the stream's position: everything :func:`train_world_model` needs to resume)."""
     tensors = ckpt.module_tensors(model, "model/")
     meta: dict[str, Any] = {"kind": "world_model", "config": cfg.to_dict(), "model_config": model.cfg.to_dict()}
     if ema is not None:
@@ -247,7 +292,40 @@ def save_world_model(out_dir: Union[str, os.PathLike], step: int, model: WorldMo
         ot, om = ckpt.optimizer_state(optimizer)
         tensors.update(ot)
         meta["optim"] = om
+    if stream is not None:
+        rt, rm = ckpt.rng_state()
+        tensors.update(rt)
+        meta["rng"] = rm
+        state = stream.state_dict()
+        tensors["data/generator"] = state["generator"]
+        meta["data"] = {"count": state["count"], "next_step": step}
     return ckpt.save_checkpoint(out_dir, step, tensors, meta, keep_last=cfg.keep_last)
+
+
+def load_training_state(path: Union[str, os.PathLike], model: WorldModel, optimizer: torch.optim.Optimizer,
+                        ema: Optional[EMA], stream: TrajectoryBatches, device="cpu") -> int:
+    """Restore a :func:`save_world_model` checkpoint written during training; returns its step."""
+    tensors, meta = ckpt.load_checkpoint(path, device="cpu")
+    if meta.get("kind") != "world_model":
+        raise ckpt.CheckpointError(f"train_world_model: {path} must be a world-model checkpoint, got kind "
+                                   f"{meta.get('kind')!r}")
+    missing = [k for k in ("optim", "rng", "data") if k not in meta]
+    if (ema is not None) != ("ema" in meta):
+        missing.append("ema")
+    if missing:
+        raise ckpt.CheckpointError(f"train_world_model: {path} cannot be resumed: it lacks the training state "
+                                   f"{missing} (saved without optimizer/stream, or with another anti_collapse)")
+    ckpt.load_module_tensors(model, {k: v.to(device) for k, v in tensors.items() if k.startswith("model/")},
+                             "model/")
+    if ema is not None:
+        ckpt.load_module_tensors(ema.module, {k: v.to(device) for k, v in tensors.items()
+                                              if k.startswith("target/")}, "target/")
+        ema.load_state_dict(meta["ema"])
+    ckpt.load_optimizer_state(optimizer, {k: v.to(device) for k, v in tensors.items() if k.startswith("optim/")},
+                              meta["optim"])
+    ckpt.load_rng_state(tensors, meta["rng"])
+    stream.load_state_dict({"count": meta["data"]["count"], "generator": tensors["data/generator"]})
+    return int(meta["step"])
 
 
 def load_world_model(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"

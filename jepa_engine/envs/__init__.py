@@ -6,11 +6,11 @@
 """
 from .config import PRESETS, WorldConfig
 from .controller import GoalController
-from .data import TrajectoryStream
+from .data import TrajectoryBatches, TrajectoryStream
 from .physics import build_faces, door_band, in_free_space, step_physics
 from .render import render, render_background
 from .spaces import Box
 from .world import PointMassEnv, PointMassWorld
 
-__all__ = ["Box", "GoalController", "PRESETS", "PointMassEnv", "PointMassWorld", "TrajectoryStream", "WorldConfig",
+__all__ = ["Box", "GoalController", "PRESETS", "PointMassEnv", "PointMassWorld", "TrajectoryBatches", "TrajectoryStream", "WorldConfig",
            "build_faces", "door_band", "in_free_space", "render", "render_background", "step_physics"]

@@ -7,6 +7,9 @@ Each batch resets `batch_size` environments and rolls them `episode_len` (T) ste
     goals   [B, 2]
 Policies: "random" (temporally correlated AR(1) / Ornstein-Uhlenbeck-like noise, so episodes explore),
 "goal" (the PD `GoalController` plus a little correlated noise), "mixed" (each episode draws one of the two).
+
+``iter(stream)`` is a :class:`TrajectoryBatches`: its ``state_dict()`` (batches drawn, the world's
+generator state) restores the position exactly, so a resumed training run sees the same next batch.
 """
 from __future__ import annotations
 
@@ -44,13 +47,9 @@ class TrajectoryStream:
         self.seed, self.device, self.num_batches = seed, torch.device(device), num_batches
         self.action_corr, self.goal_noise, self.goal_fraction = action_corr, goal_noise, goal_fraction
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> "TrajectoryBatches":
         """Every new iteration restarts from `seed`, so two passes yield identical batches."""
-        world = PointMassWorld(self.config, self.batch_size, self.device, seed=self.seed)
-        count = 0
-        while self.num_batches is None or count < self.num_batches:
-            yield self._episode(world)
-            count += 1
+        return TrajectoryBatches(self)
 
     def _episode(self, world: PointMassWorld) -> dict[str, torch.Tensor]:
         B, T, g, dev = self.batch_size, self.episode_len, world.generator, self.device
@@ -72,3 +71,37 @@ class TrajectoryStream:
             o, _, _, _, info = world.step(action)
             obs[:, t + 1], states[:, t + 1], actions[:, t] = o, info["state"], action
         return {"obs": obs, "actions": actions, "states": states, "goals": world.goal.clone()}
+
+
+class TrajectoryBatches(Iterator[dict]):
+    """One pass over a :class:`TrajectoryStream`, with a resumable position.
+
+    ``state_dict()`` -> ``{"count": batches drawn, "generator": uint8 tensor}``; ``load_state_dict`` puts
+    a fresh pass at that position (the next batch is the one the saved pass would have drawn next).
+    """
+
+    def __init__(self, stream: TrajectoryStream):
+        self.stream = stream
+        self.world = PointMassWorld(stream.config, stream.batch_size, stream.device, seed=stream.seed)
+        self.count = 0
+
+    def __iter__(self) -> "TrajectoryBatches":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.stream.num_batches is not None and self.count >= self.stream.num_batches:
+            raise StopIteration
+        batch = self.stream._episode(self.world)
+        self.count += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "generator": self.world.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("count", "generator"):
+            if key not in state:
+                raise ValueError(f"TrajectoryBatches.load_state_dict: state must have key {key!r}, "
+                                 f"got keys {sorted(state)}")
+        self.world.generator.set_state(state["generator"].to(torch.uint8).cpu())
+        self.count = int(state["count"])
