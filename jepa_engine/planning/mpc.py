@@ -27,6 +27,7 @@ from jepa_engine.models.world_model import WorldModel
 
 from . import PLANNERS
 from .base import CostFn, Plan, Planner, PlannerConfig
+from .rollout import FusedRollout
 
 COSTS = ("l1", "l2")
 REDUCTIONS = ("final", "sum")
@@ -103,7 +104,13 @@ class MPCResult:
 def latent_cost(model: WorldModel, z_hist: torch.Tensor, past_actions: torch.Tensor, z_goal: torch.Tensor,
                 cost: str = "l2", reduce: str = "final") -> CostFn:
     """The planners' cost: ``actions [E, N, H, A] -> [E, N]``, the distance of the predicted embeddings
-    to the goal embedding. z_hist [E, h, D], past_actions [E, h-1, A], z_goal [E, D]."""
+    to the goal embedding. z_hist [E, h, D], past_actions [E, h-1, A], z_goal [E, D].
+
+    Without a gradient to record (CEM, MPPI) the rollout runs through :class:`FusedRollout` (shared
+    history prefix, last-row-only last block, fused linear pieces, the cost in the last step's pass);
+    when the actions or the history require grad (the gradient planner) through the differentiable
+    ``model.rollout`` and the fused ``latent_cost`` op. The fused rollout reads the model's weights on
+    the first call: build a new cost function after changing them."""
     if cost not in COSTS:
         raise ValueError(f"latent_cost: cost must be one of {COSTS}, got {cost!r}")
     if reduce not in REDUCTIONS:
@@ -118,11 +125,17 @@ def latent_cost(model: WorldModel, z_hist: torch.Tensor, past_actions: torch.Ten
         raise ValueError(f"latent_cost: past_actions must be [E, h-1, A] = [{E}, {h - 1}, {A}], "
                          f"got {list(past_actions.shape)}")
 
+    fused: list[FusedRollout] = []          # built on the first call that needs no gradient
+
     def cost_fn(actions: torch.Tensor) -> torch.Tensor:
         E_, N, H, A_ = actions.shape
         if E_ != E or A_ != A:
             raise ValueError(f"latent_cost: actions must be [E, N, H, A] with E = {E}, A = {A}, "
                              f"got {list(actions.shape)}")
+        if not (torch.is_grad_enabled() and (actions.requires_grad or z_hist.requires_grad)):
+            if not fused:
+                fused.append(FusedRollout(model))
+            return fused[0].cost(z_hist, past_actions, actions, z_goal, cost, reduce)
         zh = z_hist[:, None].expand(E, N, h, D).reshape(E * N, h, D)
         pa = past_actions[:, None].expand(E, N, h - 1, A).reshape(E * N, h - 1, A)
         z = model.rollout(zh, actions.reshape(E * N, H, A), past_actions=pa)              # [E*N, H, D]

@@ -1,0 +1,236 @@
+"""The planners' rollout: a world model's predictor run for N candidate action sequences per environment,
+restructured for inference so that no work is repeated.
+
+``WorldModel.rollout`` (the reference; differentiable, what training and the gradient planner use)
+runs the whole predictor on the sliding window of ``history`` frames once per step, for every
+candidate. For sampling planners (CEM, MPPI: no gradient) three things in that computation are
+wasted, and :class:`FusedRollout` skips them:
+
+1. **Shared prefix.** Frame-causal attention means the tokens of window frame ``j`` depend on frames
+   ``<= j`` only. Frames whose embedding and action are both observed (the history frames before the
+   last one) are the same for all N candidates of an environment: their keys and values are computed
+   once per environment (batch E, not E x N) and broadcast.
+2. **Last row only in the last block.** The prediction reads the last action token only. The last
+   block computes keys and values for every token of the window, but the query, attention output,
+   projection and MLP for one row.
+3. **Folded parameters.** LayerNorm's scale and shift are folded into the next linear layer (and the
+   final norm into the output projection), and each token's position + type embedding into one table,
+   so a block is: normalise, linear (+ residual), normalise, linear + GELU, linear + residual.
+
+The linear pieces run through :func:`jepa_engine.kernels.fused_linear` (normalisation prologue,
+bias / GELU / residual epilogue: one Triton launch each on CUDA, the fewest torch ops on CPU), and the
+last step's output projection and its distance to the goal through
+:func:`jepa_engine.kernels.linear_goal_cost` (one pass). Attention over a window of at most
+``2 * history`` tokens goes through PyTorch's SDPA with an explicit mask.
+
+Per step ``k`` of the horizon (``h`` history frames, window of ``W = history`` frames)::
+
+    window frames   start .. end-1,  end = h + k, start = max(0, end - W)
+    shared frames   start .. h-2      (observed embedding and observed action)    batch E, cached
+    candidate part  h-1 .. end-1      (a candidate action or a predicted embedding) batch E*N
+
+The result equals :meth:`WorldModel.rollout` up to floating-point rounding (the tests check this).
+The parameters are read when the object is built: build a new one after changing the weights.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from jepa_engine.kernels import fused_linear, linear_goal_cost
+from jepa_engine.kernels.fused_linear import fold_layernorm
+from jepa_engine.models.world_model import WorldModel
+
+__all__ = ["FusedRollout"]
+
+
+class _Block:
+    """One predictor block's folded parameters."""
+
+    def __init__(self, block, dtype: torch.dtype):
+        attn = block.attn
+        self.heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
+        self.eps1, self.eps2 = block.norm1.eps, block.norm2.eps
+        w, b = fold_layernorm(block.norm1, attn.qkv)
+        self.w_qkv, self.b_qkv = w.to(dtype), b.to(dtype)
+        C = self.w_qkv.shape[1]
+        self.w_q, self.b_q = self.w_qkv[:C], self.b_qkv[:C]
+        self.w_kv, self.b_kv = self.w_qkv[C:], self.b_qkv[C:]
+        self.w_proj, self.b_proj = attn.proj.weight.detach().to(dtype), attn.proj.bias.detach().to(dtype)
+        w, b = fold_layernorm(block.norm2, block.mlp.fc1)
+        self.w_fc1, self.b_fc1 = w.to(dtype), b.to(dtype)
+        self.w_fc2, self.b_fc2 = block.mlp.fc2.weight.detach().to(dtype), block.mlp.fc2.bias.detach().to(dtype)
+
+    def heads_view(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, L, C] -> [B, heads, L, head_dim]."""
+        B, L, _ = t.shape
+        return t.view(B, L, self.heads, self.head_dim).transpose(1, 2)
+
+    def kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B, heads, L, hd]`` of tokens ``x [B, L, C]``."""
+        B, L, C = x.shape
+        kv = fused_linear(x.reshape(B * L, C), self.w_kv, self.b_kv, normalize=True, eps=self.eps1)
+        k, v = kv.view(B, L, 2, C).unbind(2)
+        return self.heads_view(k), self.heads_view(v)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + fc2(gelu(fc1(norm2(x))))`` for rows ``x [M, C]``."""
+        hidden = fused_linear(x, self.w_fc1, self.b_fc1, normalize=True, eps=self.eps2, activation="gelu")
+        return fused_linear(hidden, self.w_fc2, self.b_fc2, residual=x)
+
+
+class FusedRollout:
+    """``FusedRollout(model)``: the inference rollout of ``model``'s predictor for batches of candidates.
+
+    ``rollout(z_hist [E, h, D], past_actions [E, h-1, A], actions [E, N, H, A]) -> z [E, N, H, D]``
+    ``cost(z_hist, past_actions, actions, z_goal [E, D], metric, reduce) -> [E, N]`` (fp32)
+
+    ``z[e, n, k]`` is the embedding after ``actions[e, n, k]``, as ``model.rollout`` computes it for
+    the history of environment e. Inference only (no autograd graph is recorded).
+    """
+
+    def __init__(self, model: WorldModel, dtype: Optional[torch.dtype] = None):
+        p = model.predictor
+        self.cfg = model.cfg
+        self.dtype = dtype or p.embed.weight.dtype
+        with torch.no_grad():
+            dt = self.dtype
+            self.blocks = [_Block(b, dt) for b in p.blocks]
+            self.w_embed, self.b_embed = p.embed.weight.detach().to(dt), p.embed.bias.detach().to(dt)
+            # pos_type[t, 0]: embedding token at window frame t; pos_type[t, 1]: action token.
+            self.pos_type = (p.time_pos[:, None, :] + p.type_embed[None]).detach().to(dt)   # [W, 2, Dp]
+            self.w_out, self.b_out = (t.to(dt) for t in fold_layernorm(p.norm, p.out))
+            self.eps_out = p.norm.eps
+            fc1, _, fc2 = model.action_encoder.net
+            self.w_act1, self.b_act1 = fc1.weight.detach().to(dt), fc1.bias.detach().to(dt)
+            self.w_act2, self.b_act2 = fc2.weight.detach().to(dt), fc2.bias.detach().to(dt)
+        self.masks: dict = {}
+
+    # ---------------------------------------------------------------------------------------------
+    def _mask(self, prefix: int, frames: int, device) -> torch.Tensor:
+        """Bool ``[2 * frames, prefix + 2 * frames]``: candidate token i (frame i // 2) sees the whole
+        shared prefix and the candidate tokens of frames <= its own."""
+        key = (prefix, frames, device)
+        if key not in self.masks:
+            f = torch.arange(2 * frames, device=device) // 2
+            own = f[None, :] <= f[:, None]
+            self.masks[key] = torch.cat([own.new_ones(2 * frames, prefix), own], dim=1)
+        return self.masks[key]
+
+    def _prefix_kv(self, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The shared frames ``tokens [E, 2s, Dp]`` through every block: keys/values per block."""
+        out = []
+        x = tokens
+        mask = self._mask(0, tokens.shape[1] // 2, tokens.device)
+        for i, blk in enumerate(self.blocks):
+            k, v = blk.kv(x)
+            out.append((k, v))
+            if i + 1 < len(self.blocks):
+                x = self._attend(blk, x, k, v, mask)
+        return out
+
+    def _attend(self, blk: _Block, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """A full block for tokens ``x [B, L, C]`` given all keys/values ``[B, heads, P + L, hd]``."""
+        B, L, C = x.shape
+        q = fused_linear(x.reshape(B * L, C), blk.w_q, blk.b_q, normalize=True, eps=blk.eps1)
+        o = F.scaled_dot_product_attention(blk.heads_view(q.view(B, L, C)), k, v, attn_mask=mask, scale=blk.scale)
+        x = fused_linear(o.transpose(1, 2).reshape(B * L, C), blk.w_proj, blk.b_proj, residual=x.reshape(B * L, C))
+        return blk.mlp(x).view(B, L, C)
+
+    def _action_tokens(self, a: torch.Tensor) -> torch.Tensor:
+        """The action encoder: ``a [B, T, A] -> [B, T, Dp]``."""
+        B, T, A = a.shape
+        hidden = fused_linear(a.reshape(B * T, A), self.w_act1, self.b_act1, activation="gelu")
+        return fused_linear(hidden, self.w_act2, self.b_act2).view(B, T, -1)
+
+    # ---------------------------------------------------------------------------------------------
+    def _run(self, z_hist, past_actions, actions, z_goal=None, metric="l2", reduce="final"):
+        E, h, D = z_hist.shape
+        _, N, H, A = actions.shape
+        W = self.cfg.history
+        dt, dev = self.dtype, z_hist.device
+        EN = E * N
+        Dp = self.w_embed.shape[0]
+        z_hist, past_actions, actions = z_hist.to(dt), past_actions.to(dt), actions.to(dt)
+        # Embedding and action tokens without positions: observed ones per environment, the candidates'
+        # per row. emb[j] / act[j] for frame j: [E, Dp] (shared) or [E*N, Dp].
+        emb: list[torch.Tensor] = list(fused_linear(z_hist.reshape(E * h, D), self.w_embed, self.b_embed)
+                                       .view(E, h, Dp).unbind(1))
+        act: list[torch.Tensor] = list(self._action_tokens(past_actions).unbind(1)) if h > 1 else []
+        act += list(self._action_tokens(actions.reshape(EN, H, A)).unbind(1))
+        outs, cost = [], None
+        for k in range(H):
+            end = h + k
+            start = max(0, end - W)
+            s = max(0, h - 1 - start)                         # shared frames at the window's front
+            t = end - start - s                               # candidate frames
+            prefix = None
+            if s:
+                shared = torch.stack([torch.stack([emb[start + i], act[start + i]], 1) for i in range(s)], 1)
+                prefix = self._prefix_kv((shared + self.pos_type[:s]).reshape(E, 2 * s, Dp))
+            rows = []
+            for i in range(s, s + t):
+                j = start + i
+                e = emb[j]
+                if e.shape[0] == E:                          # the last observed frame: broadcast
+                    e = e.repeat_interleave(N, dim=0)
+                rows.append(torch.stack([e, act[j]], 1) + self.pos_type[i])
+            x = torch.stack(rows, 1).view(EN, 2 * t, Dp)      # candidate tokens [E*N, 2t, Dp]
+            mask = self._mask(2 * s, t, dev) if t > 1 else None
+            last = len(self.blocks) - 1
+            for bi, blk in enumerate(self.blocks):
+                k_, v_ = blk.kv(x)
+                if prefix is not None:
+                    pk, pv = prefix[bi]
+                    k_ = torch.cat([pk.repeat_interleave(N, dim=0), k_], dim=2)
+                    v_ = torch.cat([pv.repeat_interleave(N, dim=0), v_], dim=2)
+                if bi < last:
+                    x = self._attend(blk, x, k_, v_, mask)
+                else:                                        # the last action token only: it sees all
+                    x = self._attend(blk, x[:, -1:], k_, v_, None)[:, 0]             # [E*N, Dp]
+            final = k == H - 1
+            if z_goal is not None and (final or reduce == "sum"):
+                z, c = linear_goal_cost(x, self.w_out, self.b_out, z_goal.to(dt), normalize=True, eps=self.eps_out,
+                                        metric=metric)
+                cost = c if cost is None else cost + c
+            else:
+                z = fused_linear(x, self.w_out, self.b_out, normalize=True, eps=self.eps_out)
+            outs.append(z)
+            if not final:
+                emb.append(fused_linear(z, self.w_embed, self.b_embed))
+        return outs, cost
+
+    def _check(self, z_hist, past_actions, actions, z_goal=None):
+        c = self.cfg
+        if z_hist.dim() != 3 or z_hist.shape[2] != c.embed_dim or not 1 <= z_hist.shape[1] <= c.history:
+            raise ValueError(f"FusedRollout: z_hist must be [E, h, {c.embed_dim}] with 1 <= h <= history = "
+                             f"{c.history}, got {list(z_hist.shape)}")
+        E, h, _ = z_hist.shape
+        if actions.dim() != 4 or actions.shape[0] != E or actions.shape[3] != c.action_dim or actions.shape[2] < 1:
+            raise ValueError(f"FusedRollout: actions must be [E, N, H, A] with E = {E}, H >= 1, A = {c.action_dim}, "
+                             f"got {list(actions.shape)}")
+        if tuple(past_actions.shape) != (E, h - 1, c.action_dim):
+            raise ValueError(f"FusedRollout: past_actions must be [E, h-1, A] = [{E}, {h - 1}, {c.action_dim}], "
+                             f"got {list(past_actions.shape)}")
+        if z_goal is not None and tuple(z_goal.shape) != (E, c.embed_dim):
+            raise ValueError(f"FusedRollout: z_goal must be [E, D] = [{E}, {c.embed_dim}], got {list(z_goal.shape)}")
+
+    @torch.no_grad()
+    def rollout(self, z_hist: torch.Tensor, past_actions: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """z_hist [E, h, D], past_actions [E, h-1, A], actions [E, N, H, A] -> z [E, N, H, D]."""
+        self._check(z_hist, past_actions, actions)
+        outs, _ = self._run(z_hist, past_actions, actions)
+        E, N = actions.shape[:2]
+        return torch.stack(outs, 1).view(E, N, len(outs), -1)
+
+    @torch.no_grad()
+    def cost(self, z_hist: torch.Tensor, past_actions: torch.Tensor, actions: torch.Tensor, z_goal: torch.Tensor,
+             metric: str = "l2", reduce: str = "final") -> torch.Tensor:
+        """The planners' cost ``[E, N]`` (fp32): the distance of the last predicted embedding
+        (``reduce="final"``) or the sum over the horizon (``"sum"``) to ``z_goal [E, D]``."""
+        self._check(z_hist, past_actions, actions, z_goal)
+        _, cost = self._run(z_hist, past_actions, actions, z_goal, metric, reduce)
+        return cost.view(actions.shape[0], actions.shape[1])
