@@ -13,8 +13,11 @@ Peers of every group, timed in the same run:
   rolled out step by step in a Python loop, the distance to the goal, ``topk`` elites, mean/std refit;
 - ``torch_compile``: the same loop with the rollout's predictor step under ``torch.compile``
   (``mode="reduce-overhead"`` on CUDA, the default mode on CPU);
-- ``jepa_engine``: ``CEMPlanner`` with the MPC cost (fused sampling, fused cost, fused elite refit),
-  the whole plan captured in one CUDA graph on CUDA (``GraphedPlanner``), the plain planner on CPU.
+- ``jepa_engine``: ``CEMPlanner`` with the MPC cost: fused sampling, the rollout through
+  ``FusedRollout`` (the shared history prefix once per environment, the last block on the last row
+  only, LayerNorms folded, fused linear pieces with the goal cost in the last step's pass), fused elite
+  refit; the whole plan captured in one CUDA graph on CUDA (``GraphedPlanner``), the plain planner on
+  CPU (the same restructured rollout on torch ops).
 
 The weights are untrained (initialised from a fixed seed): timing does not depend on them, and task
 success is not defined for them, so every row records ``success=None`` with the reason. No trained

@@ -39,15 +39,24 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from jepa_engine.kernels import fused_linear, linear_goal_cost
-from jepa_engine.kernels.fused_linear import fold_layernorm
+from jepa_engine.kernels import backend_for, fused_linear, linear_goal_cost
+from jepa_engine.kernels.fused_linear import fold_layernorm, fused_linear_reference, linear_goal_cost_reference
 from jepa_engine.models.world_model import WorldModel
 
 __all__ = ["FusedRollout"]
 
 
+def _ops(device: torch.device):
+    """``(linear, goal_cost)``: the fused ops, or their references where the dispatch would pick them
+    anyway (plain CPU tensors, ``use_backend("reference")``), called directly: the rollout validates its
+    inputs once, not in each of its ~15 linear calls per step."""
+    if backend_for("fused_linear", device) == "reference":
+        return fused_linear_reference, linear_goal_cost_reference
+    return fused_linear, linear_goal_cost
+
+
 class _Block:
-    """One predictor block's folded parameters."""
+    """One predictor block's folded parameters and its pieces."""
 
     def __init__(self, block, dtype: torch.dtype):
         attn = block.attn
@@ -63,22 +72,36 @@ class _Block:
         self.w_fc1, self.b_fc1 = w.to(dtype), b.to(dtype)
         self.w_fc2, self.b_fc2 = block.mlp.fc2.weight.detach().to(dtype), block.mlp.fc2.bias.detach().to(dtype)
 
-    def heads_view(self, t: torch.Tensor) -> torch.Tensor:
-        """[B, L, C] -> [B, heads, L, head_dim]."""
+    def _heads(self, t: torch.Tensor, parts: int) -> list[torch.Tensor]:
+        """``[B, L, parts * C]`` -> ``parts`` views ``[B, heads, L, head_dim]``."""
         B, L, _ = t.shape
-        return t.view(B, L, self.heads, self.head_dim).transpose(1, 2)
+        return list(t.view(B, L, parts, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0))
 
-    def kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[B, heads, L, hd]`` of tokens ``x [B, L, C]``."""
+    def qkv(self, lin, x: torch.Tensor) -> list[torch.Tensor]:
+        """Queries, keys, values ``[B, heads, L, hd]`` of tokens ``x [B, L, C]`` (one norm, one matmul)."""
         B, L, C = x.shape
-        kv = fused_linear(x.reshape(B * L, C), self.w_kv, self.b_kv, normalize=True, eps=self.eps1)
-        k, v = kv.view(B, L, 2, C).unbind(2)
-        return self.heads_view(k), self.heads_view(v)
+        return self._heads(lin(x.reshape(B * L, C), self.w_qkv, self.b_qkv, normalize=True, eps=self.eps1)
+                           .view(B, L, 3 * C), 3)
 
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        """``x + fc2(gelu(fc1(norm2(x))))`` for rows ``x [M, C]``."""
-        hidden = fused_linear(x, self.w_fc1, self.b_fc1, normalize=True, eps=self.eps2, activation="gelu")
-        return fused_linear(hidden, self.w_fc2, self.b_fc2, residual=x)
+    def kv(self, lin, x: torch.Tensor) -> list[torch.Tensor]:
+        B, L, C = x.shape
+        return self._heads(lin(x.reshape(B * L, C), self.w_kv, self.b_kv, normalize=True, eps=self.eps1)
+                           .view(B, L, 2 * C), 2)
+
+    def q(self, lin, x: torch.Tensor) -> torch.Tensor:
+        B, L, C = x.shape
+        return self._heads(lin(x.reshape(B * L, C), self.w_q, self.b_q, normalize=True, eps=self.eps1)
+                           .view(B, L, C), 1)[0]
+
+    def finish(self, lin, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The block's output for tokens ``x [B, L, C]``: attention of ``q [B, heads, L, hd]`` over all
+        keys/values ``[B, heads, P + L, hd]``, projection + residual, MLP + residual."""
+        B, L, C = x.shape
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        x = lin(o.transpose(1, 2).reshape(B * L, C), self.w_proj, self.b_proj, residual=x.reshape(B * L, C))
+        hidden = lin(x, self.w_fc1, self.b_fc1, normalize=True, eps=self.eps2, activation="gelu")
+        return lin(hidden, self.w_fc2, self.b_fc2, residual=x).view(B, L, C)
 
 
 class FusedRollout:
@@ -88,7 +111,8 @@ class FusedRollout:
     ``cost(z_hist, past_actions, actions, z_goal [E, D], metric, reduce) -> [E, N]`` (fp32)
 
     ``z[e, n, k]`` is the embedding after ``actions[e, n, k]``, as ``model.rollout`` computes it for
-    the history of environment e. Inference only (no autograd graph is recorded).
+    the history of environment e. Inference only (no autograd graph is recorded). ``dtype`` (default:
+    the model's) is the precision of the weights and activations; the cost is fp32.
     """
 
     def __init__(self, model: WorldModel, dtype: Optional[torch.dtype] = None):
@@ -119,32 +143,23 @@ class FusedRollout:
             self.masks[key] = torch.cat([own.new_ones(2 * frames, prefix), own], dim=1)
         return self.masks[key]
 
-    def _prefix_kv(self, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _prefix_kv(self, lin, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The shared frames ``tokens [E, 2s, Dp]`` through every block: keys/values per block."""
         out = []
         x = tokens
         mask = self._mask(0, tokens.shape[1] // 2, tokens.device)
         for i, blk in enumerate(self.blocks):
-            k, v = blk.kv(x)
+            q, k, v = blk.qkv(lin, x)
             out.append((k, v))
             if i + 1 < len(self.blocks):
-                x = self._attend(blk, x, k, v, mask)
+                x = blk.finish(lin, x, q, k, v, mask)
         return out
 
-    def _attend(self, blk: _Block, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """A full block for tokens ``x [B, L, C]`` given all keys/values ``[B, heads, P + L, hd]``."""
-        B, L, C = x.shape
-        q = fused_linear(x.reshape(B * L, C), blk.w_q, blk.b_q, normalize=True, eps=blk.eps1)
-        o = F.scaled_dot_product_attention(blk.heads_view(q.view(B, L, C)), k, v, attn_mask=mask, scale=blk.scale)
-        x = fused_linear(o.transpose(1, 2).reshape(B * L, C), blk.w_proj, blk.b_proj, residual=x.reshape(B * L, C))
-        return blk.mlp(x).view(B, L, C)
-
-    def _action_tokens(self, a: torch.Tensor) -> torch.Tensor:
+    def _action_tokens(self, lin, a: torch.Tensor) -> torch.Tensor:
         """The action encoder: ``a [B, T, A] -> [B, T, Dp]``."""
         B, T, A = a.shape
-        hidden = fused_linear(a.reshape(B * T, A), self.w_act1, self.b_act1, activation="gelu")
-        return fused_linear(hidden, self.w_act2, self.b_act2).view(B, T, -1)
+        hidden = lin(a.reshape(B * T, A), self.w_act1, self.b_act1, activation="gelu")
+        return lin(hidden, self.w_act2, self.b_act2).view(B, T, -1)
 
     # ---------------------------------------------------------------------------------------------
     def _run(self, z_hist, past_actions, actions, z_goal=None, metric="l2", reduce="final"):
@@ -154,13 +169,14 @@ class FusedRollout:
         dt, dev = self.dtype, z_hist.device
         EN = E * N
         Dp = self.w_embed.shape[0]
+        lin, goal_cost = _ops(dev)
         z_hist, past_actions, actions = z_hist.to(dt), past_actions.to(dt), actions.to(dt)
         # Embedding and action tokens without positions: observed ones per environment, the candidates'
         # per row. emb[j] / act[j] for frame j: [E, Dp] (shared) or [E*N, Dp].
-        emb: list[torch.Tensor] = list(fused_linear(z_hist.reshape(E * h, D), self.w_embed, self.b_embed)
+        emb: list[torch.Tensor] = list(lin(z_hist.reshape(E * h, D), self.w_embed, self.b_embed)
                                        .view(E, h, Dp).unbind(1))
-        act: list[torch.Tensor] = list(self._action_tokens(past_actions).unbind(1)) if h > 1 else []
-        act += list(self._action_tokens(actions.reshape(EN, H, A)).unbind(1))
+        act: list[torch.Tensor] = list(self._action_tokens(lin, past_actions).unbind(1)) if h > 1 else []
+        act += list(self._action_tokens(lin, actions.reshape(EN, H, A)).unbind(1))
         outs, cost = [], None
         for k in range(H):
             end = h + k
@@ -170,7 +186,7 @@ class FusedRollout:
             prefix = None
             if s:
                 shared = torch.stack([torch.stack([emb[start + i], act[start + i]], 1) for i in range(s)], 1)
-                prefix = self._prefix_kv((shared + self.pos_type[:s]).reshape(E, 2 * s, Dp))
+                prefix = self._prefix_kv(lin, (shared + self.pos_type[:s]).reshape(E, 2 * s, Dp))
             rows = []
             for i in range(s, s + t):
                 j = start + i
@@ -182,25 +198,28 @@ class FusedRollout:
             mask = self._mask(2 * s, t, dev) if t > 1 else None
             last = len(self.blocks) - 1
             for bi, blk in enumerate(self.blocks):
-                k_, v_ = blk.kv(x)
+                if bi < last:
+                    q, k_, v_ = blk.qkv(lin, x)
+                else:                                        # the last action token's query only: it sees all
+                    k_, v_ = blk.kv(lin, x)
+                    x = x[:, -1:]
+                    q = blk.q(lin, x)
                 if prefix is not None:
                     pk, pv = prefix[bi]
                     k_ = torch.cat([pk.repeat_interleave(N, dim=0), k_], dim=2)
                     v_ = torch.cat([pv.repeat_interleave(N, dim=0), v_], dim=2)
-                if bi < last:
-                    x = self._attend(blk, x, k_, v_, mask)
-                else:                                        # the last action token only: it sees all
-                    x = self._attend(blk, x[:, -1:], k_, v_, None)[:, 0]             # [E*N, Dp]
+                x = blk.finish(lin, x, q, k_, v_, mask if bi < last else None)
+            x = x[:, 0]                                       # [E*N, Dp]
             final = k == H - 1
             if z_goal is not None and (final or reduce == "sum"):
-                z, c = linear_goal_cost(x, self.w_out, self.b_out, z_goal.to(dt), normalize=True, eps=self.eps_out,
+                z, c = goal_cost(x, self.w_out, self.b_out, z_goal.to(dt), normalize=True, eps=self.eps_out,
                                         metric=metric)
                 cost = c if cost is None else cost + c
             else:
-                z = fused_linear(x, self.w_out, self.b_out, normalize=True, eps=self.eps_out)
+                z = lin(x, self.w_out, self.b_out, normalize=True, eps=self.eps_out)
             outs.append(z)
             if not final:
-                emb.append(fused_linear(z, self.w_embed, self.b_embed))
+                emb.append(lin(z, self.w_embed, self.b_embed))
         return outs, cost
 
     def _check(self, z_hist, past_actions, actions, z_goal=None):
