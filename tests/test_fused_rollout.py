@@ -134,3 +134,24 @@ def test_bad_input(which, shape, match):
     args[which] = torch.zeros(shape)
     with pytest.raises(ValueError, match=match):
         FusedRollout(model).cost(args["z_hist"], args["past"], args["actions"], args["goal"])
+
+
+@pytest.mark.parametrize("overrides,h,H", [({}, 3, 5), ({}, 1, 2), ({"pred_depth": 3, "history": 4}, 2, 6)])
+def test_flop_count_matches_torch_flop_counter(overrides, h, H, monkeypatch):
+    """``flops()`` counts exactly the matmuls and attention that a cost call runs. (The flop counter
+    does not see the CPU's fused SDPA kernel, so attention runs written out for the count.)"""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def sdpa_written_out(q, k, v, attn_mask=None, scale=None):
+        s = torch.matmul(q, k.transpose(-1, -2)) * scale
+        if attn_mask is not None:
+            s = s.masked_fill(~attn_mask, float("-inf"))
+        return torch.matmul(s.softmax(-1), v)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa_written_out)
+    model = _model(**overrides)
+    z_hist, past, actions, z_goal = _inputs(model, E=2, h=h, N=3, H=H)
+    fr = FusedRollout(model)
+    with use_backend("reference"), FlopCounterMode(display=False) as counter:
+        fr.cost(z_hist, past, actions, z_goal)
+    assert counter.get_total_flops() == fr.flops(2, 3, H, h)

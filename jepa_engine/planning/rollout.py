@@ -148,11 +148,11 @@ class FusedRollout:
         out = []
         x = tokens
         mask = self._mask(0, tokens.shape[1] // 2, tokens.device)
-        for i, blk in enumerate(self.blocks):
+        for blk in self.blocks[:-1]:
             q, k, v = blk.qkv(lin, x)
             out.append((k, v))
-            if i + 1 < len(self.blocks):
-                x = blk.finish(lin, x, q, k, v, mask)
+            x = blk.finish(lin, x, q, k, v, mask)
+        out.append(tuple(self.blocks[-1].kv(lin, x)))
         return out
 
     def _action_tokens(self, lin, a: torch.Tensor) -> torch.Tensor:
@@ -236,6 +236,32 @@ class FusedRollout:
                              f"got {list(past_actions.shape)}")
         if z_goal is not None and tuple(z_goal.shape) != (E, c.embed_dim):
             raise ValueError(f"FusedRollout: z_goal must be [E, D] = [{E}, {c.embed_dim}], got {list(z_goal.shape)}")
+
+    def flops(self, envs: int, samples: int, horizon: int, observed: Optional[int] = None) -> int:
+        """Counted FLOPs (2 x multiply-adds; norms, biases, activations and softmax ignored) of one
+        :meth:`cost` call for ``envs`` environments x ``samples`` candidates, ``horizon`` steps, from
+        ``observed`` history frames (default: a full window)."""
+        c = self.cfg
+        E, N, H, W = envs, samples, horizon, c.history
+        h = W if observed is None else observed
+        C, D, A = self.w_embed.shape[0], c.embed_dim, c.action_dim
+        Hid = self.blocks[0].w_fc1.shape[0]
+        full = 4 * C * C + 2 * C * Hid                         # qkv, proj, fc1, fc2 per token
+        macs = (E * (h - 1) + E * N * H) * (A * C + C * C)     # action tokens
+        macs += (E * h + E * N * (H - 1)) * D * C              # embedding tokens
+        macs += E * N * H * C * D                              # output projection
+        last = len(self.blocks) - 1
+        for k in range(H):
+            end = h + k
+            start = max(0, end - W)
+            s = max(0, h - 1 - start)
+            L, P = 2 * (end - start - s), 2 * s
+            if s:   # the shared prefix, batch E: full blocks, then keys/values of the last one
+                macs += E * (last * (P * full + P * P * 2 * C) + P * 2 * C * C)
+            rows = E * N
+            macs += rows * last * (L * full + L * (P + L) * 2 * C)
+            macs += rows * (L * 2 * C * C + full - 2 * C * C + (P + L) * 2 * C)   # last block: kv, one row
+        return 2 * macs
 
     @torch.no_grad()
     def rollout(self, z_hist: torch.Tensor, past_actions: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
