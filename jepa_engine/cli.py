@@ -69,6 +69,13 @@ def _print_training_summary(summary: dict) -> None:
     print(f"checkpoint: {summary['checkpoint']}")
 
 
+# The demo's world-model section: training (a WMTrainConfig preset with overrides; max_minutes bounds it
+# on a slow machine) and the MPC evaluation (CEM, seeded episodes all planned at once).
+DEMO_WM_TRAIN: dict = dict(preset="demo", overrides=dict(max_minutes=2.0))
+DEMO_MPC: dict = dict(planner="cem", samples=64, iterations=5, elites=8, horizon=5, reduce="sum", max_steps=40)
+DEMO_MPC_EPISODES = 16
+
+
 def _demo(args: argparse.Namespace) -> int:
     import time
 
@@ -76,6 +83,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from jepa_engine.train import TrainConfig, Trainer
 
+    t_demo = time.perf_counter()
     cfg = TrainConfig.from_name("demo")
     device = cfg.resolved_device()
     print(f"== Training a tiny I-JEPA on the built-in world ({device}, budget {cfg.max_minutes:g} min, "
@@ -97,8 +105,68 @@ def _demo(args: argparse.Namespace) -> int:
               f"velocity {before['r2_velocity']:.3f}")
     ok = probe.get("r2_position", 0.0) >= 0.9
     print(f"position probe {'PASSES' if ok else 'MISSES'} the R^2 >= 0.9 target", flush=True)
+    print(f"(I-JEPA section: {time.perf_counter() - t0:.0f} s)", flush=True)
+
+    print("\n== Action-conditioned world model ==", flush=True)
+    wm_ok = _demo_world_model(os.path.join(args.out, "wm"))
+
+    # ---- further demo steps go here, before the kernel self-check ----
+
     print("\n== Kernel self-check ==", flush=True)
-    return _selfcheck(args) or (0 if ok else 1)
+    t0 = time.perf_counter()
+    rc = _selfcheck(args)
+    print(f"(self-check: {time.perf_counter() - t0:.0f} s; whole demo: {time.perf_counter() - t_demo:.0f} s)",
+          flush=True)
+    return rc or (0 if ok and wm_ok else 1)
+
+
+def _demo_world_model(out: str) -> bool:
+    """Train the demo world model into ``out``, report its physics probe and surprise, evaluate MPC.
+
+    Returns False only on a real failure (training or planning raised); a low success rate is reported,
+    not failed: a slow machine stops training early by its time budget."""
+    import time
+    import traceback
+
+    from jepa_engine.planning import MPC, MPCConfig
+    from jepa_engine.train_wm import WMTrainConfig, train_world_model
+
+    cfg = WMTrainConfig.from_name(DEMO_WM_TRAIN["preset"], **DEMO_WM_TRAIN.get("overrides", {}))
+    device = cfg.resolved_device()
+    mc = cfg.model_config()
+    print(f"training the {cfg.model!r} world model ({mc.img_size}x{mc.img_size} frames, history {mc.history}, "
+          f"{mc.anti_collapse}) on the {cfg.world!r} world: {cfg.steps} steps max, budget {cfg.max_minutes:g} min, "
+          f"{device}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        summary = train_world_model(cfg, out, log=lambda msg: print(msg, flush=True))
+    except Exception:
+        traceback.print_exc()
+        print("world model: training FAILED", flush=True)
+        return False
+    model = summary["model"]
+    print(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s; checkpoint {summary['checkpoint']}",
+          flush=True)
+    t1 = time.perf_counter()
+    _physics_report(model, cfg.world_config())
+    print(f"(probe and surprise: {time.perf_counter() - t1:.0f} s)", flush=True)
+
+    mpc_cfg = MPCConfig(**DEMO_MPC)
+    E = DEMO_MPC_EPISODES
+    print(f"MPC with {mpc_cfg.planner.upper()}: N={mpc_cfg.samples} x I={mpc_cfg.iterations} x H={mpc_cfg.horizon} "
+          f"(K={mpc_cfg.elites}, {mpc_cfg.cost} cost, {mpc_cfg.reduce} over the horizon), {E} seeded episodes "
+          f"of <= {mpc_cfg.max_steps} steps planned at once", flush=True)
+    t1 = time.perf_counter()
+    try:
+        result = MPC(model, cfg.world_config(), mpc_cfg, device=device).run(E, num_envs=E)
+    except Exception:
+        traceback.print_exc()
+        print("world model: MPC FAILED", flush=True)
+        return False
+    print(result.summary())
+    print(f"(MPC: {time.perf_counter() - t1:.0f} s; world-model section: {time.perf_counter() - t0:.0f} s)",
+          flush=True)
+    return True
 
 
 def _train_wm(args: argparse.Namespace) -> int:
@@ -129,18 +197,25 @@ def _train_wm(args: argparse.Namespace) -> int:
     return 0
 
 
-def _physics_report(model, world) -> None:
+def _physics_report(model, world) -> dict:
+    """Print the physics probe and the surprise at impossible events; returns them
+    (``{"probe": ProbeResult, "surprise": {kind: (impossible mean, normal mean, share higher)}}``)."""
     from jepa_engine.surprise import impossible_trajectories, physics_probe, surprise
 
-    print(f"physics probe (embeddings): {physics_probe(model, world, n_train=1024, n_test=512).summary()}")
+    probe = physics_probe(model, world, n_train=1024, n_test=512)
+    print(f"physics probe (embeddings): {probe.summary()}")
     kinds = ("teleport", "wall") if world.layout == "two_rooms" else ("teleport",)
+    report = {"probe": probe, "surprise": {}}
     for kind in kinds:
         d = impossible_trajectories(world, 64, 8, kind=kind, seed=7)
         e = d["event_step"]
         normal = surprise(model, d["obs"], d["actions"])[:, e]
         odd = surprise(model, d["obs_impossible"], d["actions"])[:, e]
+        higher = float((odd > normal).float().mean())
+        report["surprise"][kind] = (float(odd.mean()), float(normal.mean()), higher)
         print(f"surprise at a {kind}: {odd.mean():.3f} vs {normal.mean():.3f} on the same normal transition "
-              f"(x{odd.mean() / normal.mean():.1f}; higher in {(odd > normal).float().mean():.0%} of 64 episodes)")
+              f"(x{odd.mean() / normal.mean():.1f}; higher in {higher:.0%} of 64 episodes)")
+    return report
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -171,14 +246,14 @@ def _plan(args: argparse.Namespace) -> int:
 def _profile(args: argparse.Namespace) -> int:
     from jepa_engine.profiling.report import ProfileConfig, run_profile, summary_lines
 
+    given = {k: getattr(args, k) for k in ("preset", "out", "wm_checkpoint", "decoder_checkpoint", "budget_minutes",
+                                           "decisions", "max_steps", "reasoning_tokens", "sizes", "budgets",
+                                           "energy_seconds", "trials", "timing_seconds", "device", "seed",
+                                           "success_max_evals") if getattr(args, k) is not None}
+    given.update({k: False for k, flag in (("compile", args.no_compile), ("energy", args.no_energy),
+                                           ("progress", args.no_progress)) if flag})
     try:
-        cfg = ProfileConfig(preset=args.preset, out=args.out, wm_checkpoint=args.wm_checkpoint,
-                            decoder_checkpoint=args.decoder_checkpoint, budget_minutes=args.budget_minutes,
-                            decisions=args.decisions, max_steps=args.max_steps, reasoning_tokens=args.reasoning_tokens,
-                            sizes=args.sizes, budgets=args.budgets, compile=not args.no_compile,
-                            energy=not args.no_energy, energy_seconds=args.energy_seconds, trials=args.trials,
-                            timing_seconds=args.timing_seconds, device=args.device or "auto", seed=args.seed,
-                            progress=not args.no_progress, success_max_evals=args.success_max_evals)
+        cfg = ProfileConfig.create(quick=args.quick, **given)
     except ValueError as e:
         print(f"jepa-engine profile: {e}", file=sys.stderr)
         return 2
@@ -233,29 +308,34 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     plan.set_defaults(func=_plan)
     prof = sub.add_parser("profile", help="JEPA planner vs token-by-token decoding: latency, energy, FLOPs, success")
-    prof.add_argument("--preset", default="tiny", help="tiny, demo, or lewm (an untrained ~15M pair, timing only)")
-    prof.add_argument("--out", default=os.path.join("runs", "profile"), help="run folder (default: runs/profile)")
+    prof.add_argument("--quick", action="store_true",
+                      help="a short run (about a minute on 2 CPU cores with trained checkpoints): budgets "
+                           "cem:64x5,mppi:32x3, L 0,64, sizes 1x,10x, no compiled form, 0.1 s timing windows, "
+                           "1 energy trial, --budget-minutes 2; options given explicitly still apply")
+    prof.add_argument("--preset", help="tiny (default), demo, or lewm (an untrained ~15M pair, timing only)")
+    prof.add_argument("--out", help="run folder (default: runs/profile)")
     prof.add_argument("--wm-checkpoint", help="a trained world-model checkpoint (file or run folder)")
     prof.add_argument("--decoder-checkpoint", help="a trained decoder checkpoint (file or run folder)")
-    prof.add_argument("--budget-minutes", type=float, default=3.0,
-                      help="training time for models not given as checkpoints (0: untrained, timing only)")
-    prof.add_argument("--decisions", type=int, default=8, help="seeded (start, goal) pairs")
-    prof.add_argument("--max-steps", type=int, default=40, help="control steps per success episode")
-    prof.add_argument("--reasoning-tokens", default="0,64,256,1024", help="L sweep, comma-separated")
-    prof.add_argument("--sizes", default="1x,10x,100x", help="decoder size sweep, factors of the world model's size")
-    prof.add_argument("--budgets", default="cem:300x30,cem:100x10,cem:64x5,cem:64x5:cold,mppi:100x10,cem:32x3",
-                      help="planner budgets PLANNER:NxI[:cold], comma-separated; the first is the reference")
+    prof.add_argument("--budget-minutes", type=float,
+                      help="training time for models not given as checkpoints (0: untrained, timing only; default 3)")
+    prof.add_argument("--decisions", type=int, help="seeded (start, goal) pairs (default 8)")
+    prof.add_argument("--max-steps", type=int, help="control steps per success episode (default 40)")
+    prof.add_argument("--reasoning-tokens", help="L sweep, comma-separated (default 0,64,256,1024)")
+    prof.add_argument("--sizes", help="decoder size sweep, factors of the world model's size (default 1x,10x,100x)")
+    prof.add_argument("--budgets", help="planner budgets PLANNER:NxI[:cold], comma-separated; the first is the "
+                                        "reference (default cem:300x30,cem:100x10,cem:64x5,cem:64x5:cold,"
+                                        "mppi:100x10,cem:32x3)")
     prof.add_argument("--no-compile", action="store_true", help="skip the compiled static-cache decoder form")
     prof.add_argument("--no-energy", action="store_true", help="skip energy measurement")
-    prof.add_argument("--energy-seconds", type=float, default=2.0, help="shortest energy window per trial")
-    prof.add_argument("--trials", type=int, default=3, help="energy trials per row")
-    prof.add_argument("--timing-seconds", type=float, default=0.5, help="time each latency row at least this long")
+    prof.add_argument("--energy-seconds", type=float, help="shortest energy window per trial (default 2)")
+    prof.add_argument("--trials", type=int, help="energy trials per row (default 3)")
+    prof.add_argument("--timing-seconds", type=float, help="time each latency row at least this long (default 0.5)")
     prof.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
-    prof.add_argument("--seed", type=int, default=0)
+    prof.add_argument("--seed", type=int)
     prof.add_argument("--no-progress", action="store_true", help="no progress bar")
-    prof.add_argument("--success-max-evals", type=int, default=-1,
+    prof.add_argument("--success-max-evals", type=int,
                       help="measure success only for budgets with samples x iterations <= this "
-                           "(-1: auto = all on CUDA, 2000 on CPU)")
+                           "(default -1: auto = all on CUDA, 2000 on CPU)")
     prof.set_defaults(func=_profile)
     sub.add_parser("audit", help="compile every kernel for sm_90a/sm_80, print registers/spills/smem").set_defaults(
         func=_audit)

@@ -1,0 +1,74 @@
+"""`jepa-engine demo`'s world-model section (budgets shrunk to seconds) and its place in the demo."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jepa_engine import cli
+from jepa_engine.kernels import use_backend
+
+
+@pytest.fixture(autouse=True)
+def _reference_ops():
+    torch.set_num_threads(1)
+    with use_backend("reference"):
+        yield
+
+
+@pytest.fixture
+def small_budgets(monkeypatch):
+    monkeypatch.setattr(cli, "DEMO_WM_TRAIN", dict(preset="test", overrides=dict(steps=12, log_every=5,
+                                                                                   max_minutes=1.0)))
+    monkeypatch.setattr(cli, "DEMO_MPC", dict(cli.DEMO_MPC, samples=16, iterations=2, elites=4, max_steps=3))
+    monkeypatch.setattr(cli, "DEMO_MPC_EPISODES", 2)
+
+
+def test_demo_world_model_section_reports_probe_surprise_and_mpc(tmp_path, capsys, small_budgets):
+    assert cli._demo_world_model(str(tmp_path / "wm")) is True
+    out = capsys.readouterr().out
+    for text in ("training the 'test' world model", "trained 12 steps", "physics probe (embeddings): linear probe R^2",
+                 "surprise at a teleport", "MPC with CEM: N=16 x I=2", "2 seeded episodes", "success ",
+                 "plan latency median", "world-model section:"):
+        assert text in out, f"{text!r} missing from:\n{out}"
+    assert (tmp_path / "wm" / "ckpt-00000012.json").is_file()
+
+
+def test_demo_world_model_section_fails_on_a_real_failure(tmp_path, capsys, small_budgets, monkeypatch):
+    import jepa_engine.train_wm as train_wm
+
+    def broken(*args, **kwargs):
+        raise FloatingPointError("train_world_model: loss became nan at step 3")
+
+    monkeypatch.setattr(train_wm, "train_world_model", broken)
+    assert cli._demo_world_model(str(tmp_path / "wm")) is False
+    assert "world model: training FAILED" in capsys.readouterr().out
+
+
+def test_demo_runs_the_world_model_section_between_ijepa_and_selfcheck(tmp_path, capsys, monkeypatch):
+    import jepa_engine.train as train
+
+    class FakeTrainer:
+        def __init__(self, cfg, out, resume=False):
+            pass
+
+        def run_probe(self):
+            return {"r2_position": 0.95, "r2_velocity": 0.5}
+
+        def fit(self):
+            return {"step": 1, "checkpoint": None, "losses": [(0, 1.0)],
+                    "probe": {"r2_position": 0.97, "r2_velocity": 0.6, "r2": {"x": 0.97}}}
+
+        def close(self):
+            pass
+
+    calls = []
+    monkeypatch.setattr(train, "Trainer", FakeTrainer)
+    monkeypatch.setattr(cli, "_demo_world_model", lambda out: calls.append(("wm", out)) or True)
+    monkeypatch.setattr(cli, "_selfcheck", lambda args: calls.append(("selfcheck",)) or 0)
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 0
+    assert calls == [("wm", str(tmp_path / "wm")), ("selfcheck",)]
+    out = capsys.readouterr().out
+    assert out.index("== Action-conditioned world model ==") < out.index("== Kernel self-check ==")
+    assert "whole demo:" in out
+    monkeypatch.setattr(cli, "_demo_world_model", lambda out: False)   # a failed section fails the demo
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 1
