@@ -103,12 +103,32 @@ def _planner_ops(device: str) -> float:
     return _both(run)
 
 
+def _fused_linear(device: str) -> float:
+    import torch
+
+    from jepa_engine.kernels import fused_linear, linear_goal_cost
+
+    g = _gen(4)
+    x = (torch.randn(70, 48, generator=g) * 2 + 1).to(device)
+    w1, b1 = (torch.randn(80, 48, generator=g) / 7).to(device), torch.randn(80, generator=g).to(device)
+    w2, b2 = (torch.randn(40, 80, generator=g) / 9).to(device), torch.randn(40, generator=g).to(device)
+    res, goal = torch.randn(70, 80, generator=g).to(device), torch.randn(7, 40, generator=g).to(device)
+
+    def run():
+        with torch.no_grad():
+            h = fused_linear(x, w1, b1, normalize=True, activation="gelu", residual=res)
+            z, cost = linear_goal_cost(h, w2, b2, goal, normalize=True)
+        return [h, z, cost]
+    return _both(run)
+
+
 # name -> (case, tolerance on the GPU, tolerance under the interpreter)
 CHECKS: dict[str, tuple[Callable[[str], float], float, float]] = {
     "latent_loss (fwd, bwd)": (_latent_loss, 1e-4, 1e-5),
     "masked_attention pad+frame (fwd, bwd)": (_masked_attention, 2e-2, 1e-4),
     "ema_update_ (4 tensors, distance)": (_ema, 1e-5, 1e-5),
     "sample_actions + elite_refit": (_planner_ops, 1e-4, 1e-4),
+    "fused_linear + linear_goal_cost (fp32)": (_fused_linear, 1e-5, 1e-5),
 }
 
 
