@@ -70,8 +70,12 @@ def _print_training_summary(summary: dict) -> None:
 
 
 # The demo's world-model section: training (a WMTrainConfig preset with overrides; max_minutes bounds it
-# on a slow machine) and the MPC evaluation (CEM, seeded episodes all planned at once).
-DEMO_WM_TRAIN: dict = dict(preset="demo", overrides=dict(max_minutes=2.0))
+# on a slow machine) and the MPC evaluation (CEM, seeded episodes all planned at once). The model is the
+# 32x32-frame "test" size: on 2 CPU cores it trains 300 steps in well under a minute and plans about 4x
+# faster than the 64x64 "demo" model, and with rollout_weight 1.0 it reached 30/32 episodes with this
+# planner (the 64x64 model: 11/16 after 300 steps, 5/16 after 600 steps at rollout_weight 0.5).
+DEMO_WM_TRAIN: dict = dict(preset="test", overrides=dict(steps=300, rollout_weight=1.0, checkpoint_every=100,
+                                                         log_every=50, max_minutes=1.5, device="auto"))
 DEMO_MPC: dict = dict(planner="cem", samples=64, iterations=5, elites=8, horizon=5, reduce="sum", max_steps=40)
 DEMO_MPC_EPISODES = 16
 
