@@ -40,3 +40,11 @@ def test_planner_kernels_compile_without_spills():
     assert {r["kernel"] for r in rows} == {"elite_refit", "sample_actions"}
     bad = [r for r in rows if r["error"] or r["spill_bytes"] != 0 or not r["ok"]]
     assert not bad, f"kernels that spill or fail: {bad}"
+
+
+def test_rollout_kernels_compile_without_spills():
+    rows = run_audit("fused_linear", "linear_goal_cost")
+    assert {r["kernel"] for r in rows} == {"fused_linear", "linear_goal_cost"}
+    assert {r["target"] for r in rows} == {"sm_90a", "sm_80"}
+    bad = [r for r in rows if r["error"] or r["spill_bytes"] != 0 or not r["ok"]]
+    assert not bad, f"kernels that spill or fail: {bad}"
