@@ -93,6 +93,9 @@ def test_latent_cost_uses_it_without_grad_and_model_rollout_with_grad():
     slow.sum().backward()
     assert a.grad is not None and torch.isfinite(a.grad).all()
     assert_close(fast, slow.detach(), atol=1e-4, rtol=1e-5)
+    with torch.no_grad(), use_backend("reference"):
+        plain = latent_cost(model, z_hist, past, z_goal, "l2", "sum", fused=False)(actions)
+    assert_close(fast, plain, atol=1e-4, rtol=1e-5)
 
 
 def test_reference_backend_gives_the_same_plan():

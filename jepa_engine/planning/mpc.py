@@ -102,15 +102,16 @@ class MPCResult:
 
 
 def latent_cost(model: WorldModel, z_hist: torch.Tensor, past_actions: torch.Tensor, z_goal: torch.Tensor,
-                cost: str = "l2", reduce: str = "final") -> CostFn:
+                cost: str = "l2", reduce: str = "final", fused: bool = True) -> CostFn:
     """The planners' cost: ``actions [E, N, H, A] -> [E, N]``, the distance of the predicted embeddings
     to the goal embedding. z_hist [E, h, D], past_actions [E, h-1, A], z_goal [E, D].
 
     Without a gradient to record (CEM, MPPI) the rollout runs through :class:`FusedRollout` (shared
     history prefix, last-row-only last block, fused linear pieces, the cost in the last step's pass);
     when the actions or the history require grad (the gradient planner) through the differentiable
-    ``model.rollout`` and the fused ``latent_cost`` op. The fused rollout reads the model's weights on
-    the first call: build a new cost function after changing them."""
+    ``model.rollout`` and the fused ``latent_cost`` op; ``fused=False`` takes that path always (the
+    straightforward rollout, for comparisons). The fused rollout reads the model's weights on the first
+    call: build a new cost function after changing them."""
     if cost not in COSTS:
         raise ValueError(f"latent_cost: cost must be one of {COSTS}, got {cost!r}")
     if reduce not in REDUCTIONS:
@@ -132,7 +133,7 @@ def latent_cost(model: WorldModel, z_hist: torch.Tensor, past_actions: torch.Ten
         if E_ != E or A_ != A:
             raise ValueError(f"latent_cost: actions must be [E, N, H, A] with E = {E}, A = {A}, "
                              f"got {list(actions.shape)}")
-        if not (torch.is_grad_enabled() and (actions.requires_grad or z_hist.requires_grad)):
+        if fused and not (torch.is_grad_enabled() and (actions.requires_grad or z_hist.requires_grad)):
             if not fused:
                 fused.append(FusedRollout(model))
             return fused[0].cost(z_hist, past_actions, actions, z_goal, cost, reduce)
