@@ -313,9 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=_plan)
     prof = sub.add_parser("profile", help="JEPA planner vs token-by-token decoding: latency, energy, FLOPs, success")
     prof.add_argument("--quick", action="store_true",
-                      help="a short run (about a minute on 2 CPU cores with trained checkpoints): budgets "
-                           "cem:64x5,mppi:32x3, L 0,64, sizes 1x,10x, no compiled form, 0.1 s timing windows, "
-                           "1 energy trial, --budget-minutes 2; options given explicitly still apply")
+                      help="a short run (well under a minute on 2 CPU cores with trained checkpoints): budgets "
+                           "cem:64x5,mppi:32x3, L 0,64, sizes 1x,10x, 16 decisions, no compiled form, 0.1 s timing "
+                           "windows, 1 energy trial, --budget-minutes 1.5; options given explicitly still apply")
     prof.add_argument("--preset", help="tiny (default), demo, or lewm (an untrained ~15M pair, timing only)")
     prof.add_argument("--out", help="run folder (default: runs/profile)")
     prof.add_argument("--wm-checkpoint", help="a trained world-model checkpoint (file or run folder)")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from jepa_engine.baselines import (ActionTokenizer, Decoder, DecoderConfig, DecoderPolicy, ImitationConfig,
-                                   decision_rows, decoding_cost, rollout_success, train_imitation)
+                                   decision_rows, decoding_cost, imitation_loss, rollout_success, train_imitation)
 from jepa_engine.envs import WorldConfig
 
 
@@ -123,8 +123,20 @@ def test_matched_sizes():
     assert DecoderConfig.matched(target, reasoning_tokens=64).reasoning_tokens == 64
 
 
+def test_prefix_positions_are_a_fixed_buffer():
+    cfg = DecoderConfig.from_name("tiny")
+    sincos, learned = Decoder(cfg), Decoder(DecoderConfig.from_name("tiny", prefix_pos="learned"))
+    assert sum(p.numel() for p in sincos.parameters()) == sum(p.numel() for p in learned.parameters()) == cfg.num_params()
+    assert "patch_pos" not in sincos.state_dict()                      # not saved: checkpoints are unchanged
+    assert sincos.patch_pos.shape == (cfg.patches_per_frame, cfg.dim) and sincos.patch_pos.abs().sum() > 0
+    assert learned.patch_pos.abs().sum() == 0
+    rows = {tuple(r.tolist()) for r in sincos.patch_pos}
+    assert len(rows) == cfg.patches_per_frame                           # every patch position is distinct
+
+
 @pytest.mark.parametrize("field,value", [("dim", 0), ("heads", 3), ("bins", 1), ("patch_size", 7), ("channels", 2),
-                                         ("reasoning_tokens", -1), ("horizon", 0), ("mlp_ratio", 0.0)])
+                                         ("reasoning_tokens", -1), ("horizon", 0), ("mlp_ratio", 0.0),
+                                         ("prefix_pos", "rope")])
 def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"DecoderConfig.{field}"):
         DecoderConfig.from_name("tiny", **{field: value})
@@ -137,6 +149,9 @@ def test_bad_arguments_name_the_argument():
         DecoderConfig.matched(0)
     with pytest.raises(ValueError, match="bins"):
         ActionTokenizer(bins=1)
+    for field, value in (("first_step_weight", 0.0), ("max_seconds", -1.0), ("goal_noise", float("nan"))):
+        with pytest.raises(ValueError, match=f"ImitationConfig.{field}"):
+            ImitationConfig(**{field: value})
     with pytest.raises(ValueError, match="ImitationConfig.steps"):
         ImitationConfig(steps=0)
     cfg = DecoderConfig.from_name("tiny")
@@ -234,3 +249,20 @@ def test_policy_decide_shapes_and_bounds():
     assert one.shape == (2, 2) and many.shape == (3, 2, 2)
     assert one.abs().max() <= 1.0 and many.abs().max() <= 1.0
     assert policy.tokens_per_decision == 4
+
+
+def test_imitation_first_step_weight_and_time_limit():
+    world = WorldConfig(image_size=16, radius=0.1, goal_radius=0.1)
+    cfg = DecoderConfig.from_name("tiny", image_size=16, patch_size=16, bins=8)
+    torch.manual_seed(0)
+    model, tok = Decoder(cfg), ActionTokenizer.from_config(cfg)
+    obs, goal = torch.rand(4, 1, 16, 16), torch.rand(4, 1, 16, 16)
+    actions = torch.rand(4, 2, 2) * 2 - 1
+    plain = imitation_loss(model, tok, obs, goal, actions)
+    assert imitation_loss(model, tok, obs, goal, actions, first_step_weight=1.0) == plain
+    # the weighted loss is a weighted mean of the same per-token terms: between their extremes
+    weighted = imitation_loss(model, tok, obs, goal, actions, first_step_weight=5.0)
+    assert torch.isfinite(weighted) and not torch.allclose(weighted, plain)
+    losses = train_imitation(model, world, ImitationConfig(steps=10_000, batch_size=8, episodes=2, episode_len=4,
+                                                           max_seconds=0.5))
+    assert 1 <= len(losses) < 10_000

@@ -1,4 +1,5 @@
-"""`jepa-engine profile` end to end on a tiny config: JSON rows, markdown, a PNG of the right size; bad options."""
+"""`jepa-engine profile` end to end on a tiny config: JSON rows, markdown, a PNG of the right size; the quick
+mode; the demo's closing section (`demo_profile`); bad options."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from jepa_engine.baselines import DecoderConfig
 from jepa_engine.cli import main
 from jepa_engine.kernels import use_backend
 from jepa_engine.models.world_model import WorldModel, WorldModelConfig
-from jepa_engine.profiling.report import (PLOT_DPI, PLOT_SIZE, SWEEP_LABEL, PlannerBudget, ProfileConfig,
+from jepa_engine.profiling.report import (PLOT_DPI, PLOT_SIZE, QUICK_DEFAULTS, SWEEP_LABEL, PlannerBudget, ProfileConfig,
                                           decoder_flops, parse_int_list, parse_sizes, planner_flops, predictor_flops)
 
 TINY = ["--preset", "tiny", "--budget-minutes", "0.15", "--reasoning-tokens", "0,8", "--sizes", "1x,10x",
@@ -94,6 +95,62 @@ def test_saved_models_are_reused(run, tmp_path):
     assert report["rows"][0]["success_rate"] is not None
 
 
+def test_quick_mode_defaults_and_report(run, tmp_path):
+    """--quick on the tiny models saved by the first run: its defaults, explicit options winning, the
+    JSON marked quick, no compiled form, the markdown and a PNG of the usual size."""
+    import matplotlib.image as mpimg
+
+    _, out = run
+    rc = main(["profile", "--quick", "--preset", "tiny", "--wm-checkpoint", str(out / "wm"), "--decoder-checkpoint",
+               str(out / "decoder"), "--decisions", "2", "--max-steps", "4", "--timing-seconds", "0.02",
+               "--budgets", "cem:16x2,mppi:8x2", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0
+    report = json.loads((tmp_path / "profile.json").read_text())
+    c = report["config"]
+    assert c["quick"] is True and c["compile"] is False and c["trials"] == 1
+    assert c["reasoning_tokens"] == list(QUICK_DEFAULTS["reasoning_tokens"])
+    assert c["sizes"] == list(QUICK_DEFAULTS["sizes"])
+    assert (c["decisions"], c["max_steps"], c["budgets"]) == (2, 4, ["cem 16x2", "mppi 8x2"])   # given: kept
+    assert not any(r.get("compiled") for r in report["rows"])
+    assert [r["cache"] for r in report["rows"] if r.get("sweep") == "decision"] == ["dynamic", "static"]
+    for r in report["rows"]:
+        if r["kind"] == "planner" or r.get("sweep") == "decision":
+            assert r["success_rate"] is not None and r["episodes"] == 2
+    md = (tmp_path / "profile.md").read_text()
+    assert "quick run, tiny preset" in md and "Quick run (--quick)" in md
+    img = mpimg.imread(tmp_path / "profile.png")
+    assert img.shape[:2] == (round(PLOT_SIZE[1] * PLOT_DPI), round(PLOT_SIZE[0] * PLOT_DPI))
+
+
+def test_quick_config_precedence():
+    q = ProfileConfig.create(quick=True, decisions=3)
+    assert q.quick and q.decisions == 3 and q.timing_seconds == QUICK_DEFAULTS["timing_seconds"]
+    assert [b.name for b in q.budgets] == [PlannerBudget.parse(x).name for x in QUICK_DEFAULTS["budgets"].split(",")]
+    full = ProfileConfig.create()
+    assert not full.quick and full == ProfileConfig()
+    with pytest.raises(ValueError, match="--decisions"):
+        ProfileConfig.create(quick=True, decisions=0)
+
+
+def test_demo_profile_trains_then_reuses_the_decoder(run, tmp_path):
+    from jepa_engine.profiling.report import demo_profile
+
+    _, out = run
+    kw = dict(decoder_steps=15, preset="tiny", budgets="cem:16x2", reasoning_tokens="0", sizes="1x", decisions=2,
+              max_steps=4, timing_seconds=0.02, progress=False, log=lambda msg: None)
+    lines = demo_profile(str(out / "wm"), str(tmp_path), **kw)
+    text = "\n".join(lines)
+    assert "trained here: 15 imitation steps" in text and "saved to" in text
+    assert "planner JEPA cem 16x2 (eager)" in text and "x the decoder's latency" in text
+    assert "success" in text and "energy:" in text
+    for name in ("profile.json", "profile.md", "profile.png"):
+        assert (tmp_path / name).is_file(), name
+    report = json.loads((tmp_path / "profile.json").read_text())
+    assert report["config"]["quick"] and report["models"]["wm_state"].startswith("loaded")
+    again = demo_profile(str(out / "wm"), str(tmp_path), **kw)
+    assert "loaded from" in again[0] and "trained here" not in again[0]
+
+
 @pytest.mark.parametrize("args, option", [
     (["--budget-minutes", "-1"], "--budget-minutes"),
     (["--preset", "huge"], "--preset"),
@@ -104,6 +161,10 @@ def test_saved_models_are_reused(run, tmp_path):
     (["--budgets", "beam:10x2"], "--budgets"),
     (["--decisions", "0"], "--decisions"),
     (["--wm-checkpoint", "/nonexistent/wm"], "--wm-checkpoint"),
+    (["--quick", "--timing-seconds", "0"], "--timing-seconds"),
+    (["--quick", "--trials", "0"], "--trials"),
+    (["--quick", "--budgets", "cem:1x1"], "--budgets"),
+    (["--quick", "--energy-seconds", "inf"], "--energy-seconds"),
 ])
 def test_bad_options_name_the_option(args, option, capsys, tmp_path):
     rc = main(["profile", "--out", str(tmp_path), "--no-progress", *args])

@@ -277,3 +277,14 @@ def test_hardware_peaks_and_percentile():
     assert peak_for("cpu-x86_64-2threads") is None
     assert percentile([4.0, 1.0, 3.0, 2.0], 0.5) == 2.5
     assert percentile([1.0, 2.0], 0.0) == 1.0 and percentile([1.0, 2.0], 1.0) == 2.0
+
+
+def test_progress_redraws_every_10_s_off_a_terminal(monkeypatch):
+    import sys
+
+    from jepa_engine.profiling.hardware import progress_mininterval
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert progress_mininterval() == 10.0
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert progress_mininterval() == 0.1

@@ -8,7 +8,10 @@ The token sequence of one decision (P = prefix_len, L = reasoning tokens, n = ho
     a_1 ... a_n                                                 action tokens, step-major: (t0 d0, t0 d1, t1 d0, ...)
 
 Vocabulary: ids [0, bins) are action bins, [bins, bins + reasoning_vocab) reasoning tokens, then BOS.
-Positions are learned, one table of `max_seq_len` rows for the whole sequence.
+Positions are learned, one table of `max_seq_len` rows for the whole sequence; with
+`prefix_pos = "sincos"` (the default) the patch embeddings of each frame also get the fixed 2-D
+sin-cos positions of the world model's ViT encoder (a buffer: no parameters), so where the mass is
+reaches the decoder from the first step instead of through a table learned from 0.02-scale noise.
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from jepa_engine.config import ConfigIO
+
+
+PREFIX_POS = ("sincos", "learned")
 
 
 @dataclass
@@ -35,6 +41,7 @@ class DecoderConfig(ConfigIO):
     high: float = 1.0
     reasoning_vocab: int = 64
     reasoning_tokens: int = 0      # the largest L the position table supports
+    prefix_pos: str = "sincos"     # "sincos": fixed 2-D patch positions added to the prefix; "learned": the table only
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, expected: str) -> None:
@@ -50,6 +57,8 @@ class DecoderConfig(ConfigIO):
         need(self.channels in (1, 3), "channels", "1 or 3")
         need(self.image_size % self.patch_size == 0, "patch_size", f"a divisor of image_size = {self.image_size}")
         need(self.low < self.high, "high", f"> low = {self.low}")
+        need(self.prefix_pos in PREFIX_POS, "prefix_pos", f"one of {PREFIX_POS}")
+        need(self.prefix_pos != "sincos" or self.dim % 4 == 0, "dim", "divisible by 4 with prefix_pos='sincos'")
 
     # ---- derived sizes
     @property
@@ -96,16 +105,23 @@ class DecoderConfig(ConfigIO):
 
     @classmethod
     def matched(cls, n_params: int, **overrides: Any) -> "DecoderConfig":
-        """The (dim, depth) whose parameter count is closest to `n_params` (log scale), with
-        dim a multiple of 64, heads = dim / 64 and a width/depth ratio in [32, 128]; other fields
-        from `overrides` (they count: image size, horizon, reasoning_tokens change the embeddings)."""
+        """The (dim, depth) whose parameter count is closest to `n_params` (log scale), with dim a
+        multiple of 32, heads = max(2, dim / 64), depth >= 2 and a width/depth ratio of at most 128; other
+        fields from `overrides` (they count: image size, horizon, reasoning_tokens change the embeddings).
+
+        Depth >= 2 and two heads: the decision compares two frames (where the mass is, where the goal
+        is); one layer with one head can only read a mix of the two, so a one-layer decoder is not a fair
+        baseline however well its size matches."""
         if not (isinstance(n_params, int) and n_params >= 1):
             raise ValueError(f"DecoderConfig.matched: n_params must be an int >= 1, got {n_params!r}")
         base = cls(**{k: v for k, v in overrides.items() if k not in ("dim", "depth", "heads")})
         best, best_err = None, math.inf
-        for dim in range(64, 8192 + 1, 64):
-            for depth in range(max(1, math.ceil(dim / 128)), min(96, dim // 32) + 1):
-                cfg = replace(base, dim=dim, depth=depth, heads=dim // 64)
+        for dim in range(32, 8192 + 1, 32):
+            heads = max(2, dim // 64)
+            if dim % heads:
+                continue
+            for depth in range(max(2, math.ceil(dim / 128)), max(2, min(96, dim // 32)) + 1):
+                cfg = replace(base, dim=dim, depth=depth, heads=heads)
                 err = abs(math.log(cfg.num_params() / n_params))
                 if err < best_err:
                     best, best_err = cfg, err

@@ -1,7 +1,8 @@
 """The decoding baseline: a decoder-only transformer that writes a plan token by token with a KV cache.
 
 Architecture: pre-norm blocks (LayerNorm, fused qkv Linear, PyTorch SDPA, GELU MLP), learned
-positions, untied output head. The prompt is a prefix of patch embeddings of the current and goal
+positions (plus the fixed 2-D sin-cos patch positions of the world model's encoder on the prompt),
+untied output head. The prompt is a prefix of patch embeddings of the current and goal
 frames, each standardised to zero mean and unit variance (see `DecoderConfig` for the layout).
 
 Two KV-cache forms, measured side by side:
@@ -20,6 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from jepa_engine.models.blocks import sincos_pos_embed_2d
 
 from .config import DecoderConfig
 
@@ -111,6 +114,9 @@ class Decoder(nn.Module):
         self.frame_embed = nn.Parameter(torch.zeros(2, d))  # current frame, goal frame
         self.tok_embed = nn.Embedding(cfg.vocab_size, d)
         self.pos_embed = nn.Parameter(torch.zeros(cfg.max_seq_len, d))
+        g = cfg.image_size // cfg.patch_size
+        patch_pos = sincos_pos_embed_2d(d, (g, g)) if cfg.prefix_pos == "sincos" else torch.zeros(g * g, d)
+        self.register_buffer("patch_pos", patch_pos, persistent=False)   # [patches_per_frame, D], fixed
         self.blocks = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, cfg.vocab_size, bias=False)
@@ -142,8 +148,9 @@ class Decoder(nn.Module):
     def embed_prompt(self, obs: torch.Tensor, goal_obs: torch.Tensor) -> torch.Tensor:
         """obs, goal_obs [B, C, H, W] -> prefix [B, P, D]."""
         dtype = self.patch_embed.weight.dtype
-        cur = self.patch_embed(self.patchify(standardize(obs)).to(dtype)) + self.frame_embed[0]
-        goal = self.patch_embed(self.patchify(standardize(goal_obs)).to(dtype)) + self.frame_embed[1]
+        pos = self.patch_pos.to(dtype)
+        cur = self.patch_embed(self.patchify(standardize(obs)).to(dtype)) + self.frame_embed[0] + pos
+        goal = self.patch_embed(self.patchify(standardize(goal_obs)).to(dtype)) + self.frame_embed[1] + pos
         x = torch.cat([cur, goal], dim=1)
         return x + self.pos_embed[: x.shape[1]]
 

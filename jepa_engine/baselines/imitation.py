@@ -1,14 +1,15 @@
 """Imitation of the goal-reaching expert, and the decoder as an MPC policy on the built-in world.
 
 Examples come from `TrajectoryStream(policy="goal")`: episodes of the `GoalController` with a little
-correlated noise. One example is (frame at step t, goal frame, the expert's next H actions
-a_t ... a_{t+H-1}); the goal frame is the world rendered with the mass at the goal. Training is
+correlated noise. One example is (frame at step t, goal frame, H action labels for steps t ... t+H-1:
+by default the expert's law without its velocity term at the states visited, see `expert_examples`);
+the goal frame is the world rendered with the mass at the goal. Training is
 cross-entropy on the action tokens with teacher forcing (L = 0: there is nothing to imitate for the
 reasoning tokens, which exist for the cost sweeps only).
 
 The policy re-plans every step (receding horizon): `decide(obs, goal) -> actions [H, A]`, execute
 the first action, repeat. The frames show positions only, so the decoder cannot see the velocity the
-expert uses: it learns the expert's average action at a position, which is enough to reach the goal.
+expert uses; the relabelled (observable) expert needs none, and the world's damping stops the mass.
 """
 from __future__ import annotations
 
@@ -20,10 +21,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from jepa_engine.envs import PointMassWorld, TrajectoryStream, WorldConfig, render
+from jepa_engine.envs import GoalController, PointMassWorld, TrajectoryStream, WorldConfig, render
 
 from .decoder import Decoder
 from .tokenizer import ActionTokenizer
+
+
+LABELS = ("observable", "expert")
 
 
 @dataclass
@@ -37,6 +41,9 @@ class ImitationConfig:
     warmup: int = 50
     goal_noise: float = 0.1       # std of the noise the stream adds to the expert's actions
     reuse: int = 2                # passes over each generated pool of examples before a refill
+    labels: str = "observable"    # "observable": the expert without its velocity term; "expert": its actions as run
+    first_step_weight: float = 1.0  # loss weight of the first plan step's tokens (see imitation_loss)
+    max_seconds: float = 0.0      # stop after this much training time (0: no limit)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -48,6 +55,16 @@ class ImitationConfig:
             raise ValueError(f"ImitationConfig.lr must be > 0, got {self.lr!r}")
         if not (isinstance(self.warmup, int) and self.warmup >= 0):
             raise ValueError(f"ImitationConfig.warmup must be an int >= 0, got {self.warmup!r}")
+        if self.labels not in LABELS:
+            raise ValueError(f"ImitationConfig.labels must be one of {LABELS}, got {self.labels!r}")
+        for name in ("goal_noise", "max_seconds"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"ImitationConfig.{name} must be a finite number >= 0, got {v!r}")
+        if not (isinstance(self.first_step_weight, (int, float)) and math.isfinite(self.first_step_weight)
+                and self.first_step_weight > 0):
+            raise ValueError(f"ImitationConfig.first_step_weight must be a finite number > 0, "
+                             f"got {self.first_step_weight!r}")
 
 
 def goal_frames(goal: torch.Tensor, world_config: WorldConfig) -> torch.Tensor:
@@ -66,16 +83,31 @@ def check_compatible(cfg, world_config: WorldConfig) -> None:
 def expert_examples(world_config: WorldConfig, tcfg: ImitationConfig, horizon: int, device="cpu"):
     """Endless batches of (obs [N, C, H, W], goal_obs [N, C, H, W], actions [N, H, 2]): the windows of
     each generated episode that start farther than `goal_radius` from the goal (N varies, at most
-    episodes * (episode_len - horizon + 1))."""
+    episodes * (episode_len - horizon + 1)).
+
+    Labels: with `tcfg.labels = "expert"` the actions the noisy expert took. Its PD law brakes on the
+    velocity, which one frame does not show: at the same (position, goal) it pushes forwards or backwards
+    depending on how fast the mass moves, so its first action agrees in sign with the goal direction
+    only about two times in three, and a decoder fed one frame cannot fit it. "observable" (default)
+    relabels each visited state with the same controller without its velocity term (kd = damping:
+    the P part, a function of what the frames show), which is the policy a frame-fed imitator can
+    represent; the states are still the ones the noisy expert visits."""
     if tcfg.episode_len < horizon:
         raise ValueError(f"ImitationConfig.episode_len must be >= horizon = {horizon}, got {tcfg.episode_len}")
     stream = TrajectoryStream(world_config, tcfg.episodes, tcfg.episode_len, policy="goal", seed=tcfg.seed,
                               device=device, goal_noise=tcfg.goal_noise)
+    observable = GoalController(world_config, kd=world_config.damping)
     T, H = tcfg.episode_len, horizon
     for batch in stream:
         starts = T - H + 1
         obs = batch["obs"][:, :starts].flatten(0, 1)                                 # [E * starts, C, H, W]
-        windows = batch["actions"].unfold(1, H, 1).permute(0, 1, 3, 2)               # [E, starts, H, 2]
+        actions = batch["actions"]                                                   # [E, T, 2]
+        if tcfg.labels == "observable":
+            E = actions.shape[0]
+            states = batch["states"][:, :T].flatten(0, 1)                            # [E * T, 4]
+            goals = batch["goals"].repeat_interleave(T, dim=0)
+            actions = observable(states, goals).view(E, T, 2)
+        windows = actions.unfold(1, H, 1).permute(0, 1, 3, 2)                        # [E, starts, H, 2]
         goal = goal_frames(batch["goals"], world_config)                             # [E, C, H, W]
         goal = goal.unsqueeze(1).expand(-1, starts, -1, -1, -1).flatten(0, 1)
         # only decisions that are still open: once at the goal the expert hovers, and such windows
@@ -85,17 +117,28 @@ def expert_examples(world_config: WorldConfig, tcfg: ImitationConfig, horizon: i
         yield obs[keep], goal[keep], windows.flatten(0, 1)[keep]
 
 
-def imitation_loss(model: Decoder, tokenizer: ActionTokenizer, obs, goal_obs, actions) -> torch.Tensor:
-    """Teacher-forced cross-entropy of the action tokens: inputs [BOS, a_1 .. a_{n-1}], targets a_1 .. a_n."""
+def imitation_loss(model: Decoder, tokenizer: ActionTokenizer, obs, goal_obs, actions,
+                   first_step_weight: float = 1.0) -> torch.Tensor:
+    """Teacher-forced cross-entropy of the action tokens: inputs [BOS, a_1 .. a_{n-1}], targets a_1 .. a_n.
+
+    `first_step_weight` scales the tokens of the plan's first step (the action MPC executes): under
+    teacher forcing the later steps are mostly a copy of the step before, and only the first step's
+    tokens need the frames."""
     targets = tokenizer.encode(actions)                                          # [N, n]
     bos = torch.full_like(targets[:, :1], model.config.bos_id)
     logits = model(obs, goal_obs, torch.cat([bos, targets[:, :-1]], dim=1))      # [N, n, V]
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
+    if first_step_weight == 1.0:
+        return ce.mean()
+    w = torch.ones(targets.shape[1], device=ce.device)
+    w[: model.config.action_dim] = first_step_weight
+    return (ce * w).sum(dim=1).mean() / w.sum()
 
 
 def train_imitation(model: Decoder, world_config: WorldConfig, tcfg: Optional[ImitationConfig] = None,
                     device="cpu", log_every: int = 0) -> list[float]:
-    """Train `model` by imitation of the expert; returns the loss of every step."""
+    """Train `model` by imitation of the expert; returns the loss of every step taken (fewer than
+    `tcfg.steps` when `tcfg.max_seconds` ran out)."""
     tcfg = tcfg or ImitationConfig()
     cfg = model.config
     check_compatible(cfg, world_config)
@@ -113,7 +156,10 @@ def train_imitation(model: Decoder, world_config: WorldConfig, tcfg: Optional[Im
     data = expert_examples(world_config, tcfg, cfg.horizon, device)
     pool, passes, pool_used = None, 0, 0
     losses: list[float] = []
+    deadline = time.perf_counter() + tcfg.max_seconds if tcfg.max_seconds > 0 else math.inf
     for step in range(tcfg.steps):
+        if time.perf_counter() > deadline:
+            break
         if pool is None or pool_used + min(tcfg.batch_size, pool[0].shape[0]) > pool[0].shape[0]:
             if pool is None or passes >= tcfg.reuse:
                 pool, passes = next(data), 0
@@ -125,7 +171,7 @@ def train_imitation(model: Decoder, world_config: WorldConfig, tcfg: Optional[Im
         pool_used += tcfg.batch_size
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        loss = imitation_loss(model, tok, *(t[sl] for t in pool))
+        loss = imitation_loss(model, tok, *(t[sl] for t in pool), first_step_weight=tcfg.first_step_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -108,6 +108,12 @@ def parse_sizes(text: str, option: str = "--sizes") -> tuple[str, ...]:
 
 
 DEFAULT_BUDGETS = "cem:300x30,cem:100x10,cem:64x5,cem:64x5:cold,mppi:100x10,cem:32x3"
+# `--quick`: the defaults a short run replaces (options given explicitly still win). Two planner budgets,
+# two points per cost sweep, no compiled decoder form, short timing windows and one energy trial: about
+# a minute on 2 CPU cores with the demo models given as checkpoints.
+QUICK_DEFAULTS: dict[str, Any] = {"budgets": "cem:64x5,mppi:32x3", "reasoning_tokens": (0, 64), "sizes": ("1x", "10x"),
+                                  "decisions": 16, "max_steps": 40, "compile": False, "trials": 1,
+                                  "timing_seconds": 0.1, "budget_minutes": 1.5}
 
 
 @dataclass
@@ -135,6 +141,12 @@ class ProfileConfig:
     # unlimited on CUDA and 2,000 on CPU, where a 300 x 30 budget makes the episodes take many minutes);
     # larger budgets are then timed but their success is not measured, and their row says so.
     success_max_evals: int = -1
+    quick: bool = False                  # built by `ProfileConfig.create(quick=True)`: recorded in the report
+
+    @classmethod
+    def create(cls, quick: bool = False, **given: Any) -> "ProfileConfig":
+        """The full run's defaults, or with `quick` the `QUICK_DEFAULTS`; fields in `given` win either way."""
+        return cls(**{**(QUICK_DEFAULTS if quick else {}), **given, "quick": bool(quick)})
 
     def __post_init__(self) -> None:
         def bad(option: str, expected: str, got: Any) -> ValueError:
@@ -308,6 +320,37 @@ def load_decoder(path: str, device: torch.device):
     return model.eval()
 
 
+# The imitation recipe of the matched decoder (see `demo_decoder`); the profile
+# trains with it for a step count set by --budget-minutes, the demo for DEMO_DECODER_STEPS.
+DECODER_IMITATION: dict[str, Any] = dict(batch_size=64, episodes=16, episode_len=16, lr=3e-3, warmup=20,
+                                         goal_noise=0.5, labels="observable")
+DEMO_DECODER_STEPS = 2000
+DEMO_DECODER_MAX_SECONDS = 120.0      # a slower machine stops training early rather than stall the demo
+
+
+def train_decoder(dcfg, world, steps: int, device: torch.device, out_dir: Optional[Path], seed: int = 0,
+                  max_seconds: float = 0.0, log: Optional[Callable[[str], None]] = None):
+    """A `Decoder(dcfg)` trained by imitation of the expert with `DECODER_IMITATION` for `steps` steps
+    (or `max_seconds`); saved under `out_dir` when given. Returns (model, state line)."""
+    from jepa_engine.baselines import Decoder, ImitationConfig, train_imitation
+
+    torch.manual_seed(seed)
+    dec = Decoder(dcfg).to(device)
+    icfg = ImitationConfig(steps=steps, seed=seed, max_seconds=max_seconds, **DECODER_IMITATION)
+    t0 = time.perf_counter()
+    done = len(train_imitation(dec, world, icfg, device=device))
+    seconds = time.perf_counter() - t0
+    state = f"trained here: {done} imitation steps in {seconds:.0f} s"
+    if done < steps:
+        state += f" (stopped by the {max_seconds:g} s limit; {steps} planned)"
+    if out_dir is not None:
+        save_decoder(out_dir, dec, done)
+        state += f" (saved to {out_dir})"
+    if log:
+        log(f"decoder: {state}")
+    return dec.eval(), state
+
+
 def _wm_preset(preset: str) -> str:
     return {"tiny": "test", "demo": "demo", "lewm": "lewm"}[preset]
 
@@ -351,19 +394,14 @@ def build_models(cfg: ProfileConfig, device: torch.device, notes: list[str], log
         dcfg = DecoderConfig.from_name("lewm", **dec_kw) if cfg.preset == "lewm" else DecoderConfig.matched(wm_params, **dec_kw)
         dec = Decoder(dcfg).to(device)
         if trainable:
-            icfg = dict(batch_size=64, episodes=16, episode_len=16, lr=3e-3, warmup=20, seed=cfg.seed)
+            icfg = ImitationConfig(steps=5, **DECODER_IMITATION)
             t0 = time.perf_counter()
-            train_imitation(dec, world, ImitationConfig(steps=5, **icfg), device=device)  # calibration
+            train_imitation(dec, world, icfg, device=device)  # calibration
             per_step = (time.perf_counter() - t0) / 5
             # the decoder gets 40% of the budget (the world model 50%; the rest is slack)
-            steps = int(max(20, min(1500, 0.4 * cfg.budget_minutes * 60 / per_step)))
+            steps = int(max(20, min(DEMO_DECODER_STEPS, 0.4 * cfg.budget_minutes * 60 / per_step)))
             log(f"training the decoder by imitation ({steps} steps, ~{steps * per_step:.0f} s)")
-            dec = Decoder(dcfg).to(device)
-            torch.manual_seed(cfg.seed)
-            t0 = time.perf_counter()
-            train_imitation(dec, world, ImitationConfig(steps=steps, **icfg), device=device)
-            save_decoder(out / "decoder", dec, steps)
-            dec_state = f"trained here: {steps} imitation steps in {time.perf_counter() - t0:.0f} s (saved to {out / 'decoder'})"
+            dec, dec_state = train_decoder(dcfg, world, steps, device, out / "decoder", seed=cfg.seed)
         else:
             dec_state = "untrained (timing only)"
     dec.eval()
@@ -610,7 +648,8 @@ def markdown(report: dict) -> str:
     env, m, cfg = report["environment"], report["models"], report["config"]
     rows = report["rows"]
     dev = env.get("gpu") or f"CPU ({env['processor']}, {env['cpu_threads']} threads)"
-    lines = [f"# Planner vs token-by-token decoding: one decision, two ways ({cfg['preset']} preset, {dev})", ""]
+    mode = "quick run, " if cfg.get("quick") else ""
+    lines = [f"# Planner vs token-by-token decoding: one decision, two ways ({mode}{cfg['preset']} preset, {dev})", ""]
     ref = next((r for r in rows if r["kind"] == "planner"), None)
     dec = next((r for r in rows if r["kind"] == "decoder" and r.get("sweep") == "decision"), None)
     lines += ["## What is compared", "",
@@ -744,6 +783,8 @@ def run_profile(cfg: ProfileConfig, log: Callable[[str], None] = print) -> dict:
     """Build or load the models, measure every row, write profile.json / .md / .png under `cfg.out`."""
     from tqdm.auto import tqdm
 
+    from .hardware import progress_mininterval
+
     t_start = time.perf_counter()
     device = cfg.resolved_device()
     out = Path(cfg.out)
@@ -758,9 +799,10 @@ def run_profile(cfg: ProfileConfig, log: Callable[[str], None] = print) -> dict:
     n_planner = len(cfg.budgets) + (1 if device.type == "cuda" else 0)
     n_sweep = (len(cfg.reasoning_tokens) + len(cfg.sizes)) * (2 if cfg.compile and device.type == "cuda" else 1)
     total = n_planner + 3 + (1 if models["decoder_trained"] else 0) + n_sweep
-    with tqdm(total=total, desc="profile", disable=not cfg.progress, dynamic_ncols=True) as bar:
+    with tqdm(total=total, desc="profile", disable=not cfg.progress, dynamic_ncols=True,
+              mininterval=progress_mininterval()) as bar:
         def tick(what: str) -> None:
-            bar.set_postfix_str(what)
+            bar.set_postfix_str(what, refresh=False)   # redraws follow mininterval
             bar.update(1)
 
         rows = planner_rows(models, starts, goals, cfg, device, energy, tick)
@@ -784,6 +826,11 @@ def run_profile(cfg: ProfileConfig, log: Callable[[str], None] = print) -> dict:
         caveats.append("On the CPU there are no Triton kernels: the 'fused' planner path is the reference path, "
                        "so one planner row per budget is reported. torch.compile on the CPU uses the 'default' "
                        "mode (no CUDA graphs).")
+    if cfg.quick:
+        caveats.append(f"Quick run (--quick): {len(cfg.budgets)} planner budgets, L in {list(cfg.reasoning_tokens)}, "
+                       f"sizes {list(cfg.sizes)}, {'the compiled decoder form included' if cfg.compile else 'no compiled decoder form'}, "
+                       f"latency windows of {cfg.timing_seconds:g} s, {cfg.trials} energy trial(s). "
+                       "The full report is `jepa-engine profile` without --quick.")
     if not (models["wm_trained"] and models["decoder_trained"]):
         caveats.append("Rows on untrained models are timing/energy only (labelled): no success rate.")
     report = {
@@ -825,4 +872,82 @@ def summary_lines(report: dict) -> list[str]:
         out.append(f"{r['name']:<40s} params {r['params']:>11,}  success {s:>4s}  latency {_ms(r['latency_s']):>7s} ms "
                    f"(p90 {_ms(r['latency_p90_s'])})  {_fmt(r['flops_per_decision'] / 1e9)} GFLOP  "
                    f"J {_fmt(r.get('joules_per_decision'), '.3g', 'n/a')}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The demo's closing section
+# ------------------------------------------------------------------------------------------------
+def demo_decoder(wm, world, out_dir: Path, device: torch.device, horizon: int, steps: int = DEMO_DECODER_STEPS,
+                 max_seconds: float = DEMO_DECODER_MAX_SECONDS, seed: int = 0,
+                 log: Optional[Callable[[str], None]] = None):
+    """The decoder matched to `wm` (parameters, frames, horizon), loaded from `out_dir` when a checkpoint
+    with the same config is there, else trained by imitation and saved there. Returns (model, state).
+
+    The recipe (`DECODER_IMITATION`): labels from the expert's position-only law (a frame shows no
+    velocity, see `expert_examples`), states visited with exploration noise 0.5 (behaviour cloning
+    drifts off the expert's straight paths; noise 0.1 leaves those states unseen), the world model's
+    fixed sin-cos patch positions on the prompt, and depth >= 2 (`DecoderConfig.matched`).
+    """
+    from jepa_engine import checkpoint as ckpt
+    from jepa_engine.baselines import DecoderConfig
+
+    dcfg = DecoderConfig.matched(_params(wm), image_size=world.image_size, channels=world.channels, horizon=horizon)
+    path = ckpt.latest_checkpoint(out_dir) if Path(out_dir).is_dir() else None
+    if path is not None:
+        dec = load_decoder(str(path), device)
+        if dec.config == dcfg:
+            return dec, f"loaded from {path}"
+        if log:
+            log(f"decoder: {path} has another config; training a new one")
+    if log:
+        log(f"training the matched decoder ({dcfg.num_params():,} params, dim {dcfg.dim}, depth {dcfg.depth}) by "
+            f"imitation: {steps} steps, at most {max_seconds:g} s")
+    return train_decoder(dcfg, world, steps, device, Path(out_dir), seed=seed, max_seconds=max_seconds, log=log)
+
+
+def demo_profile(wm_checkpoint: str, out: str, *, decoder_steps: int = DEMO_DECODER_STEPS,
+                 decoder_max_seconds: float = DEMO_DECODER_MAX_SECONDS, progress: bool = True,
+                 log: Callable[[str], None] = print, **overrides: Any) -> list[str]:
+    """The demo's last section: the matched decoder (trained into `<out>/decoder`, or loaded from there),
+    then the quick profile against the world model at `wm_checkpoint`; writes `<out>/profile.json`,
+    `.md` and `.png` and returns the lines to print. `overrides`: ProfileConfig fields."""
+    from jepa_engine.train_wm import load_world_model
+
+    cfg = ProfileConfig.create(quick=True, **{"preset": "demo", **overrides, "out": str(out),
+                                              "wm_checkpoint": wm_checkpoint, "progress": progress})
+    device = cfg.resolved_device()
+    wm, wm_train = load_world_model(wm_checkpoint, device=device)
+    dec_dir = Path(out) / "decoder"
+    _, state = demo_decoder(wm, wm_train.world_config(), dec_dir, device, cfg.horizon, steps=decoder_steps,
+                            max_seconds=decoder_max_seconds, seed=cfg.seed, log=log)
+    cfg.decoder_checkpoint = str(dec_dir)
+    report = run_profile(cfg, log)
+    return headline_lines(report, decoder_state=state)
+
+
+def headline_lines(report: dict, decoder_state: str = "") -> list[str]:
+    """Planner vs decoder per decision: latency, ratio, success of each, energy status, where the files are."""
+    rows = report["rows"]
+    planners = [r for r in rows if r["kind"] == "planner"]
+    dec = next((r for r in rows if r["kind"] == "decoder" and r.get("sweep") == "decision"), None)
+    m, cfg = report["models"], report["config"]
+
+    def success(r: dict) -> str:
+        if r.get("success_rate") is None:
+            return "success not measured"
+        return f"success {r['success_rate']:.0%} ({r['successes']}/{r['episodes']})"
+
+    out = [f"world model {m['wm_params']:,} params ({m['wm_state']}); matched decoder {m['decoder_params']:,} params "
+           f"({decoder_state or m['decoder_state']})"]
+    if dec is not None:
+        out.append(f"decoder ({dec['name']}, {dec['tokens_per_decision']} tokens): {_ms(dec['latency_s'])} ms per "
+                   f"decision (p90 {_ms(dec['latency_p90_s'])}), {success(dec)}")
+    for p in planners:
+        ratio = f", {p['latency_s'] / dec['latency_s']:.3g}x the decoder's latency" if dec is not None else ""
+        out.append(f"planner {p['name']}: {_ms(p['latency_s'])} ms per decision (p90 {_ms(p['latency_p90_s'])})"
+                   f"{ratio}, {success(p)}")
+    out.append(f"same {cfg['decisions']} seeded (start, goal) pairs, <= {cfg['max_steps']} steps each; "
+               f"energy: {report['energy']['status']}")
+    out.append(f"wrote {Path(cfg['out']) / 'profile.json'}, profile.md, profile.png in {report['seconds']:.0f} s")
     return out
