@@ -139,22 +139,44 @@ def test_bad_input(which, shape, match):
         FusedRollout(model).cost(args["z_hist"], args["past"], args["actions"], args["goal"])
 
 
-@pytest.mark.parametrize("overrides,h,H", [({}, 3, 5), ({}, 1, 2), ({"pred_depth": 3, "history": 4}, 2, 6)])
-def test_flop_count_matches_torch_flop_counter(overrides, h, H, monkeypatch):
-    """``flops()`` counts exactly the matmuls and attention that a cost call runs. (The flop counter
-    does not see the CPU's fused SDPA kernel, so attention runs written out for the count.)"""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    def sdpa_written_out(q, k, v, attn_mask=None, scale=None):
-        s = torch.matmul(q, k.transpose(-1, -2)) * scale
+def _count_attention_flops(monkeypatch):
+    """The flop counter does not see the CPU's fused SDPA kernel: attention runs written out."""
+    def sdpa_written_out(q, k, v, attn_mask=None, scale=None, **_):
+        s = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
         if attn_mask is not None:
             s = s.masked_fill(~attn_mask, float("-inf"))
         return torch.matmul(s.softmax(-1), v)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa_written_out)
+
+
+@pytest.mark.parametrize("overrides,h,H", [({}, 3, 5), ({}, 1, 2), ({"pred_depth": 3, "history": 4}, 2, 6)])
+def test_flop_count_matches_torch_flop_counter(overrides, h, H, monkeypatch):
+    """``flops()`` counts exactly the matmuls and attention that a cost call runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _count_attention_flops(monkeypatch)
     model = _model(**overrides)
     z_hist, past, actions, z_goal = _inputs(model, E=2, h=h, N=3, H=H)
     fr = FusedRollout(model)
     with use_backend("reference"), FlopCounterMode(display=False) as counter:
         fr.cost(z_hist, past, actions, z_goal)
     assert counter.get_total_flops() == fr.flops(2, 3, H, h)
+
+
+def test_latent_cost_takes_the_fused_rollout_unless_told_not_to(monkeypatch):
+    """Counted work tells the paths apart: the fused cost runs exactly ``FusedRollout.flops``, the
+    ``fused=False`` cost (``model.rollout``) about 1.9x more for this model at a full window."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _count_attention_flops(monkeypatch)
+    model = _model()
+    z_hist, past, actions, z_goal = _inputs(model, E=2, h=3, N=4, H=5)
+    counted = {}
+    for fused in (True, False):
+        fn = latent_cost(model, z_hist, past, z_goal, fused=fused)
+        with torch.no_grad(), use_backend("reference"), FlopCounterMode(display=False) as counter:
+            fn(actions)
+        counted[fused] = counter.get_total_flops()
+    assert counted[True] == FusedRollout(model).flops(2, 4, 5, 3)
+    assert counted[False] > 1.5 * counted[True], counted

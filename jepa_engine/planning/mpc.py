@@ -126,7 +126,7 @@ def latent_cost(model: WorldModel, z_hist: torch.Tensor, past_actions: torch.Ten
         raise ValueError(f"latent_cost: past_actions must be [E, h-1, A] = [{E}, {h - 1}, {A}], "
                          f"got {list(past_actions.shape)}")
 
-    fused: list[FusedRollout] = []          # built on the first call that needs no gradient
+    engine: list[FusedRollout] = []          # built on the first call that needs no gradient
 
     def cost_fn(actions: torch.Tensor) -> torch.Tensor:
         E_, N, H, A_ = actions.shape
@@ -134,9 +134,9 @@ def latent_cost(model: WorldModel, z_hist: torch.Tensor, past_actions: torch.Ten
             raise ValueError(f"latent_cost: actions must be [E, N, H, A] with E = {E}, A = {A}, "
                              f"got {list(actions.shape)}")
         if fused and not (torch.is_grad_enabled() and (actions.requires_grad or z_hist.requires_grad)):
-            if not fused:
-                fused.append(FusedRollout(model))
-            return fused[0].cost(z_hist, past_actions, actions, z_goal, cost, reduce)
+            if not engine:
+                engine.append(FusedRollout(model))
+            return engine[0].cost(z_hist, past_actions, actions, z_goal, cost, reduce)
         zh = z_hist[:, None].expand(E, N, h, D).reshape(E * N, h, D)
         pa = past_actions[:, None].expand(E, N, h - 1, A).reshape(E * N, h - 1, A)
         z = model.rollout(zh, actions.reshape(E * N, H, A), past_actions=pa)              # [E*N, H, D]
