@@ -132,6 +132,8 @@ def test_prefix_positions_are_a_fixed_buffer():
     assert learned.patch_pos.abs().sum() == 0
     rows = {tuple(r.tolist()) for r in sincos.patch_pos}
     assert len(rows) == cfg.patches_per_frame                           # every patch position is distinct
+    plain = DecoderConfig.from_name("tiny", patch_norm=False)
+    assert plain.num_params() == sum(p.numel() for p in Decoder(plain).parameters()) == cfg.num_params() - 2 * cfg.dim
 
 
 @pytest.mark.parametrize("field,value", [("dim", 0), ("heads", 3), ("bins", 1), ("patch_size", 7), ("channels", 2),
@@ -169,11 +171,12 @@ def test_bad_arguments_name_the_argument():
 
 # ---------------------------------------------------------------- imitation and success
 # Test-sized world and decoder: 16x16 frames (one patch per frame), a mass and goal of radius 0.1,
-# 8 bins, 600 imitation steps (about 30 s on one contended core). Measured with these seeds: 56% of
-# 64 episodes reach the goal within 60 steps, against 6% for a policy that does nothing.
+# 8 bins, 600 imitation steps (about 10 s on one core). Measured with these seeds: 100% of 64 episodes
+# reach the goal within 60 steps with the default position-only labels (73% when imitating the expert's
+# actions as run, labels="expert"), against 6% for a policy that does nothing.
 WORLD = WorldConfig(image_size=16, radius=0.1, goal_radius=0.1)
 TRAIN_STEPS = 600
-SUCCESS_FLOOR = 0.4
+SUCCESS_FLOOR = 0.7
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,9 @@ Positions are learned, one table of `max_seq_len` rows for the whole sequence; w
 `prefix_pos = "sincos"` (the default) the patch embeddings of each frame also get the fixed 2-D
 sin-cos positions of the world model's ViT encoder (a buffer: no parameters), so where the mass is
 reaches the decoder from the first step instead of through a table learned from 0.02-scale noise.
+With `patch_norm` (the default) each patch embedding is layer-normalised before the positions are
+added: a standardised frame puts values near 10 on the few pixels of the mass, and unnormalised the
+mass's patch embedding drowns its own position, the one position the decision needs.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ class DecoderConfig(ConfigIO):
     reasoning_vocab: int = 64
     reasoning_tokens: int = 0      # the largest L the position table supports
     prefix_pos: str = "sincos"     # "sincos": fixed 2-D patch positions added to the prefix; "learned": the table only
+    patch_norm: bool = True        # LayerNorm on each patch embedding before the positions are added
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, expected: str) -> None:
@@ -92,7 +96,7 @@ class DecoderConfig(ConfigIO):
     def num_params(self) -> int:
         """Exact parameter count of `Decoder(self)` (checked against the module in the tests)."""
         d, h, V = self.dim, self.hidden, self.vocab_size
-        patch = self.channels * self.patch_size ** 2 * d + d
+        patch = self.channels * self.patch_size ** 2 * d + d + (2 * d if self.patch_norm else 0)
         embeds = 2 * d + V * d + self.max_seq_len * d
         block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * h + h) + (h * d + d)
         return patch + embeds + self.depth * block + 2 * d + d * V

@@ -1,8 +1,8 @@
 """The decoding baseline: a decoder-only transformer that writes a plan token by token with a KV cache.
 
 Architecture: pre-norm blocks (LayerNorm, fused qkv Linear, PyTorch SDPA, GELU MLP), learned
-positions (plus the fixed 2-D sin-cos patch positions of the world model's encoder on the prompt),
-untied output head. The prompt is a prefix of patch embeddings of the current and goal
+positions (plus the fixed 2-D sin-cos patch positions of the world model's encoder on the prompt,
+added after a LayerNorm of each patch embedding), untied output head. The prompt is a prefix of patch embeddings of the current and goal
 frames, each standardised to zero mean and unit variance (see `DecoderConfig` for the layout).
 
 Two KV-cache forms, measured side by side:
@@ -111,6 +111,7 @@ class Decoder(nn.Module):
         self.config = cfg
         d = cfg.dim
         self.patch_embed = nn.Linear(cfg.channels * cfg.patch_size ** 2, d)
+        self.patch_norm = nn.LayerNorm(d) if cfg.patch_norm else nn.Identity()
         self.frame_embed = nn.Parameter(torch.zeros(2, d))  # current frame, goal frame
         self.tok_embed = nn.Embedding(cfg.vocab_size, d)
         self.pos_embed = nn.Parameter(torch.zeros(cfg.max_seq_len, d))
@@ -149,8 +150,8 @@ class Decoder(nn.Module):
         """obs, goal_obs [B, C, H, W] -> prefix [B, P, D]."""
         dtype = self.patch_embed.weight.dtype
         pos = self.patch_pos.to(dtype)
-        cur = self.patch_embed(self.patchify(standardize(obs)).to(dtype)) + self.frame_embed[0] + pos
-        goal = self.patch_embed(self.patchify(standardize(goal_obs)).to(dtype)) + self.frame_embed[1] + pos
+        cur = self.patch_norm(self.patch_embed(self.patchify(standardize(obs)).to(dtype))) + self.frame_embed[0] + pos
+        goal = self.patch_norm(self.patch_embed(self.patchify(standardize(goal_obs)).to(dtype))) + self.frame_embed[1] + pos
         x = torch.cat([cur, goal], dim=1)
         return x + self.pos_embed[: x.shape[1]]
 

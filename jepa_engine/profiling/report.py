@@ -324,8 +324,8 @@ def load_decoder(path: str, device: torch.device):
 # trains with it for a step count set by --budget-minutes, the demo for DEMO_DECODER_STEPS.
 DECODER_IMITATION: dict[str, Any] = dict(batch_size=64, episodes=16, episode_len=16, lr=3e-3, warmup=20,
                                          goal_noise=0.5, labels="observable")
-DEMO_DECODER_STEPS = 2000
-DEMO_DECODER_MAX_SECONDS = 120.0      # a slower machine stops training early rather than stall the demo
+DEMO_DECODER_STEPS = 4000
+DEMO_DECODER_MAX_SECONDS = 150.0      # a slower machine stops training early rather than stall the demo
 
 
 def train_decoder(dcfg, world, steps: int, device: torch.device, out_dir: Optional[Path], seed: int = 0,
@@ -811,13 +811,14 @@ def run_profile(cfg: ProfileConfig, log: Callable[[str], None] = print) -> dict:
     dc = models["decoder"].config
     caveats = [
         f"Sizes: world model {models['wm_params']:,} parameters, matched decoder {models['decoder_params']:,} "
-        f"(closest dim/depth with dim a multiple of 64); the sweeps go to ~10x and ~100x.",
+        f"(closest dim/depth with dim a multiple of 32 and depth >= 2); the sweeps go to ~10x and ~100x.",
         "At matched size a CEM budget of N x I x H predictor evaluations can cost more than decoding a short plan: "
         "the planner's cost grows with its search budget, the decoder's with the tokens it writes and its size. "
         "Both sweeps are shown so the crossover can be read off.",
         "The cost sweeps use untrained weights: their latency and energy are real, they solve nothing.",
-        "The decoder sees positions only (frames), like the world model; its success comes from imitating an "
-        "analytic expert, the planner's from a world model trained without rewards or expert actions.",
+        "The decoder sees frames (positions only), like the world model; its success comes from imitating an "
+        "analytic expert's position-only law, the planner's from a world model trained without rewards or "
+        "expert actions.",
         "Latency is one decision for one environment; the success episodes plan all decisions at once (batched).",
         "Planner latency is measured in the steady state (a full history window of "
         f"{models['wm'].cfg.history} frames); FLOPs count the predictor at that window.",
@@ -885,8 +886,9 @@ def demo_decoder(wm, world, out_dir: Path, device: torch.device, horizon: int, s
     with the same config is there, else trained by imitation and saved there. Returns (model, state).
 
     The recipe (`DECODER_IMITATION`): labels from the expert's position-only law (a frame shows no
-    velocity, see `expert_examples`), states visited with exploration noise 0.5 (behaviour cloning
-    drifts off the expert's straight paths; noise 0.1 leaves those states unseen), the world model's
+    velocity, see `expert_examples`), states visited with noise 0.5 injected into the expert's actions
+    (DART-style: behaviour cloning drifts off the expert's straight paths, and noise 0.1 leaves those
+    states unseen), the world model's
     fixed sin-cos patch positions on the prompt, and depth >= 2 (`DecoderConfig.matched`).
     """
     from jepa_engine import checkpoint as ckpt
