@@ -114,7 +114,16 @@ def _demo(args: argparse.Namespace) -> int:
     print("\n== Action-conditioned world model ==", flush=True)
     wm_ok = _demo_world_model(os.path.join(args.out, "wm"))
 
-    # ---- further demo steps go here, before the kernel self-check ----
+    print("\n== Planner vs token-by-token decoding (quick profile) ==", flush=True)
+    if wm_ok:
+        from jepa_engine.profiling.report import demo_profile
+
+        t0 = time.perf_counter()
+        for line in demo_profile(os.path.join(args.out, "wm"), os.path.join(args.out, "profile")):
+            print(line, flush=True)
+        print(f"(profile section: {time.perf_counter() - t0:.0f} s)", flush=True)
+    else:
+        print("skipped: no trained world model", flush=True)
 
     print("\n== Kernel self-check ==", flush=True)
     t0 = time.perf_counter()

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -487,10 +486,10 @@ class Trainer:
         if self.progress and self.is_main:
             from tqdm.auto import tqdm
 
-            # On a terminal the bar redraws in place; written to a file or a CI log, every redraw is a
-            # new chunk of text, so it updates every 10 s there.
+            from jepa_engine.profiling.hardware import progress_mininterval
+
             bar = tqdm(total=end, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                       mininterval=0.1 if sys.stderr.isatty() else 10.0)
+                       mininterval=progress_mininterval())
         self.jepa.train()
         pending: list[tuple[int, torch.Tensor]] = []
         t0, n_images, clean, stopped_by_time = time.perf_counter(), 0, True, False

@@ -44,7 +44,7 @@ def test_demo_world_model_section_fails_on_a_real_failure(tmp_path, capsys, smal
     assert "world model: training FAILED" in capsys.readouterr().out
 
 
-def test_demo_runs_the_world_model_section_between_ijepa_and_selfcheck(tmp_path, capsys, monkeypatch):
+def test_demo_sections_run_in_order(tmp_path, capsys, monkeypatch):
     import jepa_engine.train as train
 
     class FakeTrainer:
@@ -61,14 +61,22 @@ def test_demo_runs_the_world_model_section_between_ijepa_and_selfcheck(tmp_path,
         def close(self):
             pass
 
+    import jepa_engine.profiling.report as report
+
     calls = []
     monkeypatch.setattr(train, "Trainer", FakeTrainer)
     monkeypatch.setattr(cli, "_demo_world_model", lambda out: calls.append(("wm", out)) or True)
+    monkeypatch.setattr(report, "demo_profile", lambda wm, out: calls.append(("profile", wm, out)) or ["headline"])
     monkeypatch.setattr(cli, "_selfcheck", lambda args: calls.append(("selfcheck",)) or 0)
     assert cli.main(["demo", "--out", str(tmp_path)]) == 0
-    assert calls == [("wm", str(tmp_path / "wm")), ("selfcheck",)]
+    assert calls == [("wm", str(tmp_path / "wm")), ("profile", str(tmp_path / "wm"), str(tmp_path / "profile")),
+                     ("selfcheck",)]
     out = capsys.readouterr().out
-    assert out.index("== Action-conditioned world model ==") < out.index("== Kernel self-check ==")
+    sections = ["== Action-conditioned world model ==", "== Planner vs token-by-token decoding", "headline",
+                "== Kernel self-check =="]
+    assert [out.index(s) for s in sections] == sorted(out.index(s) for s in sections)
     assert "whole demo:" in out
+    calls.clear()
     monkeypatch.setattr(cli, "_demo_world_model", lambda out: False)   # a failed section fails the demo
     assert cli.main(["demo", "--out", str(tmp_path)]) == 1
+    assert ("selfcheck",) in calls and not any(c[0] == "profile" for c in calls)   # no model: no profile

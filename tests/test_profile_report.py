@@ -46,7 +46,12 @@ def test_profile_writes_json_markdown_png(run):
     assert report["environment"]["torch"] == torch.__version__
     rows = report["rows"]
     planners = [r for r in rows if r["kind"] == "planner"]
-    assert [r["budget"] for r in planners] == ["cem 32x3", "mppi 16x2 cold"]
+    # the reference budget in both forms (eager model.rollout loop, fused rollout), the others fused
+    assert [(r["budget"], r["impl"]) for r in planners] == [("cem 32x3", "planner-eager"), ("cem 32x3", "planner-fused"),
+                                                           ("mppi 16x2 cold", "planner-fused")]
+    eager, fused = planners[:2]
+    assert fused["flops_per_decision"] < 0.8 * eager["flops_per_decision"]   # the fused rollout's count
+    assert fused["success_rate"] == eager["success_rate"]                    # one MPC measurement, both forms
     decision = [r for r in rows if r["kind"] == "decoder" and r["sweep"] == "decision"]
     assert [r["cache"] for r in decision] == ["dynamic", "static"]
     L_sweep = [r for r in rows if r.get("sweep") == "reasoning_tokens"]
@@ -70,7 +75,8 @@ def test_profile_writes_json_markdown_png(run):
     q = report["ratios"][0]
     assert q["latency"] == pytest.approx(planners[0]["latency_s"] / decision[0]["latency_s"])
     md = (out / "profile.md").read_text()
-    for text in ("## What is compared", "## Caveats", "| JEPA cem 32x3 (eager)", "L = 8", "size 10x",
+    for text in ("## What is compared", "## Caveats", "| JEPA cem 32x3 (eager)", "| JEPA cem 32x3 (fused)",
+                 "The planner's two forms at that budget", "L = 8", "size 10x",
                  "0.12-0.20 J per token", "## Ratios"):
         assert text in md, text
 

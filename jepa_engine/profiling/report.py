@@ -3,7 +3,8 @@
 The decision: from the current frame of the built-in open world to a goal, an H-step action plan.
 
     planner rows   the JEPA world model planning in latent space (CEM / MPPI at several budgets
-                   N x I; eager = reference ops forced, fused = the default dispatch, Triton on CUDA)
+                   N x I; eager = model.rollout stepped per candidate on reference ops, fused =
+                   FusedRollout with the default dispatch, Triton on CUDA)
     decoder rows   a decoder-only transformer writing the plan token by token with a KV cache
                    (eager dynamic cache; static cache with the decode step compiled)
     cost sweeps    untrained decoders: L reasoning tokens before the plan, and decoder size
@@ -16,7 +17,8 @@ least `energy_seconds`; where no meter is readable the row says why, nothing is 
 
 FLOPs are counted, not measured (multiply-adds x 2, biases and norms ignored):
 
-    planner  = N x I x sum_k predictor(window of `history` frames)  +  encoder(current frame)
+    planner  = N x I x sum_k predictor(window of `history` frames)  +  encoder(current frame)   (eager)
+             = I x FusedRollout.flops(N, H)                          +  encoder(current frame)   (fused)
     decoder  = prefill(P + 1 tokens) + (L + H*A - 1) one-token steps, each 2 x matmul params + attention
 """
 from __future__ import annotations
@@ -41,6 +43,7 @@ SIZE_FACTORS = {"1x": 1.0, "10x": 10.0, "100x": 100.0}
 LLM_REFERENCE = ("about 0.12-0.20 J per token for an 8B-parameter model on one H100 at batch 64 "
                  "(public LLM inference energy measurements)")
 SWEEP_LABEL = "cost sweep: untrained, timing/energy only"
+PLAN_REDUCE = "sum"                    # the planners' cost: L2 to the goal embedding summed over the horizon
 CPU_MAX_DECODER_PARAMS = 60_000_000    # larger decoders are not run on the CPU (time, not memory)
 CPU_MAX_SWEEP_FLOPS = 2e11             # per decision; larger sweep points are skipped on the CPU
 
@@ -358,7 +361,7 @@ def _wm_preset(preset: str) -> str:
 def build_models(cfg: ProfileConfig, device: torch.device, notes: list[str], log: Callable[[str], None]) -> dict:
     """The world model and the matched decoder: loaded, trained within the budget, or untrained."""
     from jepa_engine.baselines import Decoder, DecoderConfig, ImitationConfig, train_imitation
-    from jepa_engine.models.world_model import WorldModel, WorldModelConfig
+    from jepa_engine.models.world_model import WorldModel
     from jepa_engine.train_wm import WMTrainConfig, load_world_model, save_world_model, train_world_model
 
     out = Path(cfg.out)
@@ -427,8 +430,9 @@ def decision_set(wm, world, cfg: ProfileConfig, device) -> tuple[torch.Tensor, t
 # ------------------------------------------------------------------------------------------------
 # Rows
 # ------------------------------------------------------------------------------------------------
-def _steady_state_cost(wm, world, start: torch.Tensor, goal: torch.Tensor, device):
-    """The planner's cost function for one decision with a full history window (zero actions taken)."""
+def _steady_state_cost(wm, world, start: torch.Tensor, goal: torch.Tensor, device, fused: bool = True):
+    """The planner's cost function for one decision with a full history window (zero actions taken):
+    the rollout through ``FusedRollout`` (``fused``) or stepping ``model.rollout``."""
     from jepa_engine.envs import PointMassWorld, render
     from jepa_engine.planning import latent_cost
 
@@ -442,7 +446,8 @@ def _steady_state_cost(wm, world, start: torch.Tensor, goal: torch.Tensor, devic
     with torch.no_grad():
         z_hist = torch.stack([wm.encode(f) for f in frames], dim=1)            # [1, h, D]
         z_goal = wm.encode(render(goal.to(device), world))
-    return latent_cost(wm, z_hist, torch.zeros(1, h - 1, A, device=device), z_goal), frames[-1]
+    past = torch.zeros(1, h - 1, A, device=device)
+    return latent_cost(wm, z_hist, past, z_goal, "l2", PLAN_REDUCE, fused=fused), frames[-1]
 
 
 def planner_rows(models: dict, starts, goals, cfg: ProfileConfig, device, energy: tuple[bool, str],
@@ -450,48 +455,59 @@ def planner_rows(models: dict, starts, goals, cfg: ProfileConfig, device, energy
     from jepa_engine.kernels import use_backend
     from jepa_engine.planning import MPC, PLANNERS, MPCConfig
 
+    from jepa_engine.planning.rollout import FusedRollout
+
     wm, world = models["wm"], models["world"]
-    cost_fn, obs = _steady_state_cost(wm, world, starts[:1], goals[:1], device)
-    forms = [("eager", "reference")] + ([("fused", None)] if device.type == "cuda" else [])
+    # eager: model.rollout stepped over the window for every candidate, reference ops (the loop as
+    # published planners write it); fused: FusedRollout with the default dispatch (Triton on CUDA).
+    forms = [("eager", False, "reference"), ("fused", True, None)]
+    cost_fns = {fused: _steady_state_cost(wm, world, starts[:1], goals[:1], device, fused) for _, fused, _ in forms}
+    obs = cost_fns[True][1]
+    rollout = FusedRollout(wm)
     rows = []
     for i, b in enumerate(cfg.budgets):
         mpc_cfg = MPCConfig(planner=b.planner, horizon=cfg.horizon, samples=b.samples, iterations=b.iterations,
-                            elites=b.elites, max_steps=cfg.max_steps, warm_start=b.warm_start, seed=cfg.seed)
+                            elites=b.elites, reduce=PLAN_REDUCE, max_steps=cfg.max_steps, warm_start=b.warm_start,
+                            seed=cfg.seed)
         planner = PLANNERS[b.planner](mpc_cfg.planner_config(wm.cfg.action_dim))
+        success: dict = {}
+        # the eager form only for the reference budget: the other budgets scale the same way
+        for form, fused, backend in (forms if i == 0 else forms[-1:]):
+            cost_fn = cost_fns[fused][0]
 
-        def decide():
-            with torch.no_grad():
-                z = wm.encode(obs)  # the current frame is encoded once per decision
-                return planner.plan(cost_fn, 1, device), z
+            def decide(cost_fn=cost_fn):
+                with torch.no_grad():
+                    z = wm.encode(obs)  # the current frame is encoded once per decision
+                    return planner.plan(cost_fn, 1, device), z
 
-        # the fused form only for the reference budget: the other budgets scale the same way
-        for form, backend in (forms if i == 0 else forms[-1:]):
             tick(f"planner {b.name} ({form})")
-            ctx = use_backend(backend) if backend else _null()
-            with ctx:
+            flops = (b.iterations * rollout.flops(1, b.samples, cfg.horizon) + encoder_flops(wm) if fused
+                     else planner_flops(wm, b.samples, b.iterations, cfg.horizon))
+            with use_backend(backend) if backend else _null():
                 row = {"kind": "planner", "impl": f"planner-{form}", "name": f"JEPA {b.name} ({form})",
                        "budget": b.name, "planner": b.planner, "samples": b.samples, "iterations": b.iterations,
                        "elites": b.elites, "horizon": cfg.horizon, "warm_start": b.warm_start,
                        "params": models["wm_params"], "predictor_params": models["wm_predictor_params"],
-                       "flops_per_decision": planner_flops(wm, b.samples, b.iterations, cfg.horizon),
-                       "predictor_evaluations": b.samples * b.iterations * cfg.horizon,
+                       "flops_per_decision": flops, "predictor_evaluations": b.samples * b.iterations * cfg.horizon,
                        "label": "trained" if models["wm_trained"] else SWEEP_LABEL}
                 row.update(time_calls(decide, device, cfg.timing_seconds))
                 limit = cfg.success_limit(device)
                 if models["wm_trained"] and b.samples * b.iterations > limit:
-                    row.update(success_rate=None, success_note=f"success not measured: samples x iterations = "
-                               f"{b.samples * b.iterations} > {limit:g} (--success-max-evals); latency only")
-                elif models["wm_trained"]:
+                    success = dict(success_rate=None, success_note=f"success not measured: samples x iterations = "
+                                   f"{b.samples * b.iterations} > {limit:g} (--success-max-evals); latency only")
+                elif models["wm_trained"] and not success:
+                    # MPC episodes run the fused rollout; the eager form computes the same predictions
+                    # to fp32 rounding, so one measurement serves both rows of a budget.
                     res = MPC(wm, world, mpc_cfg, device=device).rollout_episodes(starts, goals)
-                    row.update(success_rate=res.success_rate, successes=sum(res.success), episodes=len(res.success),
-                               success_plan_ms_median=res.latency_ms()["median"])
-                else:
-                    row.update(success_rate=None, success_note="untrained world model: no success rate")
+                    success = dict(success_rate=res.success_rate, successes=sum(res.success),
+                                   episodes=len(res.success), success_plan_ms_median=res.latency_ms()["median"],
+                                   success_note="MPC episodes planned with the fused rollout")
+                elif not models["wm_trained"]:
+                    success = dict(success_rate=None, success_note="untrained world model: no success rate")
+                row.update(success)
                 row.update(energy_fields(decide, device, cfg, *energy))
-            if form == "fused" or device.type != "cuda":
-                row["backend_note"] = ("default dispatch (Triton kernels on CUDA)" if form == "fused" else
-                                       "reference ops; on the CPU the default dispatch is also the reference, so "
-                                       "the fused path is the same row")
+            row["backend_note"] = ("FusedRollout, default dispatch (Triton kernels on CUDA, torch ops on the CPU)"
+                                   if fused else "model.rollout stepped per candidate, reference ops")
             rows.append(row)
     return rows
 
@@ -531,7 +547,7 @@ def _decoder_row(dcfg, model, L: int, device, cfg: ProfileConfig, energy, cache:
 
 def decoder_rows(models: dict, starts, goals, cfg: ProfileConfig, device, energy, notes: list[str],
                  tick: Callable[[str], None]) -> list[dict]:
-    from jepa_engine.baselines import Decoder, DecoderConfig, DecoderPolicy, rollout_success
+    from jepa_engine.baselines import DecoderConfig, DecoderPolicy, rollout_success
 
     dec, world = models["decoder"], models["world"]
     dcfg = dec.config
@@ -594,6 +610,12 @@ def _param_limit(device: torch.device) -> int:
     return CPU_MAX_DECODER_PARAMS
 
 
+def _reference_planner(rows: list[dict]) -> Optional[dict]:
+    """The headline planner row: the fused form of the first (reference) budget."""
+    planners = [r for r in rows if r["kind"] == "planner"]
+    return next((r for r in planners if r["impl"] == "planner-fused"), planners[0] if planners else None)
+
+
 def ratios(rows: list[dict]) -> list[dict]:
     """Planner / decoder for every planner row against the matched decoder forms (L = 0)."""
     planners = [r for r in rows if r["kind"] == "planner"]
@@ -650,7 +672,8 @@ def markdown(report: dict) -> str:
     dev = env.get("gpu") or f"CPU ({env['processor']}, {env['cpu_threads']} threads)"
     mode = "quick run, " if cfg.get("quick") else ""
     lines = [f"# Planner vs token-by-token decoding: one decision, two ways ({mode}{cfg['preset']} preset, {dev})", ""]
-    ref = next((r for r in rows if r["kind"] == "planner"), None)
+    ref = _reference_planner(rows)
+    eager = next((r for r in rows if r["impl"] == "planner-eager"), None)
     dec = next((r for r in rows if r["kind"] == "decoder" and r.get("sweep") == "decision"), None)
     lines += ["## What is compared", "",
               f"The same {cfg['decisions']} seeded decisions (start, goal) in the built-in open world, each an "
@@ -671,6 +694,11 @@ def markdown(report: dict) -> str:
                   f"{ref['flops_per_decision'] / dec['flops_per_decision']:.3g}x "
                   f"({ref['predictor_evaluations']:,} predictor evaluations against {dec['tokens_per_decision']} "
                   f"decoded tokens).", ""]
+    if ref and eager and ref is not eager:
+        lines += [f"The planner's two forms at that budget: the eager loop ({eager['name']}: `model.rollout` "
+                  f"stepped per candidate) takes {_ms(eager['latency_s'])} ms, the fused rollout "
+                  f"{_ms(ref['latency_s'])} ms ({eager['latency_s'] / ref['latency_s']:.3g}x faster, "
+                  f"{eager['flops_per_decision'] / ref['flops_per_decision']:.3g}x fewer counted FLOPs).", ""]
     lines += ["## Caveats", ""]
     lines += [f"- {c}" for c in report["caveats"]]
     lines += ["", "## Decisions (same start/goal pairs)", "",
