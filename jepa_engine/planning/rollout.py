@@ -213,7 +213,7 @@ class FusedRollout:
             final = k == H - 1
             if z_goal is not None and (final or reduce == "sum"):
                 z, c = goal_cost(x, self.w_out, self.b_out, z_goal.to(dt), normalize=True, eps=self.eps_out,
-                                        metric=metric)
+                                 metric=metric)
                 cost = c if cost is None else cost + c
             else:
                 z = lin(x, self.w_out, self.b_out, normalize=True, eps=self.eps_out)
