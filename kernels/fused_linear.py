@@ -39,7 +39,6 @@ add, with no copies beyond those ops' outputs.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
