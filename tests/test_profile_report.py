@@ -75,7 +75,10 @@ def test_profile_writes_json_markdown_png(run):
     q = report["ratios"][0]
     assert q["latency"] == pytest.approx(planners[0]["latency_s"] / decision[0]["latency_s"])
     md = (out / "profile.md").read_text()
+    for r in decision:   # the decode step's bandwidth use, as gpt-fast reports it
+        assert r["bytes_per_token"] >= 4 * r["params"] * 0.5 and r["achieved_gbps"] > 0
     for text in ("## What is compared", "## Caveats", "| JEPA cem 32x3 (eager)", "| JEPA cem 32x3 (fused)",
+                 "## Decode step memory bandwidth", "| decoder eager dynamic cache | decision |",
                  "The planner's two forms at that budget", "L = 8", "size 10x",
                  "0.12-0.20 J per token", "## Ratios"):
         assert text in md, text

@@ -720,6 +720,20 @@ def markdown(report: dict) -> str:
                          f"{_fmt(r['decisions_per_s'])} | {_fmt(r['decision_tokens_per_s'])} | "
                          f"{_fmt(r['flops_per_decision'] / 1e9)} | {_fmt(r.get('joules_per_decision'))} | "
                          f"{_fmt(r.get('joules_per_token'))} |")
+    decoders = [r for r in rows if r["kind"] == "decoder" and r.get("bytes_per_token") is not None]
+    if decoders:
+        lines += ["", "## Decode step memory bandwidth (as gpt-fast reports it)", "",
+                  "Bytes read per generated token (parameters + KV cache at the mean context) x decode tokens/s, "
+                  "against the device's peak where it is known.", "",
+                  "| row | sweep | params | bytes/token (MB) | achieved GB/s | peak GB/s | utilisation |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for r in decoders:
+            sweep = {"decision": "decision", "reasoning_tokens": f"L = {r.get('reasoning_tokens')}",
+                     "size": f"size {r.get('size')}"}.get(r.get("sweep"), "")
+            util = r.get("bandwidth_utilisation")
+            lines.append(f"| {r['name']} | {sweep} | {r['params']:,} | {_fmt(r['bytes_per_token'] / 1e6)} | "
+                         f"{_fmt(r.get('achieved_gbps'))} | {_fmt(r.get('peak_gbps'))} | "
+                         f"{'n/a (peak unknown)' if util is None else f'{util:.1%}'} |")
     lines += ["", "## Ratios (planner / matched decoder, L = 0)", "",
               "| planner | decoder | latency | FLOPs | params | joules |", "|---|---|---:|---:|---:|---:|"]
     for q in report["ratios"]:
