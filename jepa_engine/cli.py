@@ -265,6 +265,11 @@ def _profile(args: argparse.Namespace) -> int:
                                            "success_max_evals") if getattr(args, k) is not None}
     given.update({k: False for k, flag in (("compile", args.no_compile), ("energy", args.no_energy),
                                            ("progress", args.no_progress)) if flag})
+    if args.compile:
+        if args.no_compile:
+            print("jepa-engine profile: --compile and --no-compile exclude each other", file=sys.stderr)
+            return 2
+        given["compile"] = True
     try:
         cfg = ProfileConfig.create(quick=args.quick, **given)
     except ValueError as e:
@@ -339,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "reference (default cem:300x30,cem:100x10,cem:64x5,cem:64x5:cold,"
                                         "mppi:100x10,cem:32x3)")
     prof.add_argument("--no-compile", action="store_true", help="skip the compiled static-cache decoder form")
+    prof.add_argument("--compile", action="store_true",
+                      help="include the compiled static-cache decoder form (on by default, off with --quick)")
     prof.add_argument("--no-energy", action="store_true", help="skip energy measurement")
     prof.add_argument("--energy-seconds", type=float, help="shortest energy window per trial (default 2)")
     prof.add_argument("--trials", type=int, help="energy trials per row (default 3)")

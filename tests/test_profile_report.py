@@ -174,6 +174,7 @@ def test_demo_profile_trains_then_reuses_the_decoder(run, tmp_path):
     (["--quick", "--trials", "0"], "--trials"),
     (["--quick", "--budgets", "cem:1x1"], "--budgets"),
     (["--quick", "--energy-seconds", "inf"], "--energy-seconds"),
+    (["--compile", "--no-compile"], "--compile"),
 ])
 def test_bad_options_name_the_option(args, option, capsys, tmp_path):
     rc = main(["profile", "--out", str(tmp_path), "--no-progress", *args])
