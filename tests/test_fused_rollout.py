@@ -121,6 +121,35 @@ def test_bf16_rollout_is_close():
     assert_close(got.float(), want, atol=0.1, rtol=0.05)
 
 
+def test_history_cache_follows_in_place_updates():
+    """The observed history's tokens and shared prefixes are kept between calls with the same tensors;
+    modifying either tensor in place (as an MPC loop does) must be seen by the next call."""
+    model = _model()
+    z_hist, past, actions, z_goal = _inputs(model, E=2, h=3, N=4, H=4)
+    fr = FusedRollout(model)
+    first = fr.rollout(z_hist, past, actions)
+    assert_close(fr.rollout(z_hist, past, actions), first, rtol=0, atol=0)      # kept: same result
+    assert fr._obs_cache is not None
+    for t in (z_hist, past):
+        t.mul_(0.5)
+        assert_close(fr.rollout(z_hist, past, actions), _reference(model, z_hist, past, actions),
+                     rtol=1e-5, atol=1e-5)
+    other = z_hist.clone()
+    other[0, 0, 0] += 1.0
+    assert_close(fr.rollout(other, past, actions), _reference(model, other, past, actions), rtol=1e-5, atol=1e-5)
+
+
+def test_inference_mode_tensors_are_not_cached():
+    model = _model()
+    z_hist, past, actions, _ = _inputs(model, E=1, h=3, N=3, H=2)
+    fr = FusedRollout(model)
+    with torch.inference_mode():
+        zi, pi_ = z_hist.clone(), past.clone()
+        got = fr.rollout(zi, pi_, actions)
+    assert fr._obs_cache is None
+    assert_close(got, _reference(model, z_hist, past, actions), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("which,shape,match", [
     ("z_hist", (2, 4, 16), "z_hist"),             # h > history
     ("z_hist", (2, 3, 15), "z_hist"),             # wrong D
@@ -140,7 +169,12 @@ def test_bad_input(which, shape, match):
 
 
 def _count_attention_flops(monkeypatch):
-    """The flop counter does not see the CPU's fused SDPA kernel: attention runs written out."""
+    """The flop counter does not see the CPU's fused SDPA kernel, nor the broadcast products of the
+    CPU's one-row attention: attention runs written out as matmuls."""
+    from jepa_engine.planning.rollout import _Block
+
+    monkeypatch.setattr(_Block, "attention_one_row", lambda self, q, kv: self.attention(q[:, None], kv, None)[:, 0])
+
     def sdpa_written_out(q, k, v, attn_mask=None, scale=None, **_):
         s = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
         if attn_mask is not None:

@@ -72,36 +72,38 @@ class _Block:
         self.w_fc1, self.b_fc1 = w.to(dtype), b.to(dtype)
         self.w_fc2, self.b_fc2 = block.mlp.fc2.weight.detach().to(dtype), block.mlp.fc2.bias.detach().to(dtype)
 
-    def _heads(self, t: torch.Tensor, parts: int) -> list[torch.Tensor]:
-        """``[B, L, parts * C]`` -> ``parts`` views ``[B, heads, L, head_dim]``."""
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """``[B, L, C]`` (any row stride) -> the view ``[B, heads, L, head_dim]``."""
         B, L, _ = t.shape
-        return list(t.view(B, L, parts, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0))
+        return t.unflatten(2, (self.heads, self.head_dim)).transpose(1, 2)
 
-    def qkv(self, lin, x: torch.Tensor) -> list[torch.Tensor]:
-        """Queries, keys, values ``[B, heads, L, hd]`` of tokens ``x [B, L, C]`` (one norm, one matmul)."""
-        B, L, C = x.shape
-        return self._heads(lin(x.reshape(B * L, C), self.w_qkv, self.b_qkv, normalize=True, eps=self.eps1)
-                           .view(B, L, 3 * C), 3)
+    def attention(self, q: torch.Tensor, kv: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Multi-head attention of ``q [B, L, C]`` over ``kv [B, S, 2C]`` (keys, then values) -> ``[B, L, C]``."""
+        B, L, C = q.shape
+        o = F.scaled_dot_product_attention(self._heads(q), self._heads(kv[..., :C]), self._heads(kv[..., C:]),
+                                           attn_mask=mask, scale=self.scale)
+        return o.transpose(1, 2).reshape(B, L, C)
 
-    def kv(self, lin, x: torch.Tensor) -> list[torch.Tensor]:
-        B, L, C = x.shape
-        return self._heads(lin(x.reshape(B * L, C), self.w_kv, self.b_kv, normalize=True, eps=self.eps1)
-                           .view(B, L, 2 * C), 2)
+    def attention_one_row(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """One query row per sequence, ``q [B, C]`` over ``kv [B, S, 2C]``, no mask -> ``[B, C]``.
 
-    def q(self, lin, x: torch.Tensor) -> torch.Tensor:
-        B, L, C = x.shape
-        return self._heads(lin(x.reshape(B * L, C), self.w_q, self.b_q, normalize=True, eps=self.eps1)
-                           .view(B, L, C), 1)[0]
+        On the CPU with ``S`` of a few tokens, SDPA's per-(sequence, head) overhead dominates; two
+        broadcast products and two small reductions over ``[B, S, C]`` take about half its time.
+        Elsewhere (CUDA) SDPA."""
+        B, C = q.shape
+        if q.device.type != "cpu":
+            return self.attention(q[:, None], kv, None)[:, 0]
+        S, h, d = kv.shape[1], self.heads, self.head_dim
+        scores = (q[:, None, :] * kv[..., :C]).view(B, S, h, d).sum(-1)            # [B, S, heads]
+        p = scores.mul_(self.scale).softmax(1)
+        return (p[..., None] * kv[..., C:].unflatten(2, (h, d))).sum(1).view(B, C)
 
-    def finish(self, lin, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """The block's output for tokens ``x [B, L, C]``: attention of ``q [B, heads, L, hd]`` over all
-        keys/values ``[B, heads, P + L, hd]``, projection + residual, MLP + residual."""
-        B, L, C = x.shape
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        x = lin(o.transpose(1, 2).reshape(B * L, C), self.w_proj, self.b_proj, residual=x.reshape(B * L, C))
+    def finish(self, lin, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """The block's output for tokens ``x [R, C]`` from their attention output ``o [R, C]``:
+        projection + residual, MLP + residual."""
+        x = lin(o, self.w_proj, self.b_proj, residual=x)
         hidden = lin(x, self.w_fc1, self.b_fc1, normalize=True, eps=self.eps2, activation="gelu")
-        return lin(hidden, self.w_fc2, self.b_fc2, residual=x).view(B, L, C)
+        return lin(hidden, self.w_fc2, self.b_fc2, residual=x)
 
 
 class FusedRollout:
@@ -131,6 +133,7 @@ class FusedRollout:
             self.w_act1, self.b_act1 = fc1.weight.detach().to(dt), fc1.bias.detach().to(dt)
             self.w_act2, self.b_act2 = fc2.weight.detach().to(dt), fc2.bias.detach().to(dt)
         self.masks: dict = {}
+        self._obs_cache: Optional[tuple] = None
 
     # ---------------------------------------------------------------------------------------------
     def _mask(self, prefix: int, frames: int, device) -> torch.Tensor:
@@ -143,16 +146,19 @@ class FusedRollout:
             self.masks[key] = torch.cat([own.new_ones(2 * frames, prefix), own], dim=1)
         return self.masks[key]
 
-    def _prefix_kv(self, lin, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The shared frames ``tokens [E, 2s, Dp]`` through every block: keys/values per block."""
+    def _prefix_kv(self, lin, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """The shared frames ``tokens [E, 2s, Dp]`` through every block: keys and values ``[E, 2s, 2 Dp]``
+        per block."""
+        E, P, C = tokens.shape
         out = []
-        x = tokens
-        mask = self._mask(0, tokens.shape[1] // 2, tokens.device)
+        x = tokens.reshape(E * P, C)
+        mask = self._mask(0, P // 2, tokens.device)
         for blk in self.blocks[:-1]:
-            q, k, v = blk.qkv(lin, x)
-            out.append((k, v))
-            x = blk.finish(lin, x, q, k, v, mask)
-        out.append(tuple(self.blocks[-1].kv(lin, x)))
+            qkv = lin(x, blk.w_qkv, blk.b_qkv, normalize=True, eps=blk.eps1).view(E, P, 3 * C)
+            out.append(qkv[..., C:])
+            x = blk.finish(lin, x, blk.attention(qkv[..., :C], qkv[..., C:], mask).view(E * P, C))
+        blk = self.blocks[-1]
+        out.append(lin(x, blk.w_kv, blk.b_kv, normalize=True, eps=blk.eps1).view(E, P, 2 * C))
         return out
 
     def _action_tokens(self, lin, a: torch.Tensor) -> torch.Tensor:
@@ -162,55 +168,77 @@ class FusedRollout:
         return lin(hidden, self.w_act2, self.b_act2).view(B, T, -1)
 
     # ---------------------------------------------------------------------------------------------
+    def _observed(self, lin, z_hist: torch.Tensor, past_actions: torch.Tensor):
+        """``(emb_obs [E, h, C], act_obs [E, h-1, C] or None, prefixes)``: the tokens of the observed
+        history, and a dict ``(start, s) -> per-block keys/values`` of the shared prefixes, filled by
+        :meth:`_run`. A planner calls the cost with the same history at every iteration, so these are
+        kept for the tensors of the last call while neither was modified (same objects, same version
+        counters). Never kept while a CUDA graph is being captured (a cached prefix would be baked into
+        the graph and go stale when the history is updated in place), nor for inference-mode tensors
+        (no version counter)."""
+        cacheable = not (z_hist.is_inference() or past_actions.is_inference()
+                         or (z_hist.is_cuda and torch.cuda.is_current_stream_capturing()))
+        key = (z_hist._version, past_actions._version) if cacheable else None
+        c = self._obs_cache
+        if key is not None and c is not None and c[0] is z_hist and c[1] is past_actions and c[2] == key:
+            return c[3]
+        E, h, D = z_hist.shape
+        dt = self.dtype
+        emb_obs = lin(z_hist.to(dt).reshape(E * h, D), self.w_embed, self.b_embed).view(E, h, -1)
+        act_obs = self._action_tokens(lin, past_actions.to(dt)) if h > 1 else None
+        out = (emb_obs, act_obs, {})
+        self._obs_cache = (z_hist, past_actions, key, out) if key is not None else None
+        return out
+
     def _run(self, z_hist, past_actions, actions, z_goal=None, metric="l2", reduce="final"):
         E, h, D = z_hist.shape
         _, N, H, A = actions.shape
         W = self.cfg.history
         dt, dev = self.dtype, z_hist.device
         EN = E * N
-        Dp = self.w_embed.shape[0]
+        C = self.w_embed.shape[0]
         lin, goal_cost = _ops(dev)
-        z_hist, past_actions, actions = z_hist.to(dt), past_actions.to(dt), actions.to(dt)
-        # Embedding and action tokens without positions: observed ones per environment, the candidates'
-        # per row. emb[j] / act[j] for frame j: [E, Dp] (shared) or [E*N, Dp].
-        emb: list[torch.Tensor] = list(lin(z_hist.reshape(E * h, D), self.w_embed, self.b_embed)
-                                       .view(E, h, Dp).unbind(1))
-        act: list[torch.Tensor] = list(self._action_tokens(lin, past_actions).unbind(1)) if h > 1 else []
-        act += list(self._action_tokens(lin, actions.reshape(EN, H, A)).unbind(1))
+        emb_obs, act_obs, prefixes = self._observed(lin, z_hist, past_actions)
+        actions = actions.to(dt)
+        # The candidates' frames h-1 .. h+H-2 without positions, [E*N, H, 2, C]: (embedding, action)
+        # token contents, written once (the predicted embeddings as the rollout reaches them).
+        cand = torch.empty(E, N, H, 2, C, dtype=dt, device=dev)
+        cand[:, :, 0, 0] = emb_obs[:, None, h - 1]
+        cand[:, :, :, 1] = self._action_tokens(lin, actions.reshape(EN, H, A)).view(E, N, H, C)
+        cand = cand.view(EN, H, 2, C)
+        last = len(self.blocks) - 1
         outs, cost = [], None
         for k in range(H):
             end = h + k
             start = max(0, end - W)
-            s = max(0, h - 1 - start)                         # shared frames at the window's front
-            t = end - start - s                               # candidate frames
+            s = max(0, h - 1 - start)                          # shared frames at the window's front
+            t = end - start - s                                # candidate frames
+            L, P = 2 * t, 2 * s
             prefix = None
             if s:
-                shared = torch.stack([torch.stack([emb[start + i], act[start + i]], 1) for i in range(s)], 1)
-                prefix = self._prefix_kv(lin, (shared + self.pos_type[:s]).reshape(E, 2 * s, Dp))
-            rows = []
-            for i in range(s, s + t):
-                j = start + i
-                e = emb[j]
-                if e.shape[0] == E:                          # the last observed frame: broadcast
-                    e = e.repeat_interleave(N, dim=0)
-                rows.append(torch.stack([e, act[j]], 1) + self.pos_type[i])
-            x = torch.stack(rows, 1).view(EN, 2 * t, Dp)      # candidate tokens [E*N, 2t, Dp]
-            mask = self._mask(2 * s, t, dev) if t > 1 else None
-            last = len(self.blocks) - 1
+                if (start, s) not in prefixes:
+                    shared = torch.stack([emb_obs[:, start:h - 1], act_obs[:, start:h - 1]], 2)   # [E, s, 2, C]
+                    prefixes[start, s] = self._prefix_kv(lin, (shared + self.pos_type[:s]).view(E, P, C))
+                prefix = prefixes[start, s]
+            x = (cand[:, k + 1 - t:k + 1] + self.pos_type[s:s + t]).view(EN * L, C)         # [E*N*L, C]
+            mask = self._mask(P, t, dev) if t > 1 else None
             for bi, blk in enumerate(self.blocks):
                 if bi < last:
-                    q, k_, v_ = blk.qkv(lin, x)
-                else:                                        # the last action token's query only: it sees all
-                    k_, v_ = blk.kv(lin, x)
-                    x = x[:, -1:]
-                    q = blk.q(lin, x)
-                if prefix is not None:
-                    pk, pv = prefix[bi]
-                    k_ = torch.cat([pk.repeat_interleave(N, dim=0), k_], dim=2)
-                    v_ = torch.cat([pv.repeat_interleave(N, dim=0), v_], dim=2)
-                x = blk.finish(lin, x, q, k_, v_, mask if bi < last else None)
-            x = x[:, 0]                                       # [E*N, Dp]
-            final = k == H - 1
+                    qkv = lin(x, blk.w_qkv, blk.b_qkv, normalize=True, eps=blk.eps1).view(EN, L, 3 * C)
+                    q, kv = qkv[..., :C], qkv[..., C:]
+                else:
+                    kv = lin(x, blk.w_kv, blk.b_kv, normalize=True, eps=blk.eps1).view(EN, L, 2 * C)
+                    x = x.view(EN, L, C)[:, -1]               # the last action token: the only row read
+                    q = lin(x, blk.w_q, blk.b_q, normalize=True, eps=blk.eps1)
+                if prefix is not None:                         # shared keys/values, broadcast to the candidates
+                    kv = torch.cat([prefix[bi][:, None].expand(E, N, P, 2 * C), kv.view(E, N, L, 2 * C)], 2)
+                    kv = kv.view(EN, P + L, 2 * C)
+                if bi < last:
+                    o = blk.attention(q, kv, mask).view(EN * L, C)
+                else:
+                    o = blk.attention_one_row(q, kv)
+                x = blk.finish(lin, x, o)
+            final = k == H - 1                                 # x: [E*N, C]
             if z_goal is not None and (final or reduce == "sum"):
                 z, c = goal_cost(x, self.w_out, self.b_out, z_goal.to(dt), normalize=True, eps=self.eps_out,
                                  metric=metric)
@@ -219,7 +247,7 @@ class FusedRollout:
                 z = lin(x, self.w_out, self.b_out, normalize=True, eps=self.eps_out)
             outs.append(z)
             if not final:
-                emb.append(lin(z, self.w_embed, self.b_embed))
+                cand[:, k + 1, 0] = lin(z, self.w_embed, self.b_embed)
         return outs, cost
 
     def _check(self, z_hist, past_actions, actions, z_goal=None):
@@ -240,7 +268,9 @@ class FusedRollout:
     def flops(self, envs: int, samples: int, horizon: int, observed: Optional[int] = None) -> int:
         """Counted FLOPs (2 x multiply-adds; norms, biases, activations and softmax ignored) of one
         :meth:`cost` call for ``envs`` environments x ``samples`` candidates, ``horizon`` steps, from
-        ``observed`` history frames (default: a full window)."""
+        ``observed`` history frames (default: a full window). This is a first call with that history;
+        later calls with the same, unmodified history tensors skip the shared prefixes (``E x`` a few
+        tokens through the predictor)."""
         c = self.cfg
         E, N, H, W = envs, samples, horizon, c.history
         h = W if observed is None else observed
@@ -251,12 +281,14 @@ class FusedRollout:
         macs += (E * h + E * N * (H - 1)) * D * C              # embedding tokens
         macs += E * N * H * C * D                              # output projection
         last = len(self.blocks) - 1
+        prefixes = set()
         for k in range(H):
             end = h + k
             start = max(0, end - W)
             s = max(0, h - 1 - start)
             L, P = 2 * (end - start - s), 2 * s
-            if s:   # the shared prefix, batch E: full blocks, then keys/values of the last one
+            if s and (start, s) not in prefixes:   # each shared prefix once, batch E: full blocks, then
+                prefixes.add((start, s))           # keys/values of the last one
                 macs += E * (last * (P * full + P * P * 2 * C) + P * 2 * C * C)
             rows = E * N
             macs += rows * last * (L * full + L * (P + L) * 2 * C)
