@@ -77,26 +77,21 @@ class _Block:
         B, L, _ = t.shape
         return t.unflatten(2, (self.heads, self.head_dim)).transpose(1, 2)
 
-    def attention(self, q: torch.Tensor, kv: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Multi-head attention of ``q [B, L, C]`` over ``kv [B, S, 2C]`` (keys, then values) -> ``[B, L, C]``."""
+    def attention(self, q: torch.Tensor, kv: torch.Tensor, mask: Optional[torch.Tensor], pack: int = 1) -> torch.Tensor:
+        """Multi-head attention of ``q [B, L, C]`` over ``kv [B, S, 2C]`` (keys, then values), ``mask``
+        ``[L, S]`` (bool, True = attend; None = all) or, with ``pack = G > 1``, the block-diagonal
+        ``[G L, G S]`` mask of :func:`packed_mask` -> ``[B, L, C]``.
+
+        ``pack = G`` runs G consecutive sequences as one (views, no copies): the CPU's SDPA spends most
+        of its time per (sequence, head) on windows of a few tokens, and G times fewer, G times larger
+        blocks (each query still attends to its own sequence only) take about half the time."""
         B, L, C = q.shape
+        S = kv.shape[1]
+        if pack > 1:
+            q, kv = q.view(B // pack, pack * L, C), kv.view(B // pack, pack * S, 2 * C)
         o = F.scaled_dot_product_attention(self._heads(q), self._heads(kv[..., :C]), self._heads(kv[..., C:]),
                                            attn_mask=mask, scale=self.scale)
         return o.transpose(1, 2).reshape(B, L, C)
-
-    def attention_one_row(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        """One query row per sequence, ``q [B, C]`` over ``kv [B, S, 2C]``, no mask -> ``[B, C]``.
-
-        On the CPU with ``S`` of a few tokens, SDPA's per-(sequence, head) overhead dominates; two
-        broadcast products and two small reductions over ``[B, S, C]`` take about half its time.
-        Elsewhere (CUDA) SDPA."""
-        B, C = q.shape
-        if q.device.type != "cpu":
-            return self.attention(q[:, None], kv, None)[:, 0]
-        S, h, d = kv.shape[1], self.heads, self.head_dim
-        scores = (q[:, None, :] * kv[..., :C]).view(B, S, h, d).sum(-1)            # [B, S, heads]
-        p = scores.mul_(self.scale).softmax(1)
-        return (p[..., None] * kv[..., C:].unflatten(2, (h, d))).sum(1).view(B, C)
 
     def finish(self, lin, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """The block's output for tokens ``x [R, C]`` from their attention output ``o [R, C]``:
@@ -136,15 +131,33 @@ class FusedRollout:
         self._obs_cache: Optional[tuple] = None
 
     # ---------------------------------------------------------------------------------------------
-    def _mask(self, prefix: int, frames: int, device) -> torch.Tensor:
+    def _mask(self, prefix: int, frames: int, device, pack: int = 1) -> Optional[torch.Tensor]:
         """Bool ``[2 * frames, prefix + 2 * frames]``: candidate token i (frame i // 2) sees the whole
-        shared prefix and the candidate tokens of frames <= its own."""
-        key = (prefix, frames, device)
+        shared prefix and the candidate tokens of frames <= its own; ``frames = 0``: one query row that
+        sees all ``prefix`` keys. None where every query sees every key. ``pack = G > 1``: the
+        block-diagonal mask of G such sequences run as one."""
+        key = (prefix, frames, device, pack)
         if key not in self.masks:
             f = torch.arange(2 * frames, device=device) // 2
             own = f[None, :] <= f[:, None]
-            self.masks[key] = torch.cat([own.new_ones(2 * frames, prefix), own], dim=1)
+            m = torch.cat([own.new_ones(max(2 * frames, 1), prefix), own.new_ones(1, 0) if not frames else own], dim=1)
+            if pack > 1:
+                m = torch.block_diag(*[m.to(torch.uint8)] * pack).bool()
+            self.masks[key] = None if bool(m.all()) else m
         return self.masks[key]
+
+    @staticmethod
+    def _pack(device: torch.device, batch: int, rows: int) -> int:
+        """How many sequences :meth:`_Block.attention` runs as one: on the CPU 6 for one or two query
+        rows, else 3 (measured best of 1-12 for windows of 6 tokens, 16- and 64-wide heads, 2 cores),
+        falling back to a divisor of ``batch``; 1 elsewhere (CUDA's SDPA kernels tile many sequences
+        per block already)."""
+        if device.type != "cpu":
+            return 1
+        for g in ((6, 3, 4) if rows <= 2 else (3, 4, 6)):
+            if batch % g == 0:
+                return g
+        return 1
 
     def _prefix_kv(self, lin, tokens: torch.Tensor) -> list[torch.Tensor]:
         """The shared frames ``tokens [E, 2s, Dp]`` through every block: keys and values ``[E, 2s, 2 Dp]``
@@ -221,7 +234,10 @@ class FusedRollout:
                     prefixes[start, s] = self._prefix_kv(lin, (shared + self.pos_type[:s]).view(E, P, C))
                 prefix = prefixes[start, s]
             x = (cand[:, k + 1 - t:k + 1] + self.pos_type[s:s + t]).view(EN * L, C)         # [E*N*L, C]
-            mask = self._mask(P, t, dev) if t > 1 else None
+            pack = self._pack(dev, EN, L)                     # block 0 .. last-1: L query rows
+            mask = self._mask(P, t, dev, pack)
+            pack1 = self._pack(dev, EN, 1)                     # the last block: one row
+            mask1 = self._mask(P + L, 0, dev, pack1)
             for bi, blk in enumerate(self.blocks):
                 if bi < last:
                     qkv = lin(x, blk.w_qkv, blk.b_qkv, normalize=True, eps=blk.eps1).view(EN, L, 3 * C)
@@ -234,9 +250,9 @@ class FusedRollout:
                     kv = torch.cat([prefix[bi][:, None].expand(E, N, P, 2 * C), kv.view(E, N, L, 2 * C)], 2)
                     kv = kv.view(EN, P + L, 2 * C)
                 if bi < last:
-                    o = blk.attention(q, kv, mask).view(EN * L, C)
+                    o = blk.attention(q, kv, mask, pack).view(EN * L, C)
                 else:
-                    o = blk.attention_one_row(q, kv)
+                    o = blk.attention(q[:, None], kv, mask1, pack1).view(EN, C)
                 x = blk.finish(lin, x, o)
             final = k == H - 1                                 # x: [E*N, C]
             if z_goal is not None and (final or reduce == "sum"):
