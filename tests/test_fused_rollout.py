@@ -150,6 +150,30 @@ def test_inference_mode_tensors_are_not_cached():
     assert_close(got, _reference(model, z_hist, past, actions), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("prefix,frames", [(0, 3), (4, 1), (2, 2), (5, 0)])
+@pytest.mark.parametrize("pack", [2, 3, 6])
+def test_packed_attention_equals_one_sequence_each(prefix, frames, pack):
+    """G sequences run as one attention with the block-diagonal mask give each sequence's own result."""
+    model = _model()
+    fr = FusedRollout(model)
+    blk = fr.blocks[0]
+    C = blk.heads * blk.head_dim
+    L = max(2 * frames, 1)
+    S = prefix + 2 * frames
+    g = torch.Generator().manual_seed(3)
+    q, kv = torch.randn(12, L, C, generator=g), torch.randn(12, S, 2 * C, generator=g)
+    want = blk.attention(q, kv, fr._mask(prefix, frames, q.device))
+    got = blk.attention(q, kv, fr._mask(prefix, frames, q.device, pack), pack)
+    assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_pack_choice():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert FusedRollout._pack(cpu, 300, 6) == 3 and FusedRollout._pack(cpu, 300, 1) == 6
+    assert FusedRollout._pack(cpu, 8, 6) == 4 and FusedRollout._pack(cpu, 7, 1) == 1
+    assert FusedRollout._pack(cuda, 300, 6) == 1
+
+
 @pytest.mark.parametrize("which,shape,match", [
     ("z_hist", (2, 4, 16), "z_hist"),             # h > history
     ("z_hist", (2, 3, 15), "z_hist"),             # wrong D
@@ -177,7 +201,7 @@ def _count_attention_flops(monkeypatch):
     def sdpa_written_out(q, k, v, attn_mask=None, scale=None, **_):
         s = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
         if attn_mask is not None:
-            s = s.masked_fill(~attn_mask, float("-inf"))
+            s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
         return torch.matmul(s.softmax(-1), v)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa_written_out)

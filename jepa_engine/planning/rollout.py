@@ -132,10 +132,11 @@ class FusedRollout:
 
     # ---------------------------------------------------------------------------------------------
     def _mask(self, prefix: int, frames: int, device, pack: int = 1) -> Optional[torch.Tensor]:
-        """Bool ``[2 * frames, prefix + 2 * frames]``: candidate token i (frame i // 2) sees the whole
-        shared prefix and the candidate tokens of frames <= its own; ``frames = 0``: one query row that
-        sees all ``prefix`` keys. None where every query sees every key. ``pack = G > 1``: the
-        block-diagonal mask of G such sequences run as one."""
+        """The attention mask ``[2 * frames, prefix + 2 * frames]``: candidate token i (frame i // 2)
+        sees the whole shared prefix and the candidate tokens of frames <= its own; ``frames = 0``: one
+        query row that sees all ``prefix`` keys. None where every query sees every key. ``pack = G > 1``:
+        the block-diagonal mask of G such sequences run as one. Additive (0 / -inf, in the rollout's
+        dtype): SDPA would convert a bool mask at every call."""
         key = (prefix, frames, device, pack)
         if key not in self.masks:
             f = torch.arange(2 * frames, device=device) // 2
@@ -143,7 +144,8 @@ class FusedRollout:
             m = torch.cat([own.new_ones(max(2 * frames, 1), prefix), own.new_ones(1, 0) if not frames else own], dim=1)
             if pack > 1:
                 m = torch.block_diag(*[m.to(torch.uint8)] * pack).bool()
-            self.masks[key] = None if bool(m.all()) else m
+            self.masks[key] = None if bool(m.all()) else \
+                torch.zeros(m.shape, dtype=self.dtype, device=device).masked_fill_(~m, float("-inf"))
         return self.masks[key]
 
     @staticmethod
