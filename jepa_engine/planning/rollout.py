@@ -9,7 +9,9 @@ wasted, and :class:`FusedRollout` skips them:
 1. **Shared prefix.** Frame-causal attention means the tokens of window frame ``j`` depend on frames
    ``<= j`` only. Frames whose embedding and action are both observed (the history frames before the
    last one) are the same for all N candidates of an environment: their keys and values are computed
-   once per environment (batch E, not E x N) and broadcast.
+   once per environment (batch E, not E x N) and broadcast. A planner calls the cost with the same
+   history at every iteration: these prefixes (and the observed tokens) are kept between calls while
+   the history tensors are unmodified.
 2. **Last row only in the last block.** The prediction reads the last action token only. The last
    block computes keys and values for every token of the window, but the query, attention output,
    projection and MLP for one row.
@@ -21,7 +23,10 @@ The linear pieces run through :func:`jepa_engine.kernels.fused_linear` (normalis
 bias / GELU / residual epilogue: one Triton launch each on CUDA, the fewest torch ops on CPU), and the
 last step's output projection and its distance to the goal through
 :func:`jepa_engine.kernels.linear_goal_cost` (one pass). Attention over a window of at most
-``2 * history`` tokens goes through PyTorch's SDPA with an explicit mask.
+``2 * history`` tokens goes through PyTorch's SDPA with an additive mask; on the CPU, several
+candidates' windows run as one sequence with a block-diagonal mask (:meth:`FusedRollout._pack`), which
+halves the SDPA kernel's per-sequence overhead. The candidates' token contents are written once into
+one buffer and each step's window is one add of the position table.
 
 Per step ``k`` of the horizon (``h`` history frames, window of ``W = history`` frames)::
 
