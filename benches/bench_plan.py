@@ -14,10 +14,11 @@ Peers of every group, timed in the same run:
 - ``torch_compile``: the same loop with the rollout's predictor step under ``torch.compile``
   (``mode="reduce-overhead"`` on CUDA, the default mode on CPU);
 - ``jepa_engine``: ``CEMPlanner`` with the MPC cost: fused sampling, the rollout through
-  ``FusedRollout`` (the shared history prefix once per environment, the last block on the last row
-  only, LayerNorms folded, fused linear pieces with the goal cost in the last step's pass), fused elite
-  refit; the whole plan captured in one CUDA graph on CUDA (``GraphedPlanner``), the plain planner on
-  CPU (the same restructured rollout on torch ops).
+  ``FusedRollout`` (the shared history prefix once per environment and kept across iterations, the
+  last block on the last row only, LayerNorms folded, fused linear pieces with the goal cost in the
+  last step's pass), fused elite refit; the whole plan captured in one CUDA graph on CUDA
+  (``GraphedPlanner``), the plain planner on CPU (the same restructured rollout on torch ops, several
+  candidates' attention windows per SDPA sequence).
 
 The weights are untrained (initialised from a fixed seed): timing does not depend on them, and task
 success is not defined for them, so every row records ``success=None`` with the reason. No trained

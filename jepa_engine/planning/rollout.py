@@ -149,7 +149,8 @@ class FusedRollout:
             m = torch.cat([own.new_ones(max(2 * frames, 1), prefix), own.new_ones(1, 0) if not frames else own], dim=1)
             if pack > 1:
                 m = torch.block_diag(*[m.to(torch.uint8)] * pack).bool()
-            self.masks[key] = None if bool(m.all()) else \
+            every = pack == 1 and frames <= 1                  # told without reading m back (CUDA graphs)
+            self.masks[key] = None if every else \
                 torch.zeros(m.shape, dtype=self.dtype, device=device).masked_fill_(~m, float("-inf"))
         return self.masks[key]
 
