@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,6 +186,9 @@ def train_world_model(cfg: WMTrainConfig, out_dir: Union[str, os.PathLike, None]
                       log: Optional[Callable[[str], None]] = print, resume: bool = False) -> dict:
     """Train ``cfg``; writes config.json, metrics.jsonl and checkpoints to ``out_dir`` (None: nothing).
 
+    Ctrl-C (SIGINT) finishes the current step, writes a checkpoint (with ``out_dir``) and raises
+    ``KeyboardInterrupt``; a second Ctrl-C stops at once.
+
     ``resume=True`` continues from the newest complete checkpoint in ``out_dir`` (if any) exactly: weights,
     EMA target and schedule, optimizer, RNG states and the trajectory stream's position, so a run
     interrupted at a checkpoint and resumed ends with the weights of an uninterrupted run (on CPU).
@@ -222,6 +227,17 @@ def train_world_model(cfg: WMTrainConfig, out_dir: Union[str, os.PathLike, None]
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         metrics = open(out / "metrics.jsonl", "a")
     saved_at, t0, done = (start if last_ckpt else -1), time.perf_counter(), start
+    # Ctrl-C finishes the current step, writes a checkpoint and raises KeyboardInterrupt; a second one
+    # stops at once. (The handler needs the main thread; elsewhere an interrupt cannot arrive.)
+    stop = {"requested": False}
+
+    def on_sigint(signum, frame) -> None:
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+
+    handler = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGINT, on_sigint) if handler else None
     model.train()
     try:
         for step in range(start, cfg.steps):
@@ -252,11 +268,17 @@ def train_world_model(cfg: WMTrainConfig, out_dir: Union[str, os.PathLike, None]
                 if log:
                     log(f"step {step:5d}  loss {row[1]:.4f}  teacher {row[2]:.4f}  rollout {row[3]:.4f}  "
                         f"sigreg {row[4]:.3f}  z_std {row[5]:.3f}  ({time.perf_counter() - t0:.0f} s)")
-            if out is not None and done % cfg.checkpoint_every == 0:
+            if out is not None and (done % cfg.checkpoint_every == 0 or stop["requested"]):
                 last_ckpt, saved_at = save_world_model(out, done, model, cfg, opt, ema, stream), done
+            if stop["requested"]:
+                if log:
+                    log(f"interrupted after step {step}; checkpoint {last_ckpt} (resume with --resume)")
+                raise KeyboardInterrupt
         if out is not None and saved_at != done:
             last_ckpt = save_world_model(out, done, model, cfg, opt, ema, stream)
     finally:
+        if handler:
+            signal.signal(signal.SIGINT, old_handler)
         if metrics is not None:
             metrics.close()
     model.eval()

@@ -59,6 +59,32 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, anti_collapse):
     assert resumed["losses"] == straight["losses"]
 
 
+def test_ctrl_c_checkpoints_the_finished_step_and_resumes_exactly(tmp_path):
+    """SIGINT during step 4 (0-based): the step finishes, checkpoint 5 is written, KeyboardInterrupt
+    follows; resuming from it ends with the uninterrupted run's tensors. The handler is removed after."""
+    import os
+    import signal
+
+    cfg = _cfg()
+    straight = train_world_model(cfg, tmp_path / "a", log=None)
+
+    def log(msg: str) -> None:
+        if msg.startswith(f"step {4:5d} "):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        train_world_model(cfg, tmp_path / "b", log=log)
+    assert signal.getsignal(signal.SIGINT) is before
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "b")] == [3, 5]
+    resumed = train_world_model(cfg, tmp_path / "b", log=None, resume=True)
+    assert resumed["resumed_from"] == 5
+    ta, ma = ckpt.load_checkpoint(tmp_path / "a")
+    tb, mb = ckpt.load_checkpoint(tmp_path / "b")
+    _assert_same_tensors(ta, tb)
+    assert ma == mb
+
+
 def test_resume_extends_a_finished_run_and_starts_fresh_without_checkpoint(tmp_path):
     fresh = train_world_model(_cfg(steps=3), tmp_path, log=None, resume=True)   # empty folder: from step 0
     assert fresh["resumed_from"] is None and fresh["steps"] == 3
