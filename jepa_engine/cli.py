@@ -202,6 +202,8 @@ def _train_wm(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         print(f"jepa-engine train-wm: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     resumed = f" (resumed at step {summary['resumed_from']})" if summary.get("resumed_from") is not None else ""
     print(f"trained {summary['steps']} steps{resumed} in {summary['seconds']:.0f} s; "
           f"checkpoint {summary['checkpoint']}")
