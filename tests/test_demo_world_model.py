@@ -28,7 +28,7 @@ def test_demo_world_model_section_reports_probe_surprise_and_mpc(tmp_path, capsy
     out = capsys.readouterr().out
     for text in ("training the 'test' world model", "trained 12 steps", "physics probe (embeddings): linear probe R^2",
                  "surprise at a teleport", "MPC with CEM: N=16 x I=2", "2 seeded episodes", "success ",
-                 "plan latency median", "world-model section:"):
+                 "plan latency median", "'two_rooms' world", "surprise at a wall", "world-model section:"):
         assert text in out, f"{text!r} missing from:\n{out}"
     assert (tmp_path / "wm" / "ckpt-00000012.json").is_file()
 
