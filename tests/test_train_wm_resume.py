@@ -66,7 +66,7 @@ def test_ctrl_c_checkpoints_the_finished_step_and_resumes_exactly(tmp_path):
     import signal
 
     cfg = _cfg()
-    straight = train_world_model(cfg, tmp_path / "a", log=None)
+    train_world_model(cfg, tmp_path / "a", log=None)
 
     def log(msg: str) -> None:
         if msg.startswith(f"step {4:5d} "):

@@ -79,7 +79,6 @@ class _Block:
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         """``[B, L, C]`` (any row stride) -> the view ``[B, heads, L, head_dim]``."""
-        B, L, _ = t.shape
         return t.unflatten(2, (self.heads, self.head_dim)).transpose(1, 2)
 
     def attention(self, q: torch.Tensor, kv: torch.Tensor, mask: Optional[torch.Tensor], pack: int = 1) -> torch.Tensor:
