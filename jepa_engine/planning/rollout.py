@@ -82,9 +82,9 @@ class _Block:
         return t.unflatten(2, (self.heads, self.head_dim)).transpose(1, 2)
 
     def attention(self, q: torch.Tensor, kv: torch.Tensor, mask: Optional[torch.Tensor], pack: int = 1) -> torch.Tensor:
-        """Multi-head attention of ``q [B, L, C]`` over ``kv [B, S, 2C]`` (keys, then values), ``mask``
-        ``[L, S]`` (bool, True = attend; None = all) or, with ``pack = G > 1``, the block-diagonal
-        ``[G L, G S]`` mask of :func:`packed_mask` -> ``[B, L, C]``.
+        """Multi-head attention of ``q [B, L, C]`` over ``kv [B, S, 2C]`` (keys, then values) -> ``[B, L, C]``;
+        ``mask``: additive ``[L, S]`` (None: every key) or, with ``pack = G > 1``, the block-diagonal
+        ``[G L, G S]`` one (both from :meth:`FusedRollout._mask`).
 
         ``pack = G`` runs G consecutive sequences as one (views, no copies): the CPU's SDPA spends most
         of its time per (sequence, head) on windows of a few tokens, and G times fewer, G times larger
@@ -145,7 +145,7 @@ class FusedRollout:
         if key not in self.masks:
             f = torch.arange(2 * frames, device=device) // 2
             own = f[None, :] <= f[:, None]
-            m = torch.cat([own.new_ones(max(2 * frames, 1), prefix), own.new_ones(1, 0) if not frames else own], dim=1)
+            m = torch.cat([own.new_ones(2 * frames, prefix), own], dim=1) if frames else own.new_ones(1, prefix)
             if pack > 1:
                 m = torch.block_diag(*[m.to(torch.uint8)] * pack).bool()
             every = pack == 1 and frames <= 1                  # told without reading m back (CUDA graphs)
