@@ -272,7 +272,8 @@ def train_world_model(cfg: WMTrainConfig, out_dir: Union[str, os.PathLike, None]
                 last_ckpt, saved_at = save_world_model(out, done, model, cfg, opt, ema, stream), done
             if stop["requested"]:
                 if log:
-                    log(f"interrupted after step {step}; checkpoint {last_ckpt} (resume with --resume)")
+                    log(f"interrupted after step {step}; " + (f"checkpoint {last_ckpt} (resume with --resume)"
+                                                                if out is not None else "no run folder: nothing saved"))
                 raise KeyboardInterrupt
         if out is not None and saved_at != done:
             last_ckpt = save_world_model(out, done, model, cfg, opt, ema, stream)
