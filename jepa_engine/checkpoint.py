@@ -24,7 +24,9 @@ import json
 import os
 import random
 import re
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -288,3 +290,31 @@ def load_rng_state(tensors: dict[str, torch.Tensor], meta: dict, prefix: str = "
                          n["has_gauss"], n["cached_gaussian"]))
     p = meta["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+class DeferredInterrupt:
+    """``with DeferredInterrupt() as stop:`` a training loop's Ctrl-C: the first SIGINT only sets
+    ``stop.requested`` (the loop finishes its step, writes a checkpoint and raises KeyboardInterrupt),
+    a second one raises at once. Installed in the main thread only (no SIGINT arrives elsewhere); the
+    previous handler is back on exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._installed = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:            # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "DeferredInterrupt":
+        self._installed = threading.current_thread() is threading.main_thread()
+        if self._installed:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+        return False

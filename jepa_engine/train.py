@@ -20,8 +20,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -371,7 +369,6 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.last_checkpoint: Optional[Path] = None
-        self._stop_requested = False
         if resume:
             latest = ckpt.latest_checkpoint(self.out_dir)
             if latest is not None:
@@ -466,11 +463,6 @@ class Trainer:
                           f"{std:.4f} (threshold {cfg.collapse_std_min}), effective rank {rank:.2f} "
                           f"(threshold {cfg.collapse_rank_min})", RuntimeWarning, stacklevel=2)
 
-    def _on_sigint(self, signum, frame) -> None:
-        if self._stop_requested:       # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self._stop_requested = True
-
     def fit(self, max_steps: Optional[int] = None) -> dict:
         """Train to ``cfg.steps`` (or stop at step ``max_steps``), checkpoint, probe; returns a summary.
 
@@ -480,64 +472,61 @@ class Trainer:
         cfg = self.cfg
         end = cfg.steps if max_steps is None else min(max_steps, cfg.steps)
         deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes > 0 else math.inf
-        handler_installed = threading.current_thread() is threading.main_thread()
-        old_handler = signal.signal(signal.SIGINT, self._on_sigint) if handler_installed else None
-        bar = None
-        if self.progress and self.is_main:
-            from tqdm.auto import tqdm
+        with ckpt.DeferredInterrupt() as stop:     # Ctrl-C: finish the step, checkpoint, raise
+            bar = None
+            if self.progress and self.is_main:
+                from tqdm.auto import tqdm
 
-            from jepa_engine.profiling.hardware import progress_mininterval
+                from jepa_engine.profiling.hardware import progress_mininterval
 
-            bar = tqdm(total=end, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                       mininterval=progress_mininterval())
-        self.jepa.train()
-        pending: list[tuple[int, torch.Tensor]] = []
-        t0, n_images, clean, stopped_by_time = time.perf_counter(), 0, True, False
-        try:
-            while self.step < end:
-                out = self._one_step()
-                self.step += 1
-                pending.append((self.step - 1, out.loss))
-                n_images += cfg.batch_size
-                if bar is not None:
-                    bar.update(1)
-                stop_time = time.monotonic() > deadline
-                must_save = (self.step % cfg.checkpoint_every == 0 or self.step == end or stop_time
-                             or self._stop_requested)
-                if self.step % cfg.log_every == 0 or must_save:
-                    values = self._check_losses(pending)
-                    self._log(values, out, time.perf_counter() - t0, n_images, bar)
-                    pending, t0, n_images = [], time.perf_counter(), 0
-                if must_save:
+                bar = tqdm(total=end, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                           mininterval=progress_mininterval())
+            self.jepa.train()
+            pending: list[tuple[int, torch.Tensor]] = []
+            t0, n_images, clean, stopped_by_time = time.perf_counter(), 0, True, False
+            try:
+                while self.step < end:
+                    out = self._one_step()
+                    self.step += 1
+                    pending.append((self.step - 1, out.loss))
+                    n_images += cfg.batch_size
+                    if bar is not None:
+                        bar.update(1)
+                    stop_time = time.monotonic() > deadline
+                    must_save = (self.step % cfg.checkpoint_every == 0 or self.step == end or stop_time
+                                 or stop.requested)
+                    if self.step % cfg.log_every == 0 or must_save:
+                        values = self._check_losses(pending)
+                        self._log(values, out, time.perf_counter() - t0, n_images, bar)
+                        pending, t0, n_images = [], time.perf_counter(), 0
+                    if must_save:
+                        self.save()
+                    if stop.requested:
+                        raise KeyboardInterrupt
+                    if stop_time:
+                        if self.is_main:
+                            print(f"train: time budget of {cfg.max_minutes} min reached at step {self.step}",
+                                  flush=True)
+                        stopped_by_time = True
+                        break
+            except KeyboardInterrupt:
+                clean = False
+                if not stop.requested:
+                    # No handler in this thread (fit() runs outside the main thread): the interrupt came
+                    # straight from Python; save the steps counted as finished.
+                    self._check_losses(pending)
                     self.save()
-                if self._stop_requested:
-                    raise KeyboardInterrupt
-                if stop_time:
-                    if self.is_main:
-                        print(f"train: time budget of {cfg.max_minutes} min reached at step {self.step}", flush=True)
-                    stopped_by_time = True
-                    break
-        except KeyboardInterrupt:
-            clean = False
-            if not self._stop_requested:
-                # No handler in this thread (fit() runs outside the main thread): the interrupt came
-                # straight from Python; save the steps counted as finished.
-                self._check_losses(pending)
-                self.save()
-            if self.is_main:
-                print(f"\ntrain: interrupted at step {self.step}; checkpoint {self.last_checkpoint}", flush=True)
-            raise
-        except BaseException:
-            clean = False
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-            if handler_installed:
-                signal.signal(signal.SIGINT, old_handler)
-            self._stop_requested = False
-            if not clean:
-                self.close()
+                if self.is_main:
+                    print(f"\ntrain: interrupted at step {self.step}; checkpoint {self.last_checkpoint}", flush=True)
+                raise
+            except BaseException:
+                clean = False
+                raise
+            finally:
+                if bar is not None:
+                    bar.close()
+                if not clean:
+                    self.close()
         summary = {"step": self.step, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
                    "losses": [(r["step"], r["loss"]) for r in self.history]}
         if cfg.probe and (self.step >= cfg.steps or stopped_by_time):

@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,61 +225,50 @@ def train_world_model(cfg: WMTrainConfig, out_dir: Union[str, os.PathLike, None]
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         metrics = open(out / "metrics.jsonl", "a")
     saved_at, t0, done = (start if last_ckpt else -1), time.perf_counter(), start
-    # Ctrl-C finishes the current step, writes a checkpoint and raises KeyboardInterrupt; a second one
-    # stops at once. (The handler needs the main thread; elsewhere an interrupt cannot arrive.)
-    stop = {"requested": False}
-
-    def on_sigint(signum, frame) -> None:
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-
-    handler = threading.current_thread() is threading.main_thread()
-    old_handler = signal.signal(signal.SIGINT, on_sigint) if handler else None
     model.train()
-    try:
-        for step in range(start, cfg.steps):
-            if cfg.max_minutes and time.perf_counter() - t0 > 60 * cfg.max_minutes:
-                if log:
-                    log(f"time budget of {cfg.max_minutes:g} min reached at step {step}")
-                break
-            batch = next(stream)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(cfg, step)
-            terms = wm_losses(model, batch["obs"], batch["actions"], cfg, ema.module if ema else None)
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            if ema is not None:
-                ema.step()
-            done = step + 1
-            if step % cfg.log_every == 0 or done == cfg.steps:
-                row = [step] + [float(terms[k]) for k in ("total", "teacher", "rollout", "sigreg", "z_std")]
-                if not math.isfinite(row[1]):
-                    raise FloatingPointError(f"train_world_model: loss became {row[1]} at step {step}")
-                history.append(tuple(row))
-                if metrics is not None:
-                    metrics.write(json.dumps(dict(zip(_METRIC_KEYS, row))) + "\n")
-                    metrics.flush()
-                if log:
-                    log(f"step {step:5d}  loss {row[1]:.4f}  teacher {row[2]:.4f}  rollout {row[3]:.4f}  "
-                        f"sigreg {row[4]:.3f}  z_std {row[5]:.3f}  ({time.perf_counter() - t0:.0f} s)")
-            if out is not None and (done % cfg.checkpoint_every == 0 or stop["requested"]):
-                last_ckpt, saved_at = save_world_model(out, done, model, cfg, opt, ema, stream), done
-            if stop["requested"]:
-                if log:
-                    log(f"interrupted after step {step}; " + (f"checkpoint {last_ckpt} (resume with --resume)"
-                                                                if out is not None else "no run folder: nothing saved"))
-                raise KeyboardInterrupt
-        if out is not None and saved_at != done:
-            last_ckpt = save_world_model(out, done, model, cfg, opt, ema, stream)
-    finally:
-        if handler:
-            signal.signal(signal.SIGINT, old_handler)
-        if metrics is not None:
-            metrics.close()
+    with ckpt.DeferredInterrupt() as stop:          # Ctrl-C: finish the step, checkpoint, raise
+        try:
+            for step in range(start, cfg.steps):
+                if cfg.max_minutes and time.perf_counter() - t0 > 60 * cfg.max_minutes:
+                    if log:
+                        log(f"time budget of {cfg.max_minutes:g} min reached at step {step}")
+                    break
+                batch = next(stream)
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(cfg, step)
+                terms = wm_losses(model, batch["obs"], batch["actions"], cfg, ema.module if ema else None)
+                opt.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                if ema is not None:
+                    ema.step()
+                done = step + 1
+                if step % cfg.log_every == 0 or done == cfg.steps:
+                    row = [step] + [float(terms[k]) for k in ("total", "teacher", "rollout", "sigreg", "z_std")]
+                    if not math.isfinite(row[1]):
+                        raise FloatingPointError(f"train_world_model: loss became {row[1]} at step {step}")
+                    history.append(tuple(row))
+                    if metrics is not None:
+                        metrics.write(json.dumps(dict(zip(_METRIC_KEYS, row))) + "\n")
+                        metrics.flush()
+                    if log:
+                        log(f"step {step:5d}  loss {row[1]:.4f}  teacher {row[2]:.4f}  rollout {row[3]:.4f}  "
+                            f"sigreg {row[4]:.3f}  z_std {row[5]:.3f}  ({time.perf_counter() - t0:.0f} s)")
+                if out is not None and (done % cfg.checkpoint_every == 0 or stop.requested):
+                    last_ckpt, saved_at = save_world_model(out, done, model, cfg, opt, ema, stream), done
+                if stop.requested:
+                    if log:
+                        saved = (f"checkpoint {last_ckpt} (resume with --resume)" if out is not None
+                                 else "no run folder: nothing saved")
+                        log(f"interrupted after step {step}; {saved}")
+                    raise KeyboardInterrupt
+            if out is not None and saved_at != done:
+                last_ckpt = save_world_model(out, done, model, cfg, opt, ema, stream)
+        finally:
+            if metrics is not None:
+                metrics.close()
     model.eval()
     return {"steps": done, "seconds": time.perf_counter() - t0, "losses": history,
             "checkpoint": str(last_ckpt) if last_ckpt else None, "model": model,
