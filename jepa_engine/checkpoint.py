@@ -5,9 +5,21 @@ A checkpoint of step ``s`` in a run folder is two files::
     ckpt-{s:08d}.safetensors     every tensor (model, target model, optimizer state, RNG states)
     ckpt-{s:08d}.json            {"format", "step", "sha256", "tensors_file", "meta": {...}}
 
-Both are written atomically (a temp file in the same folder, flush + fsync, ``os.replace``) and the JSON
-is written LAST, carrying the sha256 of the safetensors file: a checkpoint is complete exactly when its
-JSON exists, and :func:`load_checkpoint` refuses a tensors file whose hash does not match.
+Both are written atomically (a temp file in the same folder, flush + fsync, ``os.replace``; the files get
+the mode of any file the process creates, 0666 less the umask) and the JSON is written LAST, carrying the
+sha256 of the safetensors file: a checkpoint is complete exactly when its JSON exists, and
+:func:`load_checkpoint` refuses a tensors file whose hash does not match. A process killed while writing
+leaves at most a temp file or a tensors file without its JSON (neither is a checkpoint; later saves
+remove them), so the newest complete checkpoint is always intact.
+
+A damaged newest checkpoint (truncated, corrupted, its tensors file missing) is never skipped:
+:func:`latest_checkpoint`, :func:`load_checkpoint` of a folder and :func:`resume_checkpoint` raise
+:class:`CheckpointError` naming the file, what is wrong with it, and the newest intact checkpoint before
+it (the way out: move or delete the damaged files). Pruning (``keep_last``) never deletes the checkpoint
+just written.
+
+Step numbering: checkpoint ``s`` holds the state after ``s`` training steps; training logs and
+``metrics.jsonl`` rows use the same count (row ``"step": s`` describes the ``s``-th step).
 
 The helpers flatten training state into that format and back:
 
@@ -24,8 +36,8 @@ import json
 import os
 import random
 import re
+import secrets
 import signal
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -36,6 +48,8 @@ from torch import nn
 
 FORMAT = "jepa_engine.checkpoint/1"
 _NAME = re.compile(r"^ckpt-(\d{8,})\.json$")
+_TENSORS_NAME = re.compile(r"^ckpt-(\d{8,})\.safetensors$")
+_TMP_NAME = re.compile(r"^\.ckpt-\d{8,}\.(json|safetensors)\.[^.]+\.tmp$")
 PathLike = Union[str, os.PathLike]
 
 
@@ -52,9 +66,20 @@ def checkpoint_paths(directory: PathLike, step: int) -> tuple[Path, Path]:
     return d / f"ckpt-{step:08d}.safetensors", d / f"ckpt-{step:08d}.json"
 
 
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new hidden temp file next to ``path``, created with mode 0666 less the umask (the mode of any
+    file the process writes, e.g. config.json; ``tempfile.mkstemp`` would give 0600)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees either the old file or all of the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -78,6 +103,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
         pass
     finally:
         os.close(dfd)
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write a small text file (config, metrics) atomically: readers see the old or the new content."""
+    _atomic_write(Path(path), text.encode())
 
 
 def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -124,8 +154,19 @@ def save_checkpoint(directory: PathLike, step: int, tensors: dict[str, torch.Ten
     _atomic_write(tensors_path, blob)
     _atomic_write(json_path, header)
     if keep_last is not None:
-        prune_checkpoints(d, keep_last)
+        prune_checkpoints(d, keep_last, keep=step)
+    _remove_leftovers(d, step)
     return json_path
+
+
+def _remove_leftovers(directory: Path, step: int) -> None:
+    """Delete what an interrupted writer left behind: temp files, and tensors files of steps before
+    ``step`` that have no JSON (a killed save or prune). One process writes a run folder's checkpoints."""
+    for name in os.listdir(directory):
+        m = _TENSORS_NAME.match(name)
+        if _TMP_NAME.match(name) or (m and int(m.group(1)) < step
+                                     and not checkpoint_paths(directory, int(m.group(1)))[1].exists()):
+            (directory / name).unlink(missing_ok=True)
 
 
 def list_checkpoints(directory: PathLike) -> list[tuple[int, Path]]:
@@ -137,30 +178,92 @@ def list_checkpoints(directory: PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prune_checkpoints(directory: PathLike, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints, JSON first (so none is left half-valid)."""
+def prune_checkpoints(directory: PathLike, keep_last: int, keep: Optional[int] = None) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints, JSON first (so none is left half-valid).
+
+    ``keep`` (the step just written) is never deleted, even when checkpoints with higher steps exist.
+    """
+    if not (isinstance(keep_last, int) and keep_last >= 1):
+        raise ValueError(f"prune_checkpoints: keep_last must be an int >= 1, got {keep_last!r}")
     for step, json_path in list_checkpoints(directory)[:-keep_last]:
+        if step == keep:
+            continue
         tensors_path, _ = checkpoint_paths(directory, step)
         json_path.unlink(missing_ok=True)
         tensors_path.unlink(missing_ok=True)
 
 
 def latest_checkpoint(directory: PathLike, verify: bool = True) -> Optional[Path]:
-    """The newest complete checkpoint in ``directory`` (its JSON path), or None.
+    """The newest complete checkpoint in ``directory`` (its JSON path), or None when there is none.
 
-    With ``verify`` (default) a checkpoint whose files fail :func:`load_checkpoint`'s checks (truncated,
-    corrupted, missing tensors file) is skipped, so an interrupted or damaged newest checkpoint falls
-    back to the one before it.
+    With ``verify`` (default) its files are checked as :func:`load_checkpoint` checks them; a damaged
+    newest checkpoint raises :class:`CheckpointError` naming the file, what is wrong, and the newest
+    intact checkpoint before it. It is never skipped silently: whatever resumes or loads from the folder
+    would lose the steps since that earlier checkpoint without a word.
     """
-    for _, json_path in reversed(list_checkpoints(directory)):
-        if not verify:
-            return json_path
+    found = list_checkpoints(directory)
+    if not found:
+        return None
+    step, json_path = found[-1]
+    if verify:
         try:
             _read_verified(json_path)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; it is the newest checkpoint in {directory} and is not skipped: "
+                                  f"{_way_out(directory, found)}") from e
+    return json_path
+
+
+def _way_out(directory: PathLike, found: list[tuple[int, Path]]) -> str:
+    step, json_path = found[-1]
+    damaged = f"{json_path.name} and {checkpoint_paths(directory, step)[0].name}"
+    for prev_step, prev in reversed(found[:-1]):
+        try:
+            _read_verified(prev)
         except CheckpointError:
             continue
-        return json_path
-    return None
+        return f"move or delete {damaged} to continue from the newest intact one, {prev} (step {prev_step})"
+    return (f"no earlier checkpoint there is intact; move or delete {damaged} and start a new run "
+            f"(without --resume)")
+
+
+def resume_checkpoint(directory: PathLike, verify: bool = True) -> Path:
+    """The checkpoint a resumed run continues from: the newest complete one in ``directory``.
+
+    Raises :class:`CheckpointError` with what is wrong and what to do when the folder does not exist,
+    holds no complete checkpoint, or (with ``verify``) its newest checkpoint is damaged.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"resume: run folder {d} does not exist, so there is nothing to resume; start a "
+                              f"new run (without --resume) or name the folder of an existing run")
+    latest = latest_checkpoint(d, verify=verify)
+    if latest is None:
+        raise CheckpointError(f"resume: run folder {d} holds no complete checkpoint (ckpt-*.json), so there is "
+                              f"nothing to resume; start a new run (without --resume)")
+    return latest
+
+
+def trim_metrics(path: PathLike, through_step: int) -> list[dict]:
+    """Keep the rows of ``path`` (JSON lines) with ``"step" <= through_step``; returns them.
+
+    A resumed run calls it with the step of its checkpoint: the rows an interrupted run logged after
+    that checkpoint describe steps that are trained again, and would otherwise appear twice. A line cut
+    short by a kill ends the file. The file is rewritten atomically; a missing file stays missing.
+    """
+    p = Path(path)
+    if not p.is_file():
+        return []
+    rows = []
+    for line in p.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= through_step:
+            rows.append(row)
+    atomic_write_text(p, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
 
 
 def _read_verified(json_path: Path) -> tuple[dict, bytes]:
@@ -189,10 +292,11 @@ def _read_verified(json_path: Path) -> tuple[dict, bytes]:
 
 
 def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a checkpoint: ``path`` is its JSON file, its tensors file, or a run folder (its latest).
+    """Read a checkpoint: ``path`` is its JSON file, its tensors file, or a run folder (its newest).
 
     Returns ``(tensors, meta)``; ``meta["step"]`` is the step. Raises :class:`CheckpointError` naming the
-    file when it is missing, truncated, corrupted, or its hash does not match the JSON.
+    file when it is missing, truncated, corrupted, or its hash does not match the JSON (for a folder:
+    when its newest checkpoint is, see :func:`latest_checkpoint`).
     """
     from safetensors.torch import load
 

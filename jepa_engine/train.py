@@ -328,8 +328,16 @@ def _dist_env() -> tuple[int, int, int]:
 class Trainer:
     """Trains ``cfg`` into ``out_dir`` (config.json, metrics.jsonl, checkpoints, probe.json).
 
-    ``resume=True`` continues from the newest complete checkpoint in ``out_dir`` (if any) exactly:
-    weights, target, optimizer, EMA schedule, RNG states and data position.
+    ``resume=True`` continues from the newest checkpoint in ``out_dir`` exactly: weights, target,
+    optimizer, EMA position, RNG states and data position. The LR, weight-decay and EMA schedules are
+    functions of (step, ``cfg.steps``): a resume with a larger ``cfg.steps`` trains on with the schedules
+    of the new total (a resume with the same total equals an uninterrupted run). It raises
+    :class:`~jepa_engine.checkpoint.CheckpointError` when ``out_dir`` holds no checkpoint, when its
+    newest checkpoint is damaged (never skipped silently), or when that checkpoint is past ``cfg.steps``.
+
+    Steps are counted as checkpoints name them: ``self.step`` steps are done, metrics row ``"step": s``
+    and log lines describe the ``s``-th step (1-based), and ``ckpt-{s:08d}`` holds the state after it.
+    A fresh run (``resume=False``) starts ``metrics.jsonl`` anew.
     """
 
     def __init__(self, cfg: TrainConfig, out_dir: Union[str, os.PathLike], resume: bool = False,
@@ -369,13 +377,26 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.last_checkpoint: Optional[Path] = None
+        self.resumed_from: Optional[Path] = None
         if resume:
-            latest = ckpt.latest_checkpoint(self.out_dir)
-            if latest is not None:
-                self.load(latest)
+            latest = ckpt.resume_checkpoint(self.out_dir)
+            saved_total = self.load(latest)
+            if self.step > cfg.steps:
+                raise ckpt.CheckpointError(f"train: {latest} is at step {self.step}, past TrainConfig.steps = "
+                                           f"{cfg.steps}; resume with steps >= {self.step} (--steps)")
+            self.resumed_from = latest
+            if self.is_main:
+                total = (f"; total steps {saved_total} -> {cfg.steps}: the LR, weight-decay and EMA schedules "
+                         f"follow the new total" if saved_total != cfg.steps else "")
+                print(f"train: resumed from {latest} (step {self.step}){total}", flush=True)
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             cfg.to_json(self.out_dir / "config.json")
+            metrics = self.out_dir / "metrics.jsonl"
+            if resume:     # rows logged after the checkpoint are trained again: drop them
+                ckpt.trim_metrics(metrics, self.step)
+            elif metrics.exists():
+                ckpt.atomic_write_text(metrics, "")
 
     # ---- checkpoints
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -396,15 +417,26 @@ class Trainer:
         self._barrier()
         return self.last_checkpoint
 
-    def load(self, path: Union[str, os.PathLike]) -> None:
+    def load(self, path: Union[str, os.PathLike]) -> int:
+        """Restore a checkpoint (file or run folder); returns the total steps of the run that wrote it.
+
+        The EMA schedule stays the one of ``self.cfg`` (only its position is restored), like the LR and
+        weight-decay schedules, which are computed from ``self.cfg``.
+        """
         tensors, meta = ckpt.load_checkpoint(path)
         ckpt.load_module_tensors(self.jepa, tensors, "model/")
         ckpt.load_module_tensors(self.target, tensors, "target/")
         ckpt.load_optimizer_state(self.optimizer, tensors, meta["optim"])
+        schedule = self.ema.schedule
         self.ema.load_state_dict(meta["ema"])
+        self.ema.schedule = schedule
         ckpt.load_rng_state(tensors, meta["rng"])
         self.step = int(meta["data"]["next_batch"])
+        if self.ema.steps != self.step:
+            raise ckpt.CheckpointError(f"train: {path}: EMA steps must equal the step {self.step}, got "
+                                       f"{self.ema.steps}")
         self.last_checkpoint = Path(path)
+        return int(meta["config"]["steps"])
 
     def _barrier(self) -> None:
         if self.world_size > 1:
@@ -488,7 +520,7 @@ class Trainer:
                 while self.step < end:
                     out = self._one_step()
                     self.step += 1
-                    pending.append((self.step - 1, out.loss))
+                    pending.append((self.step, out.loss))
                     n_images += cfg.batch_size
                     if bar is not None:
                         bar.update(1)

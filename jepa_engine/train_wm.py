@@ -187,10 +187,16 @@ def train_world_model(cfg: WMTrainConfig, out_dir: Union[str, os.PathLike, None]
     Ctrl-C (SIGINT) finishes the current step, writes a checkpoint (with ``out_dir``) and raises
     ``KeyboardInterrupt``; a second Ctrl-C stops at once.
 
-    ``resume=True`` continues from the newest complete checkpoint in ``out_dir`` (if any) exactly: weights,
-    EMA target and schedule, optimizer, RNG states and the trajectory stream's position, so a run
-    interrupted at a checkpoint and resumed ends with the weights of an uninterrupted run (on CPU).
-    ``cfg.steps`` may be raised on resume to train further (the LR schedule follows the new total).
+    ``resume=True`` continues from the newest checkpoint in ``out_dir`` exactly: weights, EMA target and
+    position, optimizer, RNG states and the trajectory stream's position, so a run interrupted at a
+    checkpoint and resumed ends with the weights of an uninterrupted run (on CPU). ``cfg.steps`` may be
+    raised on resume to train further: the LR and EMA schedules follow the new total. It raises
+    :class:`~jepa_engine.checkpoint.CheckpointError` when ``out_dir`` holds no checkpoint, when its newest
+    checkpoint is damaged (never skipped silently), or when that checkpoint is past ``cfg.steps``.
+
+    Steps are counted as checkpoints name them: log lines and metrics rows ``step s`` describe the
+    ``s``-th step (1-based; the first step, every ``log_every``-th and the last are logged), and
+    ``ckpt-{s:08d}`` holds the state after it.
 
     Returns a summary: steps done (in total), seconds (this call), loss history
     ``[(step, loss, teacher, rollout, sigreg, z_std)]`` (metrics.jsonl's rows when resumed), the last
@@ -207,22 +213,28 @@ def train_world_model(cfg: WMTrainConfig, out_dir: Union[str, os.PathLike, None]
     if resume:
         if out is None:
             raise ValueError("train_world_model: resume=True needs out_dir (the run folder to resume)")
-        latest = ckpt.latest_checkpoint(out)
-        if latest is not None:
-            start = load_training_state(latest, model, opt, ema, stream, device)
-            last_ckpt, resumed_from = latest, start
-            if log:
-                log(f"resumed from {latest} at step {start}")
+        latest = ckpt.resume_checkpoint(out)
+        start = load_training_state(latest, model, opt, ema, stream, device)
+        if start > cfg.steps:
+            raise ckpt.CheckpointError(f"train_world_model: {latest} is at step {start}, past WMTrainConfig.steps"
+                                       f" = {cfg.steps}; resume with steps >= {start} (--steps)")
+        last_ckpt, resumed_from = latest, start
+        if log:
+            saved_total = json.loads(Path(latest).read_text())["meta"]["config"]["steps"]
+            total = (f"; total steps {saved_total} -> {cfg.steps}: the LR and EMA schedules follow the new total"
+                     if saved_total != cfg.steps else "")
+            log(f"resumed from {latest} (step {start}){total}")
     history: list[tuple] = []
     metrics = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
         # Rows an interrupted run logged after its checkpoint are dropped: they are trained again.
-        rows = _read_metrics(out / "metrics.jsonl") if start else []
-        rows = [r for r in rows if r.get("step", math.inf) < start]
-        history = [tuple(r[k] for k in _METRIC_KEYS) for r in rows]
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if resume:
+            rows = ckpt.trim_metrics(out / "metrics.jsonl", start)
+            history = [tuple(r[k] for k in _METRIC_KEYS) for r in rows if all(k in r for k in _METRIC_KEYS)]
+        else:
+            ckpt.atomic_write_text(out / "metrics.jsonl", "")
         metrics = open(out / "metrics.jsonl", "a")
     saved_at, t0, done = (start if last_ckpt else -1), time.perf_counter(), start
     model.train()
@@ -231,7 +243,7 @@ def train_world_model(cfg: WMTrainConfig, out_dir: Union[str, os.PathLike, None]
             for step in range(start, cfg.steps):
                 if cfg.max_minutes and time.perf_counter() - t0 > 60 * cfg.max_minutes:
                     if log:
-                        log(f"time budget of {cfg.max_minutes:g} min reached at step {step}")
+                        log(f"time budget of {cfg.max_minutes:g} min reached at step {done}")
                     break
                 batch = next(stream)
                 for g in opt.param_groups:
@@ -245,16 +257,16 @@ def train_world_model(cfg: WMTrainConfig, out_dir: Union[str, os.PathLike, None]
                 if ema is not None:
                     ema.step()
                 done = step + 1
-                if step % cfg.log_every == 0 or done == cfg.steps:
-                    row = [step] + [float(terms[k]) for k in ("total", "teacher", "rollout", "sigreg", "z_std")]
+                if done == 1 or done % cfg.log_every == 0 or done == cfg.steps:
+                    row = [done] + [float(terms[k]) for k in ("total", "teacher", "rollout", "sigreg", "z_std")]
                     if not math.isfinite(row[1]):
-                        raise FloatingPointError(f"train_world_model: loss became {row[1]} at step {step}")
+                        raise FloatingPointError(f"train_world_model: loss became {row[1]} at step {done}")
                     history.append(tuple(row))
                     if metrics is not None:
                         metrics.write(json.dumps(dict(zip(_METRIC_KEYS, row))) + "\n")
                         metrics.flush()
                     if log:
-                        log(f"step {step:5d}  loss {row[1]:.4f}  teacher {row[2]:.4f}  rollout {row[3]:.4f}  "
+                        log(f"step {done:5d}  loss {row[1]:.4f}  teacher {row[2]:.4f}  rollout {row[3]:.4f}  "
                             f"sigreg {row[4]:.3f}  z_std {row[5]:.3f}  ({time.perf_counter() - t0:.0f} s)")
                 if out is not None and (done % cfg.checkpoint_every == 0 or stop.requested):
                     last_ckpt, saved_at = save_world_model(out, done, model, cfg, opt, ema, stream), done
@@ -262,7 +274,7 @@ def train_world_model(cfg: WMTrainConfig, out_dir: Union[str, os.PathLike, None]
                     if log:
                         saved = (f"checkpoint {last_ckpt} (resume with --resume)" if out is not None
                                  else "no run folder: nothing saved")
-                        log(f"interrupted after step {step}; {saved}")
+                        log(f"interrupted at step {done}; {saved}")
                     raise KeyboardInterrupt
             if out is not None and saved_at != done:
                 last_ckpt = save_world_model(out, done, model, cfg, opt, ema, stream)
@@ -276,19 +288,6 @@ def train_world_model(cfg: WMTrainConfig, out_dir: Union[str, os.PathLike, None]
 
 
 _METRIC_KEYS = ("step", "loss", "teacher", "rollout", "sigreg", "z_std")
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                break   # a line cut short by an interruption ends the file
-            if isinstance(row, dict) and all(k in row for k in _METRIC_KEYS):
-                rows.append(row)
-    return rows
 
 
 def save_world_model(out_dir: Union[str, os.PathLike], step: int, model: WorldModel, cfg: WMTrainConfig,
@@ -317,7 +316,9 @@ def save_world_model(out_dir: Union[str, os.PathLike], step: int, model: WorldMo
 
 def load_training_state(path: Union[str, os.PathLike], model: WorldModel, optimizer: torch.optim.Optimizer,
                         ema: Optional[EMA], stream: TrajectoryBatches, device="cpu") -> int:
-    """Restore a :func:`save_world_model` checkpoint written during training; returns its step."""
+    """Restore a :func:`save_world_model` checkpoint written during training; returns its step.
+
+    ``ema`` keeps its own schedule (made from the resumed run's config); only its position is restored."""
     tensors, meta = ckpt.load_checkpoint(path, device="cpu")
     if meta.get("kind") != "world_model":
         raise ckpt.CheckpointError(f"train_world_model: {path} must be a world-model checkpoint, got kind "
@@ -333,7 +334,12 @@ def load_training_state(path: Union[str, os.PathLike], model: WorldModel, optimi
     if ema is not None:
         ckpt.load_module_tensors(ema.module, {k: v.to(device) for k, v in tensors.items()
                                               if k.startswith("target/")}, "target/")
+        schedule = ema.schedule          # the resumed run's schedule (its total steps); only the position
         ema.load_state_dict(meta["ema"])
+        ema.schedule = schedule
+        if ema.steps != meta["step"]:
+            raise ckpt.CheckpointError(f"train_world_model: {path}: EMA steps must equal the step {meta['step']}, "
+                                       f"got {ema.steps}")
     ckpt.load_optimizer_state(optimizer, {k: v.to(device) for k, v in tensors.items() if k.startswith("optim/")},
                               meta["optim"])
     ckpt.load_rng_state(tensors, meta["rng"])

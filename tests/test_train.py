@@ -185,13 +185,17 @@ def test_resume_is_exact(tmp_path):
             assert torch.equal(a[i][k], b[i][k]), f"optimizer state {i}/{k}"
 
 
-def test_corrupted_latest_falls_back_to_previous(tmp_path):
+def test_corrupted_latest_is_reported_not_skipped(tmp_path):
     cfg = tiny_config(steps=6, checkpoint_every=3, keep_last=3)
     T.Trainer(cfg, tmp_path, progress=False).fit()
     tensors_path, json_path = ckpt.checkpoint_paths(tmp_path, 6)
     tensors_path.write_bytes(tensors_path.read_bytes()[:100])
     with pytest.raises(ckpt.CheckpointError, match="ckpt-00000006"):
         ckpt.load_checkpoint(json_path)
+    with pytest.raises(ckpt.CheckpointError, match="ckpt-00000006.safetensors: expected .* got 100.*ckpt-00000003"):
+        T.Trainer(cfg, tmp_path, resume=True, progress=False)
+    json_path.unlink()
+    tensors_path.unlink()
     resumed = T.Trainer(cfg, tmp_path, resume=True, progress=False)
     assert resumed.step == 3
 
@@ -208,7 +212,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(T, "latent_loss", poisoned)
     tr = T.Trainer(cfg, tmp_path, progress=False)
-    with pytest.raises(T.NonFiniteLossError, match=r"loss became nan at step 3.*ckpt-00000002"):
+    with pytest.raises(T.NonFiniteLossError, match=r"loss became nan at step 4.*ckpt-00000002"):
         tr.fit()
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2]
     tensors, _ = ckpt.load_checkpoint(tmp_path)

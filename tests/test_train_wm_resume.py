@@ -55,12 +55,12 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, anti_collapse):
     # metrics.jsonl: the rows logged after checkpoint 3 by the interrupted run are not kept twice.
     rows_a = (tmp_path / "a" / "metrics.jsonl").read_text()
     assert rows_a == (tmp_path / "b" / "metrics.jsonl").read_text()
-    assert [json.loads(r)["step"] for r in rows_a.splitlines()] == list(range(7))
+    assert [json.loads(r)["step"] for r in rows_a.splitlines()] == list(range(1, 8))
     assert resumed["losses"] == straight["losses"]
 
 
 def test_ctrl_c_checkpoints_the_finished_step_and_resumes_exactly(tmp_path):
-    """SIGINT during step 4 (0-based): the step finishes, checkpoint 5 is written, KeyboardInterrupt
+    """SIGINT while step 5 is logged: the step finishes, checkpoint 5 is written, KeyboardInterrupt
     follows; resuming from it ends with the uninterrupted run's tensors. The handler is removed after."""
     import os
     import signal
@@ -69,7 +69,7 @@ def test_ctrl_c_checkpoints_the_finished_step_and_resumes_exactly(tmp_path):
     train_world_model(cfg, tmp_path / "a", log=None)
 
     def log(msg: str) -> None:
-        if msg.startswith(f"step {4:5d} "):
+        if msg.startswith(f"step {5:5d} "):
             os.kill(os.getpid(), signal.SIGINT)
 
     before = signal.getsignal(signal.SIGINT)
@@ -85,8 +85,10 @@ def test_ctrl_c_checkpoints_the_finished_step_and_resumes_exactly(tmp_path):
     assert ma == mb
 
 
-def test_resume_extends_a_finished_run_and_starts_fresh_without_checkpoint(tmp_path):
-    fresh = train_world_model(_cfg(steps=3), tmp_path, log=None, resume=True)   # empty folder: from step 0
+def test_resume_extends_a_finished_run_and_needs_a_checkpoint(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="holds no complete checkpoint"):
+        train_world_model(_cfg(steps=3), tmp_path, log=None, resume=True)   # empty folder
+    fresh = train_world_model(_cfg(steps=3), tmp_path, log=None)
     assert fresh["resumed_from"] is None and fresh["steps"] == 3
     more = train_world_model(_cfg(steps=5), tmp_path, log=None, resume=True)
     assert more["resumed_from"] == 3 and more["steps"] == 5
@@ -133,5 +135,6 @@ def test_cli_train_wm_resume_reads_the_run_folders_config(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train-wm", "--out", str(tmp_path / "b"), "--resume", "--no-report"]) == 0
     out = capsys.readouterr().out
-    assert "resumed from" in out and "trained 6 steps (resumed at step 3)" in out, out
+    assert f"resumed from {tmp_path / 'b' / 'ckpt-00000003.json'} (step 3)" in out, out
+    assert "trained 6 steps (resumed at step 3)" in out, out
     _assert_same_tensors(ckpt.load_checkpoint(tmp_path / "a")[0], ckpt.load_checkpoint(tmp_path / "b")[0])
