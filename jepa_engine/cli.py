@@ -21,11 +21,19 @@ def _selfcheck(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from jepa_engine.checkpoint import CheckpointError, resume_checkpoint
     from jepa_engine.train import NonFiniteLossError, TrainConfig, Trainer
 
     overrides = {"steps": args.steps} if args.steps is not None else {}
     if args.device is not None:
         overrides["device"] = args.device
+    if args.resume:
+        # --resume needs a checkpoint, with or without --config (as in train-wm).
+        try:
+            resume_checkpoint(args.out, verify=False)
+        except CheckpointError as e:
+            print(f"jepa-engine train: {e}", file=sys.stderr)
+            return 2
     config = args.config
     if config is None:
         saved = os.path.join(args.out, "config.json")
@@ -39,7 +47,11 @@ def _train(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"jepa-engine train: {e}", file=sys.stderr)
         return 2
-    trainer = Trainer(cfg, args.out, resume=args.resume)
+    try:
+        trainer = Trainer(cfg, args.out, resume=args.resume)
+    except CheckpointError as e:
+        print(f"jepa-engine train: {e}", file=sys.stderr)
+        return 2
     try:
         summary = trainer.fit()
     except KeyboardInterrupt:
@@ -198,10 +210,17 @@ def _demo_world_model(out: str) -> bool:
 
 
 def _train_wm(args: argparse.Namespace) -> int:
-    from jepa_engine.checkpoint import CheckpointError
+    from jepa_engine.checkpoint import CheckpointError, resume_checkpoint
     from jepa_engine.train_wm import WMTrainConfig, train_world_model
 
     overrides = {k: v for k, v in (("steps", args.steps), ("device", args.device)) if v is not None}
+    if args.resume:
+        # --resume needs a checkpoint, with or without --config (as in train).
+        try:
+            resume_checkpoint(args.out, verify=False)
+        except CheckpointError as e:
+            print(f"jepa-engine train-wm: {e}", file=sys.stderr)
+            return 2
     config = args.config
     if config is None:
         # --resume without --config continues the run folder's own config (as `train` does).
