@@ -117,9 +117,9 @@ def test_config_json_round_trip(tmp_path):
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
         tiny_config(**{field: value})
-    with pytest.raises(ValueError, match="unknown fields"):
+    with pytest.raises(ValueError, match="unknown field"):
         T.TrainConfig.from_dict({"lr": 1e-3, "learning_rate": 1.0})
-    with pytest.raises(ValueError, match="name must be one of"):
+    with pytest.raises(ValueError, match=r"one of.*'huge'|'huge'.*one of"):
         T.TrainConfig.from_name("huge")
 
 
