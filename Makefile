@@ -38,3 +38,22 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks
+
+# The GPU evidence in one command: `make gpu-report [OUT=folder] [STAGES=all|tests|measure|a,b,c]`
+# (jepa_engine/gpu_report.py). With an NVIDIA GPU it runs under the system python3, which has the CUDA
+# torch, and installs this package into it without a registry; elsewhere under the venv, as the short
+# rehearsal. REPORT_PY=... picks the interpreter. `make gpu-wheels` (needs a registry) puts the
+# pure-Python test/runtime packages a GPU machine may lack into wheels/, which the report installs from.
+OUT        ?= runs/gpu-report
+STAGES     ?= all
+HAS_GPU     = $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+REPORT_PY  ?= $(if $(HAS_GPU),python3,$(PY))
+
+.PHONY: gpu-report gpu-wheels
+gpu-report:
+	$(if $(HAS_GPU),,$(MAKE) --no-print-directory install)
+	$(REPORT_PY) jepa_engine/gpu_report.py --out "$(OUT)" --stages "$(STAGES)" $(if $(HAS_GPU),--install)
+
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download -q --disable-pip-version-check --only-binary=:all: --no-deps --python-version 3.12 \
+		-d wheels hypothesis sortedcontainers tqdm

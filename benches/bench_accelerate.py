@@ -79,9 +79,9 @@ def _peak_memory(step) -> int | None:
     return torch.cuda.max_memory_allocated()
 
 
+@pytest.mark.parametrize("impl", ["jepa_engine", "timm", "torch_compile"])
 @pytest.mark.parametrize("masking", ["ijepa", "dense"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{n}-B{b}" for n, b in CASES])
-@pytest.mark.parametrize("impl", ["jepa_engine", "timm", "torch_compile"])
 def test_vit_train_step(benchmark, run_bench, impl, case, masking):
     name, B = case
     step = _setup(name, B, impl, masked=masking == "ijepa")

@@ -82,9 +82,9 @@ def _impl(impl: str, targets, onlines):
     return lambda: dst.copy_(src)
 
 
+@pytest.mark.parametrize("impl", ["jepa_engine", "foreach_lerp", "foreach_mul_add", "python_loop", "copy"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("impl", ["jepa_engine", "foreach_lerp", "foreach_mul_add", "python_loop", "copy"])
 def test_ema_vit(benchmark, run_bench, impl, model, dtype):
     targets, onlines = _lists(model, dtype)
     numel = sum(t.numel() for t in targets)

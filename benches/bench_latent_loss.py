@@ -29,8 +29,8 @@ def _step(fn, pred, target, mask):
     return run
 
 
-@pytest.mark.parametrize("M,D", SHAPES)
 @pytest.mark.parametrize("impl", ["jepa_engine", "reference", "torch_compile"])
+@pytest.mark.parametrize("M,D", SHAPES)
 def test_latent_loss_fwd_bwd(benchmark, run_bench, impl, M, D):
     pred, target, mask = _inputs(M, D)
     if impl == "jepa_engine":

@@ -94,10 +94,10 @@ def _fwd_bwd(fn, leaves):
     return run
 
 
-@pytest.mark.parametrize("frac", FRACTIONS)
-@pytest.mark.parametrize("name,B,H,N,D", CONTEXT)
 @pytest.mark.parametrize("impl", ["jepa_engine", "jepa_engine_key_padding", "sdpa_bool_mask", "sdpa_gather_pad",
                                   "flex_attention", "reference"])
+@pytest.mark.parametrize("frac", FRACTIONS)
+@pytest.mark.parametrize("name,B,H,N,D", CONTEXT)
 @pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
 def test_context_attention(benchmark, run_bench, impl, name, B, H, N, D, frac, direction):
     q, k, v = _qkv(B, H, N, D)
@@ -137,8 +137,8 @@ def test_frame_causal_attention(benchmark, run_bench, impl):
               flops=4.0 * B * H * D * visible_pairs, shape=[B, H, N, D])
 
 
-@pytest.mark.parametrize("N,B", LONG)
 @pytest.mark.parametrize("impl", ["jepa_engine", "sdpa"])
+@pytest.mark.parametrize("N,B", LONG)
 def test_long_dense_attention(benchmark, run_bench, impl, N, B):
     H, D = (16, 128) if CUDA else (2, 16)
     q, k, v = _qkv(B, H, N, D)

@@ -141,8 +141,8 @@ def _run(benchmark, run_bench, preset, impl, E, budget):
         benchmark.extra_info["plans_per_s"] = E / benchmark.stats.stats.median
 
 
-@pytest.mark.parametrize("E", ENVS)
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("E", ENVS)
 def test_plan_lewm(benchmark, run_bench, impl, E):
     if impl == "torch_compile" and not CUDA and not os.environ.get("BENCH_PLAN_COMPILE"):
         pytest.skip("CPU: inductor compiles the lewm predictor in about 3 minutes on 2 cores; "

@@ -33,8 +33,8 @@ def cem_eager(cost_fn, E, device):
     return mean
 
 
-@pytest.mark.parametrize("E", ENVS)
 @pytest.mark.parametrize("impl", ["jepa_engine", "eager_loop"])
+@pytest.mark.parametrize("E", ENVS)
 def test_cem_plan(benchmark, run_bench, impl, E):
     if impl == "jepa_engine":
         planner = CEMPlanner(PlannerConfig(horizon=H, action_dim=A, samples=N, iterations=I, elites=K))

@@ -34,8 +34,8 @@ def _setup(name: str, compiled: bool):
     return lambda: train_step(model, ema.target, ema, opt, images, masks, cfg=cfg, step=10), images.shape[0]
 
 
-@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("impl", ["jepa_engine", "reference", "torch_compile"])
+@pytest.mark.parametrize("name", NAMES)
 def test_train_step(benchmark, run_bench, impl, name):
     if impl == "jepa_engine":
         step, n = _setup(name, compiled=False)

@@ -9,6 +9,9 @@ is ours) and its ``group`` (the same problem solved by every peer). At the end o
 JSON hook adds, per row: median and 20th/80th percentile per call, achieved TFLOP/s or GB/s, the
 fraction of the device's roofline where it is known, and for our row the speed-up against every peer
 of the same group measured in the same run.
+
+Every suite puts its ``impl`` parametrization on top, so the peers of one group run one after
+another: a run cut short (``make gpu-report`` gives each file a time share) keeps whole groups.
 """
 from __future__ import annotations
 

@@ -321,6 +321,12 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu_report(args: argparse.Namespace) -> int:
+    from jepa_engine import gpu_report
+
+    return gpu_report.run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jepa-engine", description="Fused Triton kernels and a fast JEPA engine.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -393,6 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("audit", help="compile every kernel for sm_90a/sm_80, print registers/spills/smem").set_defaults(
         func=_audit)
     sub.add_parser("selfcheck", help="each kernel against its PyTorch reference").set_defaults(func=_selfcheck)
+    from jepa_engine import gpu_report  # standard library only: the parser stays light
+
+    gpu = sub.add_parser("gpu-report", help="every GPU measurement in one command: facts, tests, self-check, "
+                         "benchmarks, profile with energy (a short rehearsal without CUDA)")
+    gpu_report.add_arguments(gpu)
+    gpu.set_defaults(func=_gpu_report)
     return ap
 
 

@@ -1,0 +1,181 @@
+"""`make gpu-report` / `jepa-engine gpu-report --out DIR`: the project's GPU evidence in one command.
+
+Stages, in this order, each in its own subprocess with its own time limit; a stage that fails, raises
+or runs out of time is recorded with its reason and the next one runs:
+
+    install    pip install -e . without a registry (--install), then hypothesis / tqdm from wheels/ if missing
+    facts      GPU name, driver, power limit, clocks (nvidia-smi, NVML, idle power); Python/torch/triton/CUDA
+    tests      the test suite on the device: JUnit XML and pass/fail per file (pytest-xdist when installed)
+    selfcheck  `jepa-engine selfcheck`: every kernel against its reference, compiled (needs CUDA)
+    bench      benches/ file by file (a time share each, unused time passed on), one merged JSON + table
+    profile    `jepa-engine profile --quick` at the LeWorldModel CEM budget too, with NVML energy (counter
+               based, idle power measured before each window)
+
+Then a summary table, printed and written as markdown. At most 7 files (the caller's console log makes
+8), each at most 16 MiB, land in one folder named ``<device>-<yyyy-mm-dd>-<what>.<ext>``, ready to be
+copied into benches/results/. On a timeout the stage gets SIGINT first (pytest still writes its JUnit
+XML and benchmark JSON for what finished), SIGKILL 15 s later.
+
+Without CUDA (or with --short) it is a rehearsal: a few tests under the Triton interpreter, one small
+benchmark file, a seconds-long untrained profile without energy; the compiled self-check says
+"skipped: no CUDA". Stage limits: ``LIMITS``; the full list sums to 17 minutes, and the two halves a
+10-minute call allows (``PARTS``) to 9 minutes each. Standard library only at import: this file also
+runs as a script (``python3 jepa_engine/gpu_report.py``) before the package is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+if __package__ in (None, ""):  # run as a script: import the package from its source folder
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from jepa_engine import gpu_report_results as results  # noqa: E402
+from jepa_engine.gpu_report_stages import (MAX_BYTES, ORDER, PARTS, STAGES, TAIL_CHARS, Context,  # noqa: E402
+                                           Outcome, Stage, default_stages, run_command)
+
+
+# ------------------------------------------------------------------------------------------------
+# The report
+# ------------------------------------------------------------------------------------------------
+def run_report(out: str | Path, *, short: Optional[bool] = None, stages: Optional[list[Stage]] = None,
+               install: bool = False, test_workers: int = 6, date: Optional[str] = None) -> dict:
+    """Run the stages (default: all of them), write the files into ``out`` and return the report.
+    ``short=None``: the short rehearsal unless CUDA is found (by the facts stage, else a probe)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    date = date or time.strftime("%Y-%m-%d")
+    with tempfile.TemporaryDirectory(prefix="gpu-report-") as work:
+        # until CUDA is known: a machine without nvidia-smi gets the short limits
+        guess = short if short is not None else shutil.which("nvidia-smi") is None
+        ctx = Context(Path(work), short=guess, install=install, test_workers=test_workers)
+        done: list[dict] = []
+        for st in stages if stages is not None else default_stages():
+            if st.name not in ("install", "facts"):
+                _settle_mode(ctx, short)
+            done.append(_run_stage(st, ctx))
+            if done[-1]["status"] == "interrupted":
+                break
+        _settle_mode(ctx, short)
+        return _finish(out, ctx, done, date, time.monotonic() - t0)
+
+
+def _settle_mode(ctx: Context, short: Optional[bool]) -> None:
+    if ctx.cuda is None:   # no facts stage (or it failed): ask torch in a subprocess
+        r = run_command([ctx.python, "-c", "import torch; print('cuda', torch.cuda.is_available())"], 60, ctx.env())
+        ctx.cuda = "cuda True" in r.output
+    ctx.short = short if short is not None else not ctx.cuda
+
+
+def _run_stage(st: Stage, ctx: Context) -> dict:
+    limit = st.limit(ctx.short)
+    print(f"== {st.name} (limit {limit:.0f} s) ==", flush=True)
+    t = time.monotonic()
+    if st.needs_cuda and not ctx.cuda:
+        o = Outcome("skipped", "skipped: no CUDA (compiled kernels need a GPU; `make test` runs the same checks "
+                               "under the Triton interpreter)")
+    else:
+        try:
+            o = st.run(ctx, limit)
+        except KeyboardInterrupt:
+            o = Outcome("interrupted", "interrupted (Ctrl-C): the later stages did not run")
+        except Exception as e:  # the next stage runs all the same
+            o = Outcome("error", f"the stage raised {type(e).__name__}: {e}")
+    rec = {"name": st.name, "status": o.status, "seconds": time.monotonic() - t, "limit_s": limit,
+           "summary": o.summary, "details": o.details, "log_tail": o.log[-TAIL_CHARS:], "data": o.data}
+    print(f"== {st.name}: {o.status} in {rec['seconds']:.0f} s: {o.summary}", flush=True)
+    return rec
+
+
+def _finish(out: Path, ctx: Context, stages: list[dict], date: str, seconds: float) -> dict:
+    tag = ctx.facts.get("device_tag") or ("gpu" if shutil.which("nvidia-smi") else "cpu")
+    names = [s["name"] for s in stages]
+    part = next((p for p, members in PARTS.items() if tuple(names) == members), "-".join(names))
+    suffix = ("" if part == "all" else f"-{part}") + ("-short" if ctx.short else "")
+    name = lambda what: f"{tag}-{date}-{what}"  # noqa: E731
+    plan = {name(f"gpu-report{suffix}.md"): None, name(f"gpu-report{suffix}.json"): None}
+    for what, path in ctx.artifacts.items():
+        stem, ext = what.rsplit(".", 1)
+        plan[name(f"{stem}{'-short' if ctx.short else ''}.{ext}")] = path
+    report = {"device": ctx.facts.get("device_name", tag), "device_tag": tag, "date": date, "seconds": seconds,
+              "mode": ("short rehearsal (" + ("--short" if ctx.cuda else "no CUDA") + ")") if ctx.short else
+              "full (CUDA)", "limits_s": sum(s["limit_s"] for s in stages), "stages": stages,
+              "facts": ctx.facts, "files": sorted(plan)}
+    for fname, path in plan.items():
+        if path is not None:
+            _copy_limited(path, out / fname, report)
+    md, js = report_markdown_and_json(report)
+    (out / name(f"gpu-report{suffix}.json")).write_text(js)
+    (out / name(f"gpu-report{suffix}.md")).write_text(md)
+    print("\n" + results.summary_table(stages), flush=True)
+    print(f"\nwrote {len(report['files'])} files to {out}: {', '.join(report['files'])}", flush=True)
+    return report
+
+
+def report_markdown_and_json(report: dict) -> tuple[str, str]:
+    try:
+        md = results.report_markdown(report)
+    except Exception as e:  # the JSON and the plain table still get written
+        md = f"(markdown failed: {type(e).__name__}: {e})\n\n" + results.summary_table(report["stages"])
+    js = json.dumps(report, indent=1, default=str)
+    if len(js.encode()) > MAX_BYTES:   # the log tails are what can grow
+        for s in report["stages"]:
+            s["log_tail"] = s["log_tail"][-4000:]
+        js = json.dumps(report, indent=1, default=str)
+    return md.encode()[:MAX_BYTES].decode(errors="ignore"), js
+
+
+def _copy_limited(src: Path, dst: Path, report: dict) -> None:
+    size = src.stat().st_size
+    if size <= MAX_BYTES:
+        shutil.copyfile(src, dst)
+        return
+    report["files"].remove(dst.name)
+    report.setdefault("notes", []).append(f"{dst.name} not written: {size / 2**20:.1f} MiB > 16 MiB")
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--out", default=os.path.join("runs", "gpu-report"), help="folder for the report's files")
+    ap.add_argument("--short", action="store_true", help="the short rehearsal even on CUDA")
+    ap.add_argument("--install", action="store_true",
+                    help="first pip install -e . without a registry (plus missing hypothesis/tqdm from wheels/)")
+    ap.add_argument("--stages", default="all", help=f"a part ({', '.join(PARTS)}) or comma-separated stages "
+                    f"from {','.join(ORDER)} (default all; a 10-minute call fits one part)")
+    ap.add_argument("--test-workers", type=int, default=6, help="pytest-xdist workers for the tests on CUDA (0: none)")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    names = PARTS.get(args.stages) or tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    unknown = [n for n in names if n not in STAGES]
+    if unknown or not names:
+        print(f"gpu-report: --stages must be one of {', '.join(PARTS)} or a comma-separated list of "
+              f"{','.join(ORDER)}, got {args.stages!r}", file=sys.stderr)
+        return 2
+    if args.test_workers < 0:
+        print(f"gpu-report: --test-workers must be >= 0, got {args.test_workers}", file=sys.stderr)
+        return 2
+    report = run_report(args.out, short=True if args.short else None, stages=default_stages(names), install=args.install,
+                        test_workers=args.test_workers)
+    bad = [s for s in report["stages"] if s["status"] not in ("ok", "skipped")]
+    return 130 if any(s["status"] == "interrupted" for s in bad) else (1 if bad else 0)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="gpu-report", description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    return run_from_args(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

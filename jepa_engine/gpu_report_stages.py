@@ -1,0 +1,316 @@
+"""The gpu-report's stages (see jepa_engine/gpu_report.py): each runs its work in a subprocess under its
+own time limit and returns an ``Outcome`` (status, one summary line, markdown details, its output's tail).
+
+Standard library only at import, like the driver.
+"""
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from jepa_engine import gpu_report_results as results
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_FILES, MAX_BYTES = 8, 16 * 2**20
+ORDER = ("install", "facts", "tests", "selfcheck", "bench", "profile")
+# Seconds per stage: full (CUDA) and short (rehearsal). 17 minutes in all; each part <= 9 minutes.
+LIMITS = {"install": (60, 120), "facts": (30, 60), "tests": (360, 180), "selfcheck": (90, 120),
+          "bench": (300, 180), "profile": (180, 180)}
+PARTS = {"all": ORDER, "tests": ("install", "facts", "tests", "selfcheck"),
+         "measure": ("install", "facts", "bench", "profile")}
+# benches/ files in the order they run, with their share of the bench stage (unused time carries on).
+BENCH_FILES = (("bench_ema.py", 40), ("bench_plan.py", 80), ("bench_masked_attention.py", 100),
+               ("bench_latent_loss.py", 20), ("bench_train.py", 35), ("bench_planning.py", 10),
+               ("bench_accelerate.py", 15))
+SHORT_BENCH = ("bench_planning.py", "1-jepa_engine or 1-eager_loop")
+SHORT_TESTS = ("tests/test_masks.py", "tests/test_package.py::test_import_is_light")
+PROFILE_ARGS = ("--quick", "--budgets", "cem:300x30,cem:64x5,mppi:32x3", "--budget-minutes", "1")
+SHORT_PROFILE_ARGS = ("--quick", "--budget-minutes", "0", "--decisions", "1", "--budgets", "cem:4x1",
+                      "--reasoning-tokens", "0", "--sizes", "1x", "--no-energy", "--timing-seconds", "0.01")
+OPTIONAL = {"hypothesis": "the property tests in three kernel test files cannot be collected",
+            "tqdm": "the profile runs with a no-op progress bar put on its path"}
+TAIL_CHARS, ECHO_CHARS, GRACE_S = 64_000, 4_000_000, 15.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Running one command under a time limit
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Ran:
+    rc: Optional[int]
+    timed_out: bool
+    seconds: float
+    output: str          # the last TAIL_CHARS characters of stdout + stderr
+
+
+def run_command(cmd: list[str], limit_s: float, env: Optional[dict] = None, prefix: str = "") -> Ran:
+    """Run ``cmd`` in its own process group from the repository root, echoing its output; SIGINT at
+    ``limit_s`` minus a grace period, SIGKILL to the group at ``limit_s``."""
+    t0 = time.monotonic()
+    grace = min(GRACE_S, 0.25 * limit_s)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True, text=True, errors="replace")
+    tail: collections.deque[str] = collections.deque()
+    size = [0, 0]   # characters in the tail, characters echoed
+
+    def pump() -> None:
+        for line in proc.stdout:
+            tail.append(line)
+            size[0] += len(line)
+            while size[0] > TAIL_CHARS and len(tail) > 1:
+                size[0] -= len(tail.popleft())
+            if size[1] < ECHO_CHARS:
+                size[1] += len(line)
+                sys.stdout.write(prefix + line)
+                sys.stdout.flush()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=max(limit_s - grace, 0.1))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _stop(proc, grace)
+    except KeyboardInterrupt:
+        _stop(proc, grace)
+        raise
+    finally:
+        _signal(proc, signal.SIGKILL)   # what the command left behind in its group (compile workers)
+        reader.join(timeout=5)
+    return Ran(proc.returncode, timed_out, time.monotonic() - t0, "".join(tail))
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _stop(proc: subprocess.Popen, grace: float) -> None:
+    _signal(proc, signal.SIGINT)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        _signal(proc, signal.SIGKILL)
+        proc.wait()
+
+
+# ------------------------------------------------------------------------------------------------
+# Stages
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Context:
+    work: Path                        # scratch folder for what stages write before it is named
+    short: bool
+    install: bool = False
+    test_workers: int = 6
+    python: str = sys.executable
+    cuda: Optional[bool] = None       # known after the facts stage
+    facts: dict = field(default_factory=dict)
+    artifacts: dict = field(default_factory=dict)   # "<what>.<ext>" -> path in `work`
+
+    def env(self, interpret: bool = False, **extra: str) -> dict:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.update(PYTHONUNBUFFERED="1", **extra)
+        if self.short:   # on a busy 2-core machine torch's two threads mostly wait for each other
+            env["OMP_NUM_THREADS"] = "1"
+        if interpret:
+            env["TRITON_INTERPRET"] = "1"
+        return env
+
+
+@dataclass
+class Outcome:
+    status: str                 # ok | failed | timeout | error | skipped | interrupted
+    summary: str                # one line for the table
+    details: str = ""           # markdown for the stage's section
+    log: str = ""
+    data: dict = field(default_factory=dict)
+
+
+@dataclass
+class Stage:
+    name: str
+    run: Callable[[Context, float], Outcome]
+    limit_s: Optional[float] = None   # None: LIMITS[name], full or short as the run turns out
+    needs_cuda: bool = False
+
+    def limit(self, short: bool) -> float:
+        return self.limit_s if self.limit_s is not None else LIMITS[self.name][1 if short else 0]
+
+
+def _ran_status(r: Ran) -> str:
+    return "timeout" if r.timed_out else ("ok" if r.rc == 0 else "failed")
+
+
+def _ended(r: Ran, limit_s: float) -> str:
+    return f"timed out after {limit_s:.0f} s" if r.timed_out else f"exit {r.rc}"
+
+
+def stage_install(ctx: Context, limit_s: float) -> Outcome:
+    if not ctx.install:
+        return Outcome("skipped", "skipped: not requested (--install; `make gpu-report` installs on a GPU machine)")
+    t_end = time.monotonic() + limit_s
+    r = run_command([ctx.python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                     "-e", str(ROOT)], limit_s, ctx.env(), "[install] ")
+    lines = [f"pip install -e . (no registry): {_ended(r, limit_s)} in {r.seconds:.0f} s"]
+    importlib.invalidate_caches()
+    missing = [m for m in OPTIONAL if importlib.util.find_spec(m) is None]
+    wheels = sorted((ROOT / "wheels").glob("*.whl"))
+    log = r.output
+    if missing and wheels:
+        w = run_command([ctx.python, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(ROOT / "wheels"),
+                         *missing], max(t_end - time.monotonic(), 5), ctx.env(), "[install] ")
+        lines.append(f"from wheels/ ({len(wheels)} wheels): {' '.join(missing)}: {_ended(w, 0)}")
+        log += w.output
+        importlib.invalidate_caches()
+        missing = [m for m in OPTIONAL if importlib.util.find_spec(m) is None]
+    for m in missing:
+        lines.append(f"missing {m}: {OPTIONAL[m]} (bring wheels/: `make gpu-wheels` where a registry is reachable)")
+    return Outcome(_ran_status(r), "; ".join(lines), log=log, data={"missing": missing})
+
+
+def stage_facts(ctx: Context, limit_s: float) -> Outcome:
+    code = "from jepa_engine.gpu_report_results import print_facts; print_facts()"
+    r = run_command([ctx.python, "-c", code], limit_s, ctx.env(), "[facts] ")
+    try:
+        ctx.facts = results.parse_facts(r.output)
+    except ValueError:
+        last = r.output.strip().splitlines()[-1:] or [""]
+        return Outcome("timeout" if r.timed_out else "failed", f"no facts ({_ended(r, limit_s)}): {last[0]}",
+                       log=r.output)
+    ctx.cuda = bool(ctx.facts.get("torch", {}).get("cuda_available"))
+    missing = [m for m in OPTIONAL if not (ctx.facts.get("packages") or {}).get(m)]
+    note = "".join(f"; missing {m}: {OPTIONAL[m]}" for m in missing)
+    return Outcome(_ran_status(r), results.facts_line(ctx.facts) + note, results.facts_markdown(ctx.facts),
+                   r.output, data=ctx.facts)
+
+
+def stage_tests(ctx: Context, limit_s: float) -> Outcome:
+    xml = ctx.work / "tests.xml"
+    cmd = [ctx.python, "-m", "pytest", *(SHORT_TESTS if ctx.short else ("tests",)), "-q", "-rfE",
+           f"--junitxml={xml}", "-o", "junit_family=xunit1", "--continue-on-collection-errors",
+           "-p", "no:cacheprovider", "--durations=15"]
+    workers = 0 if ctx.short else ctx.test_workers
+    if workers > 0 and importlib.util.find_spec("xdist") is not None:
+        cmd += ["-n", str(workers), "--dist", "loadfile"]
+    r = run_command(cmd, limit_s, ctx.env(interpret=not ctx.cuda), "[tests] ")
+    how = f"{'compiled kernels on CUDA' if ctx.cuda else 'Triton interpreter'}, {workers or 'no'} xdist workers"
+    if not xml.is_file():
+        return Outcome("failed" if not r.timed_out else "timeout", f"no JUnit XML written ({_ended(r, limit_s)}; "
+                       f"{how})", log=r.output)
+    ctx.artifacts["tests.xml"] = xml
+    s = results.junit_summary(xml, ROOT)
+    t = s["totals"]
+    bad_files = sum(1 for f in s["files"] if f["failed"] + f["errors"])
+    line = (f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, {t['skipped']} skipped in "
+            f"{len(s['files'])} files ({bad_files} with failures; {how}; {_ended(r, limit_s)})")
+    if s["missing_modules"]:
+        line += f"; missing modules: {', '.join(s['missing_modules'])}"
+    return Outcome(_ran_status(r), line, results.junit_markdown(s), r.output, data=s)
+
+
+def stage_selfcheck(ctx: Context, limit_s: float) -> Outcome:
+    r = run_command([ctx.python, "-m", "jepa_engine", "selfcheck"], limit_s, ctx.env(), "[selfcheck] ")
+    ok, bad = len(re.findall(r"\sok$", r.output, re.M)), len(re.findall(r"MISMATCH$", r.output, re.M))
+    lines = [ln for ln in r.output.splitlines() if ln.startswith(("Kernel vs", "  "))]
+    return Outcome(_ran_status(r), f"{ok} ok, {bad} mismatched ({_ended(r, limit_s)})",
+                   "```\n" + "\n".join(lines) + "\n```", r.output)
+
+
+def stage_bench(ctx: Context, limit_s: float) -> Outcome:
+    files = [(SHORT_BENCH[0], limit_s)] if ctx.short else BENCH_FILES
+    t_end, carry, jsons, runs, log = time.monotonic() + limit_s, 0.0, [], [], ""
+    for name, share in files:
+        left = t_end - time.monotonic()
+        if left < 5:
+            runs.append({"file": name, "status": "not run", "how": f"the stage's {limit_s:.0f} s were used up"})
+            continue
+        budget = min(share + carry, left)
+        out = ctx.work / f"bench-{Path(name).stem}.json"
+        cmd = [ctx.python, "-m", "pytest", f"benches/{name}", "-q", "-p", "no:cacheprovider", "-rs",
+               f"--benchmark-json={out}"] + (["-k", SHORT_BENCH[1]] if ctx.short else [])
+        r = run_command(cmd, budget, ctx.env(), f"[bench {Path(name).stem}] ")
+        carry = max(budget - r.seconds, 0.0)
+        log += r.output[-TAIL_CHARS // len(files):]
+        n = len(json.loads(out.read_text()).get("benchmarks", [])) if out.is_file() else 0
+        if n:
+            jsons.append(out)
+        runs.append({"file": name, "status": _ran_status(r), "how": f"{_ended(r, budget)}, {r.seconds:.0f} of "
+                     f"{budget:.0f} s", "rows": n})
+    merged = ctx.work / "bench.json"
+    n_rows = results.merge_bench_json(jsons, merged)
+    details = "\n".join(["| file | status | rows |", "|---|---|---|"] +
+                        [f"| {r['file']} | {r['status']} ({r['how']}) | {r.get('rows', 0)} |" for r in runs])
+    if n_rows:
+        ctx.artifacts["bench.json"] = merged
+        t = run_command([ctx.python, "-m", "benches.report", str(merged)], 60, ctx.env())
+        details += "\n\n" + (t.output if t.rc == 0 else f"(table failed: {t.output[-500:]})")
+    bad = [r for r in runs if r["status"] != "ok"]
+    status = "ok" if not bad else ("timeout" if all(r["status"] == "timeout" for r in bad) else "failed")
+    summary = f"{n_rows} rows from {len(jsons)} of {len(files)} files"
+    if bad:
+        summary += "; " + ", ".join(f"{r['file']} {r['status']}" for r in bad)
+    return Outcome(status, summary, details, log, data={"files": runs})
+
+
+_TQDM_STANDIN = '''class tqdm:
+    """No-op progress bar: tqdm is not installed here."""
+    def __init__(self, *a, total=None, **k): self.total, self.n = total or 0, 0
+    def __enter__(self): return self
+    def __exit__(self, *exc): return False
+    def update(self, n=1): self.n += n
+    def set_postfix_str(self, *a, **k): pass
+    def close(self): pass
+'''
+
+
+def stage_profile(ctx: Context, limit_s: float) -> Outcome:
+    out = ctx.work / "profile"
+    cmd = [ctx.python, "-m", "jepa_engine", "profile", *(SHORT_PROFILE_ARGS if ctx.short else PROFILE_ARGS),
+           "--no-progress", "--out", str(out)]
+    extra, note = {}, ""
+    if importlib.util.find_spec("tqdm") is None:
+        shim = ctx.work / "tqdm-standin" / "tqdm"
+        shim.mkdir(parents=True, exist_ok=True)
+        (shim / "__init__.py").write_text(_TQDM_STANDIN)
+        (shim / "auto.py").write_text("from tqdm import tqdm  # noqa: F401\n")
+        extra["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim.parent), os.environ.get("PYTHONPATH")]))
+        note = "; tqdm missing: a no-op progress bar stood in"
+    r = run_command(cmd, limit_s, ctx.env(**extra), "[profile] ")
+    for ext in ("json", "md", "png"):
+        if (out / f"profile.{ext}").is_file():
+            ctx.artifacts[f"profile.{ext}"] = out / f"profile.{ext}"
+    if not (out / "profile.json").is_file():
+        return Outcome("timeout" if r.timed_out else "failed", f"no profile.json ({_ended(r, limit_s)}){note}",
+                       log=r.output)
+    rep = json.loads((out / "profile.json").read_text())
+    table = ["| row | latency ms | J / decision | idle W | success |", "|---|---|---|---|---|"]
+    for row in rep["rows"]:
+        j, idle, sr = row.get("joules_per_decision"), row.get("idle_watts"), row.get("success_rate")
+        table.append(f"| {row['name']} | {row['latency_s'] * 1e3:.3g} | {'-' if j is None else f'{j:.3g}'} "
+                     f"| {'-' if idle is None else f'{idle:.0f}'} | {'-' if sr is None else f'{sr:.0%}'} |")
+    energy = rep["energy"]["status"]
+    return Outcome(_ran_status(r), f"{len(rep['rows'])} rows in {rep['seconds']:.0f} s; energy: {energy}{note}",
+                   "\n".join(table), r.output, data={"energy": rep["energy"], "rows": len(rep["rows"])})
+
+
+STAGES = {"install": stage_install, "facts": stage_facts, "tests": stage_tests, "selfcheck": stage_selfcheck,
+          "bench": stage_bench, "profile": stage_profile}
+
+
+def default_stages(names=ORDER) -> list[Stage]:
+    return [Stage(n, STAGES[n], needs_cuda=n == "selfcheck") for n in names]
