@@ -57,15 +57,21 @@ def run_report(out: str | Path, *, short: Optional[bool] = None, stages: Optiona
         # until CUDA is known: a machine without nvidia-smi gets the short limits
         guess = short if short is not None else shutil.which("nvidia-smi") is None
         ctx = Context(Path(work), short=guess, install=install, test_workers=test_workers)
-        done: list[dict] = []
-        for st in stages if stages is not None else default_stages():
+        stages = stages if stages is not None else default_stages()
+        planned, done, written = [s.name for s in stages], [], set()
+        for st in stages:
             if st.name not in ("install", "facts"):
                 _settle_mode(ctx, short)
             done.append(_run_stage(st, ctx))
+            # written after every stage: a run killed from outside still leaves the stages it finished
+            report = _finish(out, ctx, planned, done, date, time.monotonic() - t0, written)
             if done[-1]["status"] == "interrupted":
                 break
         _settle_mode(ctx, short)
-        return _finish(out, ctx, done, date, time.monotonic() - t0)
+        report = _finish(out, ctx, planned, done, date, time.monotonic() - t0, written)
+        print("\n" + results.summary_table(done), flush=True)
+        print(f"\nwrote {len(report['files'])} files to {out}: {', '.join(report['files'])}", flush=True)
+        return report
 
 
 def _settle_mode(ctx: Context, short: Optional[bool]) -> None:
@@ -95,10 +101,12 @@ def _run_stage(st: Stage, ctx: Context) -> dict:
     return rec
 
 
-def _finish(out: Path, ctx: Context, stages: list[dict], date: str, seconds: float) -> dict:
+def _finish(out: Path, ctx: Context, planned: list[str], stages: list[dict], date: str, seconds: float,
+            written: set) -> dict:
+    """Write the report of the stages done so far (and their files) into ``out``; ``written``: the names
+    written before, of which those no longer planned (the mode changed) are removed."""
     tag = ctx.facts.get("device_tag") or ("gpu" if shutil.which("nvidia-smi") else "cpu")
-    names = [s["name"] for s in stages]
-    part = next((p for p, members in PARTS.items() if tuple(names) == members), "-".join(names))
+    part = next((p for p, members in PARTS.items() if tuple(planned) == members), "-".join(planned))
     suffix = ("" if part == "all" else f"-{part}") + ("-short" if ctx.short else "")
     name = lambda what: f"{tag}-{date}-{what}"  # noqa: E731
     plan = {name(f"gpu-report{suffix}.md"): None, name(f"gpu-report{suffix}.json"): None}
@@ -108,15 +116,17 @@ def _finish(out: Path, ctx: Context, stages: list[dict], date: str, seconds: flo
     report = {"device": ctx.facts.get("device_name", tag), "device_tag": tag, "date": date, "seconds": seconds,
               "mode": ("short rehearsal (" + ("--short" if ctx.cuda else "no CUDA") + ")") if ctx.short else
               "full (CUDA)", "limits_s": sum(s["limit_s"] for s in stages), "stages": stages,
-              "facts": ctx.facts, "files": sorted(plan)}
+              "planned": planned, "facts": ctx.facts, "files": sorted(plan)}
+    for stale in written - set(plan):
+        (out / stale).unlink(missing_ok=True)
+    written.clear()
+    written.update(plan)
     for fname, path in plan.items():
         if path is not None:
             _copy_limited(path, out / fname, report)
     md, js = report_markdown_and_json(report)
     (out / name(f"gpu-report{suffix}.json")).write_text(js)
     (out / name(f"gpu-report{suffix}.md")).write_text(md)
-    print("\n" + results.summary_table(stages), flush=True)
-    print(f"\nwrote {len(report['files'])} files to {out}: {', '.join(report['files'])}", flush=True)
     return report
 
 
@@ -165,8 +175,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.test_workers < 0:
         print(f"gpu-report: --test-workers must be >= 0, got {args.test_workers}", file=sys.stderr)
         return 2
-    report = run_report(args.out, short=True if args.short else None, stages=default_stages(names), install=args.install,
-                        test_workers=args.test_workers)
+    report = run_report(args.out, short=True if args.short else None, stages=default_stages(names),
+                        install=args.install, test_workers=args.test_workers)
     bad = [s for s in report["stages"] if s["status"] not in ("ok", "skipped")]
     return 130 if any(s["status"] == "interrupted" for s in bad) else (1 if bad else 0)
 

@@ -171,7 +171,8 @@ def facts_markdown(f: dict) -> str:
 def _file_of(case: ET.Element, root: Path) -> str:
     if case.get("file"):
         return case.get("file")
-    dotted = case.get("classname") or case.get("name") or "?"   # a collection error has no classname
+    # a collection error has no classname; a test cut short by the time limit may have no name either
+    dotted = case.get("classname") or case.get("name") or "(unnamed: interrupted)"
     parts = dotted.split(".")
     for n in range(len(parts), 0, -1):
         candidate = "/".join(parts[:n]) + ".py"
@@ -271,8 +272,11 @@ def report_markdown(report: dict) -> str:
             f"Total {report['seconds']:.0f} s (stage limits sum to {report['limits_s']:.0f} s).", "",
             summary_table(report["stages"]), "",
             (f"{len(bad)} stage(s) did not pass: " + "; ".join(f"{s['name']} ({s['status']})" for s in bad))
-            if bad else "Every stage passed or was skipped with its reason.", "",
-            "Files: " + ", ".join(f"`{f}`" for f in report["files"]), ""]
+            if bad else "Every stage passed or was skipped with its reason.", ""]
+    missing = report.get("planned", [])[len(report["stages"]):]
+    if missing:
+        head += [f"Not run (yet): {', '.join(missing)}.", ""]
+    head += ["Files: " + ", ".join(f"`{f}`" for f in report["files"]), ""]
     for s in report["stages"]:
         head += [f"## {s['name']}: {s['status']}", "", s["summary"], ""]
         if s.get("details"):

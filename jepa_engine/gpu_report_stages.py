@@ -41,6 +41,7 @@ SHORT_PROFILE_ARGS = ("--quick", "--budget-minutes", "0", "--decisions", "1", "-
 OPTIONAL = {"hypothesis": "the property tests in three kernel test files cannot be collected",
             "tqdm": "the profile runs with a no-op progress bar put on its path"}
 TAIL_CHARS, ECHO_CHARS, GRACE_S = 64_000, 4_000_000, 15.0
+TABLE_S = 15.0   # of the bench stage's limit, kept for the markdown table of the merged JSON
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,7 +234,8 @@ def stage_selfcheck(ctx: Context, limit_s: float) -> Outcome:
 
 def stage_bench(ctx: Context, limit_s: float) -> Outcome:
     files = [(SHORT_BENCH[0], limit_s)] if ctx.short else BENCH_FILES
-    t_end, carry, jsons, runs, log = time.monotonic() + limit_s, 0.0, [], [], ""
+    t_stop = time.monotonic() + limit_s
+    t_end, carry, jsons, runs, log = t_stop - TABLE_S, 0.0, [], [], ""
     for name, share in files:
         left = t_end - time.monotonic()
         if left < 5:
@@ -257,7 +259,7 @@ def stage_bench(ctx: Context, limit_s: float) -> Outcome:
                         [f"| {r['file']} | {r['status']} ({r['how']}) | {r.get('rows', 0)} |" for r in runs])
     if n_rows:
         ctx.artifacts["bench.json"] = merged
-        t = run_command([ctx.python, "-m", "benches.report", str(merged)], 60, ctx.env())
+        t = run_command([ctx.python, "-m", "benches.report", str(merged)], max(t_stop - time.monotonic(), 5), ctx.env())
         details += "\n\n" + (t.output if t.rc == 0 else f"(table failed: {t.output[-500:]})")
     bad = [r for r in runs if r["status"] != "ok"]
     status = "ok" if not bad else ("timeout" if all(r["status"] == "timeout" for r in bad) else "failed")
@@ -298,11 +300,15 @@ def stage_profile(ctx: Context, limit_s: float) -> Outcome:
         return Outcome("timeout" if r.timed_out else "failed", f"no profile.json ({_ended(r, limit_s)}){note}",
                        log=r.output)
     rep = json.loads((out / "profile.json").read_text())
-    table = ["| row | latency ms | J / decision | idle W | success |", "|---|---|---|---|---|"]
+    table = ["| row | latency ms | J / decision | J above idle | idle W | success |", "|---|---|---|---|---|---|"]
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for row in rep["rows"]:
-        j, idle, sr = row.get("joules_per_decision"), row.get("idle_watts"), row.get("success_rate")
-        table.append(f"| {row['name']} | {row['latency_s'] * 1e3:.3g} | {'-' if j is None else f'{j:.3g}'} "
-                     f"| {'-' if idle is None else f'{idle:.0f}'} | {'-' if sr is None else f'{sr:.0%}'} |")
+        sweep = {"reasoning_tokens": f" [sweep L={row.get('reasoning_tokens')}]",
+                 "size": f" [sweep size {row.get('size')}]"}.get(row.get("sweep"), "")
+        table.append(f"| {row['name']}{sweep} | {row['latency_s'] * 1e3:.3g} "
+                     f"| {fmt(row.get('joules_per_decision'), '.3g')} "
+                     f"| {fmt(row.get('above_idle_joules_per_decision'), '.3g')} | {fmt(row.get('idle_watts'), '.0f')} "
+                     f"| {fmt(row.get('success_rate'), '.0%')} |")
     energy = rep["energy"]["status"]
     return Outcome(_ran_status(r), f"{len(rep['rows'])} rows in {rep['seconds']:.0f} s; energy: {energy}{note}",
                    "\n".join(table), r.output, data={"energy": rep["energy"], "rows": len(rep["rows"])})

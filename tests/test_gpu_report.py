@@ -41,14 +41,19 @@ def rehearsal(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-report")
     stages = gs.default_stages()
     at = [s.name for s in stages].index("facts") + 1
-    stages[at:at] = [gs.Stage("raises", _raises, 5.0), gs.Stage("sleeps", _sleeps, SLEEP_LIMIT_S)]
+    def peeks(ctx, limit_s):   # what a run killed here would have left: the report of the stages so far
+        saved = json.loads(next(out.glob("*-gpu-report-*.json")).read_text())
+        return gs.Outcome("ok", "peeked", data={"saved": [s["name"] for s in saved["stages"]]})
+
+    stages[at:at] = [gs.Stage("raises", _raises, 5.0), gs.Stage("sleeps", _sleeps, SLEEP_LIMIT_S),
+                     gs.Stage("peeks", peeks, 5.0)]
     report = gr.run_report(out, short=True, stages=stages, date=DATE)
     return out, report, {s["name"]: s for s in report["stages"]}
 
 
 def test_every_stage_ran_and_wrote_its_part(rehearsal):
     out, report, st = rehearsal
-    assert list(st) == ["install", "facts", "raises", "sleeps", "tests", "selfcheck", "bench", "profile"]
+    assert list(st) == ["install", "facts", "raises", "sleeps", "peeks", "tests", "selfcheck", "bench", "profile"]
     assert st["install"]["status"] == "skipped" and "not requested" in st["install"]["summary"]
     assert st["facts"]["status"] == "ok", st["facts"]["log_tail"][-2000:]
     assert st["facts"]["data"]["torch"]["version"] == torch.__version__
@@ -83,6 +88,7 @@ def test_a_stage_that_raises_or_times_out_does_not_stop_the_next(rehearsal):
     assert st["raises"]["status"] == "error" and "RuntimeError: injected failure" in st["raises"]["summary"]
     assert st["sleeps"]["status"] == "timeout"
     assert SLEEP_LIMIT_S * 0.7 <= st["sleeps"]["seconds"] <= SLEEP_LIMIT_S + 3
+    assert st["peeks"]["data"]["saved"] == ["install", "facts", "raises", "sleeps"]
     for name in ("tests", "bench", "profile"):   # ran after them, each with its own result
         assert st[name]["seconds"] > 0.5 and st[name]["summary"]
     md = (out / f"{report['device_tag']}-{DATE}-gpu-report-{'-'.join(st)}-short.md").read_text()
