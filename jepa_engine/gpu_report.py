@@ -18,8 +18,8 @@ XML and benchmark JSON for what finished), SIGKILL 15 s later.
 
 Without CUDA (or with --short) it is a rehearsal: a few tests under the Triton interpreter, one small
 benchmark file, a seconds-long untrained profile without energy; the compiled self-check says
-"skipped: no CUDA". Stage limits: ``LIMITS``; the full list sums to 17 minutes, and the two halves a
-10-minute call allows (``PARTS``) to 9 minutes each. Standard library only at import: this file also
+"skipped: no CUDA". Stage limits: ``LIMITS``; the full list sums to 17 minutes, and each of the two
+parts (``PARTS``: tests, measure) that fit a 10-minute call to at most 9.5. Standard library only at import: this file also
 runs as a script (``python3 jepa_engine/gpu_report.py``) before the package is installed.
 """
 from __future__ import annotations
