@@ -6,8 +6,10 @@ DATE   := $(shell date +%Y-%m-%d)
 # The CPU build of torch (a local wheel on our machines); never let pip pull the multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 TRITON ?= triton==3.9.0; platform_system == "Linux" and platform_machine == "x86_64"
-# timm for the accelerate tests on a real ViT, with the torchvision built for $(TORCH), both without
-# their dependencies (resolving them would pull the CUDA torch); see tests/timm_compat.py.
+# timm for the accelerate tests and README example on a real ViT, with the torchvision built for
+# $(TORCH), both without their dependencies (resolving them would pull the CUDA torch). PyPI's
+# torchvision is a CUDA build: the .pth written after it lets it import on the CPU torch (see
+# jepa_engine/_torchvision_cpu.py).
 TIMM   ?= timm==1.0.31 torchvision==0.28.0 pillow
 
 .PHONY: install test demo bench audit clean
@@ -19,6 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)" '$(TRITON)'
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(TIMM)
+	$(PY) -m jepa_engine._torchvision_cpu --install
 	touch $(STAMP)
 
 # The whole suite, Triton kernels under the interpreter (no GPU needed).

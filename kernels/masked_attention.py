@@ -27,8 +27,8 @@ Combinations: key padding + frame-causal, varlen + frame-causal (frame positions
 sequence's start). A query row whose keys are all masked returns zeros and gets zero gradients.
 
 Shapes and dtypes: q ``[B, H, N_q, D]``, k and v ``[B, H, N_k, D]`` (``[T, H, D]`` with cu_seqlens),
-fp16, bf16 or fp32, head dim D in (16, 32, 64, 96, 128) (96 runs in a 128-wide tile with the last
-columns masked). Any strides with a unit last-dim stride are read in place (the slices of a fused
+fp16, bf16 or fp32, any head dim D from 1 to 256: D runs in the next power-of-two tile of 16 to 256
+columns (``HEAD_DIM_TILES``) with the columns past D masked (96, 80, 88 and 104 in 128, 160 in 256). Any strides with a unit last-dim stride are read in place (the slices of a fused
 qkv projection need no copy). Softmax statistics and accumulation are fp32; fp16/bf16 dots run on
 tensor cores with fp32 accumulation; fp32 dots use ``input_precision="ieee"`` (no TF32), so fp32
 matches the reference at fp32 tolerance. The output of the 4-D form is laid out ``[B, N_q, H, D]`` in
@@ -60,7 +60,9 @@ from ._launch import tl, triton
 from ._registry import KernelSpec, LaunchConfig, register_kernel
 
 OP = "masked_attention"
-HEAD_DIMS = (16, 32, 64, 96, 128)
+# Head-dim tiles (BLOCK_D): a head dim D in [1, MAX_HEAD_DIM] runs in the smallest tile >= D.
+HEAD_DIM_TILES = (16, 32, 64, 128, 256)
+MAX_HEAD_DIM = HEAD_DIM_TILES[-1]
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -343,19 +345,28 @@ def _masked_attention_bwd_kernel(
 # on sm_90a). The backward holds K, V, dK, dV of a key block in registers: 64x32 tiles; at D <= 64
 # in 16 bits one stage (triton 3.6 gives the two-stage form an 8-byte stack frame on sm_80; triton 3.9
 # does not; the one-stage form is clean under both, 134-168 registers). fp32
-# ("ieee" dots, no tensor cores) uses smaller tiles. Under the interpreter 16x16 tiles make the
+# ("ieee" dots, no tensor cores) uses smaller tiles (the 128-wide forward: 32x16 over 8 warps, one
+# stage; 64x32 needs a 648-byte stack frame on sm_90a). The 256-wide tile (head dims 129-256) halves the
+# query rows: 64x32 forward tiles over 8 warps (4 warps spill on both targets) and 32x32 backward
+# tiles over 8 warps in one stage (64-row or 4-warp forms spill or use a stack frame); fp32 at 256:
+# 32x16 forward tiles over 8 warps and 16x16 backward tiles over 4 warps, one stage (larger IEEE
+# forward tiles need a stack frame on sm_90a). Under the interpreter 16x16 tiles make the
 # tests' small shapes span several blocks, so the online softmax, frame skipping and tails run.
 _FWD_CONFIGS = {
     ("16bit", 64): LaunchConfig({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
     ("16bit", 128): LaunchConfig({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
     ("fp32", 64): LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
-    ("fp32", 128): LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    ("fp32", 128): LaunchConfig({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=8, num_stages=1),
+    ("16bit", 256): LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    ("fp32", 256): LaunchConfig({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=8, num_stages=1),
 }
 _BWD_CONFIGS = {
     ("16bit", 64): LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1),
     ("16bit", 128): LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
     ("fp32", 64): LaunchConfig({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
     ("fp32", 128): LaunchConfig({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    ("16bit", 256): LaunchConfig({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1),
+    ("fp32", 256): LaunchConfig({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
 }
 _PRE_CONFIG = LaunchConfig({"BLOCK_M": 64}, num_warps=4, num_stages=1)
 _INTERP_CONFIG = LaunchConfig({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
@@ -370,14 +381,25 @@ def _bh_chunks(n: int):
 
 
 def _block_d(head_dim: int) -> int:
-    return _launch.next_power_of_2(head_dim)
+    """The head-dim tile of ``head_dim``: the next power of two, at least 16 (``tl.dot``'s minimum)."""
+    return max(HEAD_DIM_TILES[0], _launch.next_power_of_2(head_dim))
+
+
+def _tile_class(head_dim: int) -> int:
+    """Launch-config class of a head dim: tiles up to 64 share one config, then 128 and 256."""
+    return max(64, _block_d(head_dim))
+
+
+def supports_head_dim(head_dim: int) -> bool:
+    """Whether :func:`masked_attention` runs this head dim (any D in ``[1, MAX_HEAD_DIM]``)."""
+    return 1 <= int(head_dim) <= MAX_HEAD_DIM
 
 
 def _pick_config(table: dict, dtype: torch.dtype, head_dim: int) -> LaunchConfig:
     if _launch.interpreting():
         return _INTERP_CONFIG
     cls = "fp32" if dtype == torch.float32 else "16bit"
-    return table[(cls, 64 if _block_d(head_dim) <= 64 else 128)]
+    return table[(cls, _tile_class(head_dim))]
 
 
 def _precision(dtype: torch.dtype, backward: bool = False) -> str:
@@ -399,8 +421,11 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when the kernels' alignment promise holds (unit last-dim stride, every other
     stride a multiple of 16 elements, 16-byte aligned data), else a contiguous copy (which keeps it,
     since D is a multiple of 16). Slices of a fused qkv projection keep it: no copy there."""
-    ok = (t.stride(-1) == 1 and all(s % 16 == 0 for s in t.stride()[:-1])
-          and t.data_ptr() % 16 == 0)
+    if t.stride(-1) != 1:
+        return t.contiguous()
+    if t.shape[-1] % 16:  # a copy would not be aligned either (D = 88, 104, ...): read in place
+        return t
+    ok = all(s % 16 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
     return t if ok else t.contiguous()
 
 
@@ -498,8 +523,9 @@ def _empty_out(q: torch.Tensor, varlen: bool) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Audit registration: every kernel with the configs the launchers pick (head dims 64 and 128 cover
-# both tile classes; 16/32 use the 64 class with a narrower D tile, 96 the 128 class).
+# Audit registration: every kernel with the configs the launchers pick (head dims 64, 128 and 256
+# cover the three tile classes; 16/32 use the 64 class with a narrower D tile; 80, 88, 96 and 104
+# run in the 128 tile with masked columns, audited at 80 and 104, as the flagship ViT-H/ViT-G).
 # --------------------------------------------------------------------------------------------------
 _TT = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 # Mask switches audited: the widest combination of each code path (padding + frame, index set, varlen + frame).
@@ -509,7 +535,9 @@ _AUDIT_MASKS = {
     "varlen+frame": dict(PAD=False, VARLEN=True, FRAME=True, INDEX=False),
 }
 _AUDIT_CASES = [("fp16", 64, "pad+frame"), ("bf16", 128, "pad+frame"), ("fp16", 128, "index"),
-                ("bf16", 64, "varlen+frame"), ("fp32", 64, "pad+frame")]
+                ("bf16", 64, "varlen+frame"), ("fp32", 64, "pad+frame"), ("fp16", 80, "pad+frame"),
+                ("bf16", 104, "varlen+frame"), ("fp32", 80, "pad+frame"), ("fp16", 256, "pad+frame"),
+                ("bf16", 256, "index"), ("bf16", 256, "varlen+frame"), ("fp32", 256, "pad+frame")]
 
 
 def _audit_label(dt: str, d: int, masks: str) -> str:
@@ -545,7 +573,7 @@ def _bwd_variants():
 
 def _pre_variants():
     out = {}
-    for dt, d, varlen in (("fp16", 64, False), ("bf16", 128, True)):
+    for dt, d, varlen in (("fp16", 64, False), ("bf16", 128, True), ("fp32", 256, False)):
         t = f"*{_TT[dt]}"
         sig = {"o_ptr": t, "do_ptr": t, "delta_ptr": "*fp32", "cu_ptr": "*i32"}
         sig.update({n: "i32" for n in _launch_int_args(_masked_attention_bwd_preprocess_kernel)})
@@ -566,7 +594,7 @@ def _configs_for(table):
     def configs(variant: str) -> list[LaunchConfig]:
         dt, d = variant.split("/")[:2]
         cls = "fp32" if dt == "fp32" else "16bit"
-        return [table[(cls, 64 if _block_d(int(d[1:])) <= 64 else 128)]]
+        return [table[(cls, _tile_class(int(d[1:])))]]
     return configs
 
 
@@ -870,8 +898,8 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_p
     _launch.check_same_dtype(OP, "k", k, "q", q)
     _launch.check_same_dtype(OP, "v", v, "q", q)
     D = q.shape[-1]
-    if D not in HEAD_DIMS:
-        raise ValueError(f"{OP}: head dim (last dim of q) must be one of {HEAD_DIMS}, got {D}")
+    if not supports_head_dim(D):
+        raise ValueError(f"{OP}: head dim (last dim of q) must be in [1, {MAX_HEAD_DIM}], got {D}")
     if varlen:
         T, H = q.shape[0], q.shape[1]
         _launch.check_shape(OP, "k", k, (T, H, D), "[T, H, D]")

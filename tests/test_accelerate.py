@@ -279,7 +279,7 @@ class Mixed(nn.Module):
         self.sdpa = SdpaAttention(64)
         self.manual = ManualAttention(64)
         self.mha = nn.MultiheadAttention(64, 2, batch_first=True)
-        self.odd = IJepaAttention(48, num_heads=2)  # head dim 24: not a kernel head dim
+        self.odd = IJepaAttention(528, num_heads=2)  # head dim 264: above the kernel's 256
 
 
 def test_report_lists_skipped_and_accelerate_twice_is_noop():
@@ -288,7 +288,7 @@ def test_report_lists_skipped_and_accelerate_twice_is_noop():
     assert {e.name: e.kind for e in report.patched} == {"ijepa": "ijepa", "sdpa": "sdpa"}
     skipped = {e.name: e.reason for e in report.skipped}
     assert set(skipped) == {"manual", "mha", "odd"}
-    assert "head dim 24" in skipped["odd"]
+    assert "head dim 264" in skipped["odd"]
     assert "MultiheadAttention" in skipped["mha"]
     assert "unrecognised" in skipped["manual"]
     assert "skipped" in str(report)
