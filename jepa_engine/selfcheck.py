@@ -1,9 +1,11 @@
 """Kernel-vs-reference self-check: each op's Triton kernel against its PyTorch reference.
 
-On a GPU the compiled kernels run; on a CPU machine the check re-runs itself under the Triton
-interpreter (``TRITON_INTERPRET=1``), which must be set before Triton kernels are defined. Each case
-reports the largest absolute difference over its outputs and gradients against a tolerance chosen for
-its precision (fp16 tensor-core dots on the GPU; exact fp32 under the interpreter).
+The device is chosen by the rule the kernel tests use (``kernel_test_device``): a CUDA device when
+present (compiled kernels), else CPU tensors under the Triton interpreter. On a CPU machine without
+``TRITON_INTERPRET=1`` the check re-runs itself with it set (it must be set before Triton kernels are
+defined); without triton it reports that no kernel can run. Each case reports the largest absolute
+difference over its outputs and gradients against a tolerance chosen for its precision (fp16
+tensor-core dots compiled on the GPU; exact fp32 under the interpreter).
 """
 from __future__ import annotations
 
@@ -53,9 +55,10 @@ def _masked_attention(device: str) -> float:
     import torch
 
     from jepa_engine.kernels import masked_attention
+    from jepa_engine.kernels._launch import interpreting
 
     g = _gen(1)
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    dtype = torch.float16 if device == "cuda" and not interpreting() else torch.float32
     q, k, v = (torch.randn(2, 3, 45, 64, generator=g).to(device, dtype) for _ in range(3))
     pad = (torch.rand(2, 45, generator=g) < 0.6).to(device)
     do = torch.randn(2, 3, 45, 64, generator=g).to(device, dtype)
@@ -122,7 +125,7 @@ def _fused_linear(device: str) -> float:
     return _both(run)
 
 
-# name -> (case, tolerance on the GPU, tolerance under the interpreter)
+# name -> (case, tolerance compiled on the GPU, tolerance under the interpreter)
 CHECKS: dict[str, tuple[Callable[[str], float], float, float]] = {
     "latent_loss (fwd, bwd)": (_latent_loss, 1e-4, 1e-5),
     "masked_attention pad+frame (fwd, bwd)": (_masked_attention, 2e-2, 1e-4),
@@ -135,20 +138,24 @@ CHECKS: dict[str, tuple[Callable[[str], float], float, float]] = {
 def run() -> int:
     import torch
 
-    from jepa_engine.kernels._launch import interpreting, triton_available
+    from jepa_engine.kernels._launch import interpreting, kernel_test_device, triton_available
 
-    if not triton_available():
-        print("self-check: triton is not installed here; ops run their PyTorch references")
+    device, reason = kernel_test_device()
+    if device is None:
+        if triton_available() and not interpreting():   # a CPU machine: the same check, interpreted
+            print("self-check: no CUDA device; running it under the Triton interpreter (TRITON_INTERPRET=1)",
+                  flush=True)
+            env = dict(os.environ, TRITON_INTERPRET="1")
+            return subprocess.run([sys.executable, "-m", "jepa_engine", "selfcheck"], env=env).returncode
+        print(f"self-check: no kernel can run here ({reason})")
         return 0
-    if not torch.cuda.is_available() and not interpreting():
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        return subprocess.run([sys.executable, "-m", "jepa_engine", "selfcheck"], env=env).returncode
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    mode = "compiled on " + torch.cuda.get_device_name(0) if device == "cuda" else "Triton interpreter on CPU"
+    compiled = device == "cuda" and not interpreting()
+    where = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
+    mode = f"compiled on {where}" if compiled else f"Triton interpreter on {where}"
     print(f"Kernel vs reference ({mode}): max difference over outputs and gradients")
     failed = 0
     for name, (case, tol_gpu, tol_interp) in CHECKS.items():
-        tol = tol_gpu if device == "cuda" else tol_interp
+        tol = tol_gpu if compiled else tol_interp
         diff = case(device)
         ok = diff <= tol
         failed += not ok

@@ -16,7 +16,7 @@ import contextlib
 import functools
 import importlib.util
 import os
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -57,6 +57,32 @@ def triton_runs_on(device: torch.device) -> bool:
     if not triton_available():
         return False
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+class KernelTestDevice(NamedTuple):
+    """Where kernel-vs-reference comparisons run: ``device`` is ``"cuda"``, ``"cpu"`` or ``None``
+    (no Triton kernel can run in this process), and ``reason`` says why, for a skip or a report."""
+
+    device: str | None
+    reason: str
+
+
+def kernel_test_device() -> KernelTestDevice:
+    """The device on which the Triton kernels are checked against their references.
+
+    A CUDA device when one is present (kernels compiled, unless ``TRITON_INTERPRET=1`` is also set);
+    else CPU tensors under the Triton interpreter; else none, with the reason. The test suite's
+    ``kernel_device`` fixture and ``jepa-engine selfcheck`` both decide by this rule.
+    """
+    if not triton_available():
+        return KernelTestDevice(None, "triton is not installed: every op runs its PyTorch reference")
+    if torch.cuda.is_available():
+        how = "run by the Triton interpreter" if interpreting() else "compiled"
+        return KernelTestDevice("cuda", f"a CUDA device is present: kernels {how} on CUDA tensors")
+    if interpreting():
+        return KernelTestDevice("cpu", "no CUDA device: kernels run by the Triton interpreter on CPU tensors")
+    return KernelTestDevice(None, "no CUDA device and TRITON_INTERPRET is not set: Triton kernels cannot run "
+                                  "here (TRITON_INTERPRET=1 runs them on CPU)")
 
 
 def backend_for(op: str, device: torch.device) -> str:

@@ -1,9 +1,15 @@
-"""Shared test helpers: the dtype tolerance table and kernel-vs-reference comparison.
+"""Shared test helpers: where kernels run, the dtype tolerance table, kernel-vs-reference comparison.
+
+Where: :func:`kernel_device_choice` is the one rule (a CUDA device when present, kernels compiled;
+else CPU under ``TRITON_INTERPRET=1``; else no kernel test runs, and the reason says why). Kernel
+tests take the ``kernel_device`` fixture (tests/conftest.py), which skips with that reason, and
+build their random inputs on CPU from a seeded generator, then ``.to(kernel_device)``, so that both
+devices see the same numbers.
 
 Precision each test expects: fp32 kernels are compared at fp32 tolerances (the interpreter is exact;
-on the GPU fp32 ``tl.dot`` is TF32 unless a kernel asks for ``ieee``, so dot-based kernels use
-``TF32_TOLERANCE`` there). fp16/bf16 kernels compute in fp32 and round on store, so their tolerance
-is a few units in the last place of the storage dtype.
+compiled on the GPU, an fp32 ``tl.dot`` that a kernel runs as TF32 is compared at ``TF32_TOLERANCE``:
+``assert_close(..., tf32=True)`` names those results). fp16/bf16 kernels compute in fp32 and round
+on store, so their tolerance is a few units in the last place of the storage dtype.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import torch
 import pytest
 
 from jepa_engine.kernels import use_backend
-from jepa_engine.kernels._launch import interpreting, triton_available
+from jepa_engine.kernels._launch import KernelTestDevice, interpreting, kernel_test_device
 
 # dtype -> (atol, rtol), stated once for the whole suite.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -27,23 +33,58 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 TF32_TOLERANCE = (2e-3, 2e-3)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Kernel tests run where Triton can: on a CUDA device, or on CPU under TRITON_INTERPRET=1.
-needs_triton = pytest.mark.skipif(not (triton_available() and (interpreting() or torch.cuda.is_available())),
-                                  reason="needs TRITON_INTERPRET=1 or a CUDA device")
+
+def kernel_device_choice() -> KernelTestDevice:
+    """``(device, reason)``: ``"cuda"`` when a CUDA device is present, ``"cpu"`` under
+    ``TRITON_INTERPRET=1`` without one, else ``None`` (kernel tests skip with ``reason``)."""
+    return kernel_test_device()
+
+
+def require_kernel_device() -> str:
+    """The ``kernel_device`` fixture's body: the chosen device, or a skip with the rule's reason."""
+    device, reason = kernel_device_choice()
+    if device is None:
+        pytest.skip(reason)
+    return device
+
+
+# For a parametrization that cannot take the fixture: the same rule as a mark. The test must still
+# put its tensors on ``kernel_device`` (it runs on CUDA, compiled, where a device is present).
+needs_triton = pytest.mark.skipif(kernel_device_choice().device is None, reason=kernel_device_choice().reason)
+
+
+def compiled_on(device: torch.device | str) -> bool:
+    """Whether a kernel on tensors of ``device`` runs compiled (CUDA, no interpreter)."""
+    return torch.device(device).type == "cuda" and not interpreting()
+
+
+def uses_tf32(dtype: torch.dtype, device: torch.device | str, tf32: bool) -> bool:
+    """Whether a result of ``dtype`` on ``device`` carries TF32 rounding: ``tf32`` says the kernel
+    runs its fp32 ``tl.dot`` as TF32, which it does only compiled (the interpreter's dots are exact)."""
+    return tf32 and dtype == torch.float32 and compiled_on(device)
+
+
+def tolerance(dtype: torch.dtype, device: torch.device | str = "cpu", tf32: bool = False) -> tuple[float, float]:
+    """``(atol, rtol)`` for a kernel result of ``dtype`` computed on ``device`` (``tf32``: see
+    :func:`uses_tf32`)."""
+    return TF32_TOLERANCE if uses_tf32(dtype, device, tf32) else TOLERANCES[dtype]
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
-                 what: str = "", scale: float = 1.0) -> None:
-    """``torch.testing.assert_close`` at the table's tolerance for ``dtype`` (times ``scale``),
-    with the max and mean absolute difference in the failure message."""
+                 what: str = "", scale: float = 1.0, tf32: bool = False) -> None:
+    """``torch.testing.assert_close`` at :func:`tolerance` for ``dtype`` on ``actual``'s device
+    (times ``scale``), with the max and mean absolute difference in the failure message. The two
+    tensors are compared on CPU, so a CUDA result may be checked against a CPU expectation."""
     dtype = dtype or expected.dtype
-    atol, rtol = TOLERANCES[dtype]
-    a, e = actual.detach().float(), expected.detach().float()
+    atol, rtol = tolerance(dtype, actual.device, tf32)
+    a, e = actual.detach().float().cpu(), expected.detach().float().cpu()
     diff = (a - e).abs()
     finite = torch.isfinite(diff)
     msg = (f"{what}: max abs diff {diff[finite].max().item() if finite.any() else float('nan'):.3e}, "
            f"mean abs diff {diff[finite].mean().item() if finite.any() else float('nan'):.3e}, "
-           f"non-finite {int((~finite).sum())}, dtype {dtype}, shape {tuple(a.shape)}")
+           f"non-finite {int((~finite).sum())}, dtype {dtype}, shape {tuple(a.shape)}, "
+           f"{'TF32 ' if uses_tf32(dtype, actual.device, tf32) else ''}tolerance "
+           f"({atol * scale:.1e}, {rtol * scale:.1e}) on {actual.device}")
     torch.testing.assert_close(a, e, atol=atol * scale, rtol=rtol * scale, msg=lambda m: f"{msg}\n{m}")
 
 

@@ -56,9 +56,12 @@ def _reference(model, z_hist, past, actions):
     ({"history": 1}, 1, 3, False), ({"pred_depth": 3, "history": 4}, 3, 6, False), ({"pred_depth": 1}, 2, 3, False),
     ({}, 3, 4, True),
 ])
-def test_rollout_equals_reference(overrides, h, H, kernels):
+def test_rollout_equals_reference(request, overrides, h, H, kernels):
     model = _model(**overrides)
     z_hist, past, actions, _ = _inputs(model, E=2, h=h, N=5 if kernels else 3, H=H)
+    if kernels:     # on the kernel device (compiled on CUDA); skipped where no kernel can run
+        device = request.getfixturevalue("kernel_device")
+        model, z_hist, past, actions = (t.to(device) for t in (model, z_hist, past, actions))
     with contextlib.nullcontext() if kernels else use_backend("reference"):
         got = FusedRollout(model).rollout(z_hist, past, actions)
     assert got.shape == (2, actions.shape[1], H, model.cfg.embed_dim)

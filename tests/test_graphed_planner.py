@@ -9,7 +9,7 @@ from jepa_engine.kernels import use_backend
 from jepa_engine.models.world_model import WorldModel, WorldModelConfig
 from jepa_engine.planning import CEMPlanner, GradientPlanner, MPPIPlanner, PlannerConfig, latent_cost
 from jepa_engine.planning.graphs import GraphedPlanner
-from tests.helpers import assert_close, needs_triton
+from tests.helpers import assert_close
 
 CFG = dict(horizon=4, action_dim=2, samples=40, iterations=5, elites=6, seed=7)
 
@@ -46,15 +46,16 @@ def test_bad_input():
         GraphedPlanner(CEMPlanner(PlannerConfig(**CFG)), quadratic, 1, "cpu").capture()
 
 
-@needs_triton
 @pytest.mark.parametrize("cost,reduce", [("l2", "final"), ("l1", "sum")])
-def test_mpc_cost_through_fused_op(cost, reduce):
+def test_mpc_cost_through_fused_op(kernel_device, cost, reduce):
     torch.manual_seed(0)
     model = WorldModel(WorldModelConfig.from_name("test")).eval()
     E, N, H, h = 2, 3, 2, 2
     D, A = model.cfg.embed_dim, model.cfg.action_dim
     z_hist, past, z_goal = torch.randn(E, h, D), torch.randn(E, h - 1, A), torch.randn(E, D)
     actions = torch.rand(E, N, H, A) * 2 - 1
+    model = model.to(kernel_device)     # drawn on CPU (the same numbers everywhere), run on the kernel device
+    z_hist, past, z_goal, actions = (t.to(kernel_device) for t in (z_hist, past, z_goal, actions))
     with torch.no_grad():
         with use_backend("triton"):
             got = latent_cost(model, z_hist, past, z_goal, cost, reduce)(actions)

@@ -14,7 +14,7 @@ from jepa_engine.kernels import latent_loss, use_backend
 from jepa_engine.masks import MaskConfig, MultiBlockMaskCollator, apply_index
 from jepa_engine.models import (PREDICTOR_PRESETS, VIT_PRESETS, Predictor, PredictorConfig, VisionTransformer,
                                 ViTConfig, sincos_pos_embed_2d)
-from tests.helpers import assert_close, needs_triton
+from tests.helpers import assert_close
 
 MICRO = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)  # 4x4 grid, head dim 16
 
@@ -105,19 +105,22 @@ def test_sincos_positions():
 # ------------------------------------------------------------------------------------------------
 # Key padding end to end
 # ------------------------------------------------------------------------------------------------
-def _padding_invariance(enc, grid, in_chans, img):
+def _padding_invariance(enc, grid, in_chans, img, device="cpu"):
+    """Inputs drawn on CPU (the same numbers on every device), the encoder run on ``device``."""
     B = 3
     m = _masks(grid, B, seed=5)
     x = torch.randn(B, in_chans, img, img)
+    extra = torch.randint(0, grid[0] * grid[1], (B, 5))
+    enc, x, extra = enc.to(device), x.to(device), extra.to(device)
+    context_index, context_valid = m.context_index.to(device), m.context_valid.to(device)
     with torch.no_grad():
-        base = enc(x, m.context_index, m.context_valid)
+        base = enc(x, context_index, context_valid)
         # grow the padding by 5 entries pointing at arbitrary patches: valid rows must not change
-        extra = torch.randint(0, grid[0] * grid[1], (B, 5))
-        index = torch.cat([m.context_index, extra], 1)
-        valid = torch.cat([m.context_valid, torch.zeros(B, 5, dtype=torch.bool)], 1)
+        index = torch.cat([context_index, extra], 1)
+        valid = torch.cat([context_valid, torch.zeros(B, 5, dtype=torch.bool, device=device)], 1)
         grown = enc(x, index, valid)
         # and each sample alone, with no padding at all
-        alone = [enc(x[b:b + 1], m.context_index[b:b + 1, :n], None) for b, n in enumerate(m.context_counts.tolist())]
+        alone = [enc(x[b:b + 1], context_index[b:b + 1, :n], None) for b, n in enumerate(m.context_counts.tolist())]
     K = m.context_index.shape[1]
     for b, n in enumerate(m.context_counts.tolist()):
         assert_close(grown[b, :n], base[b, :n], torch.float32, what=f"sample {b}: grown padding", scale=10)
@@ -132,11 +135,10 @@ def test_encoder_padding_invariance_reference():
         _padding_invariance(enc, cfg.grid, cfg.in_chans, cfg.img_size)
 
 
-@needs_triton
-def test_encoder_padding_invariance_fused_kernel():
+def test_encoder_padding_invariance_fused_kernel(kernel_device):
     cfg = ViTConfig(**MICRO)
     enc = VisionTransformer(cfg).eval()
-    _padding_invariance(enc, cfg.grid, cfg.in_chans, cfg.img_size)
+    _padding_invariance(enc, cfg.grid, cfg.in_chans, cfg.img_size, kernel_device)
 
 
 def test_index_of_every_patch_equals_the_full_forward():

@@ -8,7 +8,6 @@ import torch
 
 from jepa_engine.kernels import use_backend
 from jepa_engine.planning import CEMPlanner, GradientPlanner, MPPIPlanner, PlannerConfig
-from tests.helpers import needs_triton
 
 H, A = 4, 2
 TARGET = torch.tensor([[0.5, -0.3], [0.2, 0.7], [-0.6, 0.1], [0.0, 0.9]])  # [H, A], inside the bounds
@@ -17,8 +16,8 @@ TARGET = torch.tensor([[0.5, -0.3], [0.2, 0.7], [-0.6, 0.1], [0.0, 0.9]])  # [H,
 def quadratic(actions: torch.Tensor) -> torch.Tensor:
     """[E, N, H, A] -> [E, N]: squared distance to TARGET, env e's target shifted by 0.05 * e."""
     E = actions.shape[0]
-    shift = 0.05 * torch.arange(E, dtype=actions.dtype).view(E, 1, 1, 1)
-    return (actions - (TARGET + shift).clamp(-1, 1)).square().sum(dim=(2, 3))
+    shift = 0.05 * torch.arange(E, dtype=actions.dtype, device=actions.device).view(E, 1, 1, 1)
+    return (actions - (TARGET.to(actions.device) + shift).clamp(-1, 1)).square().sum(dim=(2, 3))
 
 
 def optimum(E: int) -> torch.Tensor:
@@ -46,14 +45,13 @@ def test_bounds_are_respected():
         assert plan.actions.max().item() <= 1.0 and plan.actions.min().item() >= -1.0
 
 
-@needs_triton
 @pytest.mark.parametrize("planner", [CEMPlanner, MPPIPlanner])
-def test_fused_path_equals_reference_path(planner):
+def test_fused_path_equals_reference_path(kernel_device, planner):
     cfg = PlannerConfig(horizon=H, action_dim=A, samples=64, iterations=4, elites=8, seed=3)
     plans = []
     for backend in ("triton", "reference"):
         with use_backend(backend):
-            plans.append(planner(cfg).plan(quadratic, num_envs=2))
+            plans.append(planner(cfg).plan(quadratic, num_envs=2, device=kernel_device))
     torch.testing.assert_close(plans[0].actions, plans[1].actions, atol=1e-4, rtol=1e-4)
 
 

@@ -1,4 +1,4 @@
-"""Elite selection + refit (CEM / MPPI): Triton kernel (interpreter on CPU) vs the reference."""
+"""Elite selection + refit (CEM / MPPI): Triton kernel (compiled on CUDA, interpreter on CPU) vs the reference."""
 from __future__ import annotations
 
 import pytest
@@ -7,10 +7,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jepa_engine.kernels import elite_refit, elite_refit_reference, use_backend
-from tests.helpers import assert_close, needs_triton
+from tests.helpers import assert_close
 
 
-def make(E, N, P, dtype=torch.float32, seed=0, ties=False, nan=False):
+def make(E, N, P, dtype=torch.float32, seed=0, ties=False, nan=False, device="cpu"):
+    """[costs, samples, mean, std], drawn on CPU from ``seed`` and moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     costs = torch.randn(E, N, generator=g)
     if ties:
@@ -18,7 +19,8 @@ def make(E, N, P, dtype=torch.float32, seed=0, ties=False, nan=False):
     if nan:
         costs[:, ::7] = float("nan")
     samples = torch.randn(E, N, P, generator=g).to(dtype)
-    return costs, samples, torch.randn(E, P, generator=g), torch.rand(E, P, generator=g) + 0.1
+    args = costs, samples, torch.randn(E, P, generator=g), torch.rand(E, P, generator=g) + 0.1
+    return tuple(t.to(device) for t in args)
 
 
 def _both(args, **kw):
@@ -28,34 +30,32 @@ def _both(args, **kw):
     return a, b
 
 
-@needs_triton
 @pytest.mark.parametrize("mode", ["cem", "mppi"])
 @pytest.mark.parametrize("E,N,P,k", [(1, 1, 1, 1), (3, 100, 10, 7), (2, 130, 67, 30), (4, 64, 64, 64)])
 @pytest.mark.parametrize("ties,nan", [(False, False), (True, False), (False, True)])
-def test_matches_reference(mode, E, N, P, k, ties, nan):
-    args = make(E, N, P, ties=ties, nan=nan)
+def test_matches_reference(kernel_device, mode, E, N, P, k, ties, nan):
     if nan and N == 1:
         pytest.skip("a single NaN candidate has no finite elite")
+    args = make(E, N, P, ties=ties, nan=nan, device=kernel_device)
     a, b = _both(args, mode=mode, k=k, temperature=0.7, momentum=0.25, min_std=0.05)
     for name, x, y in zip(("mean", "std", "best_cost"), a[:3], b[:3]):
         assert_close(x, y, torch.float32, what=f"{name} {mode} {E, N, P, k}", scale=10)
     assert torch.equal(a[3], b[3]), "best index"
 
 
-@needs_triton
-def test_bf16_samples():
-    args = make(2, 80, 12, dtype=torch.bfloat16)
+def test_bf16_samples(kernel_device):
+    args = make(2, 80, 12, dtype=torch.bfloat16, device=kernel_device)
     a, b = _both(args, mode="cem", k=8)
     assert_close(a[0], b[0], torch.float32, what="mean", scale=10)
 
 
-@needs_triton
 @settings(max_examples=8, deadline=None)
 @given(E=st.integers(1, 3), N=st.integers(1, 150), P=st.integers(1, 40), seed=st.integers(0, 999),
        mode=st.sampled_from(["cem", "mppi"]), data=st.data())
-def test_fuzz(E, N, P, seed, mode, data):
+def test_fuzz(kernel_device, E, N, P, seed, mode, data):
     k = data.draw(st.integers(1, N))
-    a, b = _both(make(E, N, P, seed=seed, ties=seed % 2 == 0), mode=mode, k=k, temperature=0.3)
+    a, b = _both(make(E, N, P, seed=seed, ties=seed % 2 == 0, device=kernel_device), mode=mode, k=k,
+                 temperature=0.3)
     assert_close(a[0], b[0], torch.float32, what="mean", scale=10)
     assert_close(a[1], b[1], torch.float32, what="std", scale=10)
 

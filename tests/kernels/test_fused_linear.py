@@ -1,11 +1,11 @@
 """Fused (layer-norm +) linear (+ GELU + residual) and the linear goal cost: Triton kernel
-(interpreter on CPU) vs the reference, the reference vs the module chain, LayerNorm folding, errors.
+(compiled on CUDA, interpreter on CPU) vs the reference, the reference vs the module chain, LayerNorm folding, errors.
 
 Precision expected: the interpreter computes fp32 dots exactly (bf16 tiles are upcast to fp32), so
 fp32 outputs match at fp32 tolerance (x4 for summation order); fp16/bf16 outputs differ from the
 reference by rounding of the intermediates the reference stores in the storage dtype (layer norm
-output, matmul output before GELU/residual): the dtype's tolerance x4. On a GPU, fp32 dots are IEEE
-unless TF32 is allowed (then ``TF32_TOLERANCE``).
+output, matmul output before GELU/residual): the dtype's tolerance x4. Compiled on a GPU, fp32 dots
+are IEEE unless torch allows TF32 matmuls (``tf32=`` below names that case).
 """
 from __future__ import annotations
 
@@ -15,17 +15,21 @@ import torch.nn.functional as F
 
 from jepa_engine.kernels import fold_layernorm, fused_linear, linear_goal_cost, use_backend
 from jepa_engine.kernels.fused_linear import fused_linear_reference, linear_goal_cost_reference
-from tests.helpers import DTYPES, assert_close, needs_triton
+from tests.helpers import DTYPES, assert_close
+
+# fp32 dots run as TF32 when compiled only where torch allows TF32 matmuls (``fused_linear._precision``).
+TF32 = torch.backends.cuda.matmul.allow_tf32
 
 
-def make(M, K, N, dtype=torch.float32, seed=0, G=None):
+def make(M, K, N, dtype=torch.float32, seed=0, G=None, device="cpu"):
+    """[x, weight, bias, residual, goal] drawn on CPU from ``seed``, on ``device``."""
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(M, K, generator=g) * 2 + 3).to(dtype)      # a shifted mean: layer norm matters
     w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
     b = torch.randn(N, generator=g).to(dtype)
     r = torch.randn(M, N, generator=g).to(dtype)
     goal = torch.randn(G, N, generator=g).to(dtype) if G else None
-    return x, w, b, r, goal
+    return tuple(t.to(device) if t is not None else None for t in (x, w, b, r, goal))
 
 
 def chain(x, w, b, normalize, eps, gelu, r):
@@ -80,77 +84,77 @@ def test_goal_cost_reference(metric):
 # --------------------------------------------------------------------------------------------------
 # Kernel vs reference
 # --------------------------------------------------------------------------------------------------
-@needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("normalize,gelu,res,bias", [(True, True, True, True), (False, False, False, False),
                                                      (True, False, True, False), (False, True, False, True)])
-def test_kernel_matches_reference(dtype, normalize, gelu, res, bias):
+def test_kernel_matches_reference(kernel_device, dtype, normalize, gelu, res, bias):
     M, K, N = 37, 40, 48   # M, K, N not multiples of the 16 x 16 x 32 interpreter tiles
-    x, w, b, r, _ = make(M, K, N, dtype)
+    x, w, b, r, _ = make(M, K, N, dtype, device=kernel_device)
     y, want = both(fused_linear, x, w, b if bias else None, normalize=normalize, eps=1e-5,
                    activation="gelu" if gelu else None, residual=r if res else None)
     assert y.dtype == dtype and y.shape == (M, N)
-    assert_close(y, want, dtype, what=f"y {dtype} ln={normalize} gelu={gelu} res={res} bias={bias}", scale=4)
+    assert_close(y, want, dtype, what=f"y {dtype} ln={normalize} gelu={gelu} res={res} bias={bias}", scale=4,
+                 tf32=TF32)
 
 
-@needs_triton
-def test_kernel_strided_views():
-    x, w, b, _, _ = make(20, 70, 40)
+def test_kernel_strided_views(kernel_device):
+    x, w, b, _, _ = make(20, 70, 40, device=kernel_device)
     xs = x[::2, 3:3 + 33]            # row stride 140, offset start: read in place
     ws = w[:, 3:3 + 33]              # weight rows of stride 70
     y, want = both(fused_linear, xs, ws, b, normalize=True, activation="gelu")
-    assert_close(y, want, torch.float32, what="strided x/weight", scale=4)
-    r = torch.randn(40, 10).T        # a residual with column stride 10: copied for the kernel
+    assert_close(y, want, torch.float32, what="strided x/weight", scale=4, tf32=TF32)
+    # a residual with column stride 10: copied for the kernel
+    r = torch.randn(40, 10, generator=torch.Generator().manual_seed(1)).to(kernel_device).T
     y, want = both(fused_linear, xs, ws, b, residual=r)
-    assert_close(y, want, torch.float32, what="transposed residual", scale=4)
+    assert_close(y, want, torch.float32, what="transposed residual", scale=4, tf32=TF32)
 
 
-@needs_triton
-def test_kernel_single_row_and_tiny_k():
-    x, w, b, r, _ = make(1, 3, 5)
+def test_kernel_single_row_and_tiny_k(kernel_device):
+    x, w, b, r, _ = make(1, 3, 5, device=kernel_device)
     y, want = both(fused_linear, x, w, b, normalize=True, activation="gelu", residual=r)
-    assert_close(y, want, torch.float32, what="M=1, K=3", scale=4)
+    assert_close(y, want, torch.float32, what="M=1, K=3", scale=4, tf32=TF32)
 
 
-@needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("G,metric", [(1, "l2"), (3, "l1"), (3, "l2")])
-def test_goal_cost_kernel_matches_reference(dtype, G, metric):
+def test_goal_cost_kernel_matches_reference(kernel_device, dtype, G, metric):
     M, K, D = 33, 24, 40      # G = 3 environments of 11 candidates; D pads to a 64-wide tile
-    x, w, b, _, goal = make(M, K, D, dtype, seed=G, G=G)
+    x, w, b, _, goal = make(M, K, D, dtype, seed=G, G=G, device=kernel_device)
     (z, cost), (want_z, want_cost) = both(linear_goal_cost, x, w, b, goal, metric=metric)
     assert z.dtype == dtype and z.shape == (M, D) and cost.dtype == torch.float32 and cost.shape == (M,)
-    assert_close(z, want_z, dtype, what=f"z {dtype}", scale=4)
+    assert_close(z, want_z, dtype, what=f"z {dtype}", scale=4, tf32=TF32)
     # The cost is of z as stored: against the reference's cost of the kernel's own z, fp32 math.
-    _, cost_of_z = linear_goal_cost_reference(z.float(), torch.eye(D), None, goal.float(), normalize=False,
-                                              metric=metric)
+    _, cost_of_z = linear_goal_cost_reference(z.float(), torch.eye(D, device=kernel_device), None, goal.float(),
+                                              normalize=False, metric=metric)
     assert_close(cost, cost_of_z, torch.float32, what=f"cost of z {dtype}", scale=10)
-    assert_close(cost, want_cost, dtype, what=f"cost {dtype}", scale=4)
+    assert_close(cost, want_cost, dtype, what=f"cost {dtype}", scale=4, tf32=TF32)
 
 
-@needs_triton
-def test_goal_cost_kernel_no_normalize_no_bias_strided():
-    x, w, _, _, goal = make(16, 50, 20, G=16)
+def test_goal_cost_kernel_no_normalize_no_bias_strided(kernel_device):
+    x, w, _, _, goal = make(16, 50, 20, G=16, device=kernel_device)
     (z, cost), (want_z, want_cost) = both(linear_goal_cost, x[:, 5:45], w[:, 5:45], None, goal, normalize=False)
-    assert_close(z, want_z, torch.float32, what="z", scale=4)
-    assert_close(cost, want_cost, torch.float32, what="cost", scale=4)
+    assert_close(z, want_z, torch.float32, what="z", scale=4, tf32=TF32)
+    assert_close(cost, want_cost, torch.float32, what="cost", scale=4, tf32=TF32)
 
 
 # --------------------------------------------------------------------------------------------------
 # LayerNorm folding
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
-def test_fold_layernorm(backend):
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fold_layernorm(request, backend):
+    # the reference on CPU; the kernel on the kernel device (skipped where none can run)
+    device = request.getfixturevalue("kernel_device") if backend == "triton" else "cpu"
     torch.manual_seed(0)
     ln, lin = torch.nn.LayerNorm(24, eps=1e-5), torch.nn.Linear(24, 18)
     with torch.no_grad():
         ln.weight.uniform_(0.5, 1.5)
         ln.bias.normal_()
-    x = torch.randn(21, 24) * 3 + 1
+    ln, lin = ln.to(device), lin.to(device)
+    x = (torch.randn(21, 24) * 3 + 1).to(device)
     with torch.no_grad(), use_backend(backend):
         got = fused_linear(x, *fold_layernorm(ln, lin), normalize=True, eps=ln.eps)
         want = lin(ln(x))
-    assert_close(got, want, torch.float32, what=f"fold {backend}", scale=10)
+    assert_close(got, want, torch.float32, what=f"fold {backend}", scale=10, tf32=TF32)
 
 
 def test_fold_layernorm_without_affine_and_bias():
@@ -200,9 +204,8 @@ def test_goal_cost_bad_input(kwargs, match):
         linear_goal_cost(args.pop("x"), args.pop("weight"), args.pop("bias"), args.pop("goal"), **args)
 
 
-@needs_triton
-def test_goal_cost_kernel_rejects_wide_embeddings():
-    x, w, b, _, goal = make(4, 8, 300, G=1)
+def test_goal_cost_kernel_rejects_wide_embeddings(kernel_device):
+    x, w, b, _, goal = make(4, 8, 300, G=1, device=kernel_device)
     with use_backend("triton"), pytest.raises(ValueError, match="D <= 256"):
         linear_goal_cost(x, w, b, goal)
     with use_backend("reference"):          # the reference has no width limit

@@ -1,4 +1,5 @@
-"""Fused latent cost to the goal: Triton kernel (interpreter on CPU) vs the reference, gradients, errors."""
+"""Fused latent cost to the goal: Triton kernel (compiled on CUDA, interpreter on CPU) vs the reference,
+gradients, errors."""
 from __future__ import annotations
 
 import json
@@ -11,14 +12,15 @@ import torch
 
 from jepa_engine.kernels import latent_cost, latent_cost_reference, use_backend
 from jepa_engine.kernels._launch import triton_available
-from tests.helpers import DTYPES, assert_close, needs_triton
+from tests.helpers import DTYPES, assert_close
 
 
-def make(B, H, D, G, dtype=torch.float32, seed=0, weights=False):
+def make(B, H, D, G, dtype=torch.float32, seed=0, weights=False, device="cpu"):
+    """[z, goal, weights or None] drawn on CPU from ``seed``, on ``device``."""
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(B, H, D, generator=g).to(dtype)
-    goal = torch.randn(G, D, generator=g).to(dtype)
-    w = torch.rand(H, generator=g) if weights else None
+    z = torch.randn(B, H, D, generator=g).to(device, dtype)
+    goal = torch.randn(G, D, generator=g).to(device, dtype)
+    w = torch.rand(H, generator=g).to(device) if weights else None
     return z, goal, w
 
 
@@ -41,13 +43,12 @@ def test_reference_matches_direct(metric, reduce, weights):
                  direct(z, goal, metric, reduce, w), torch.float32, what="reference vs direct")
 
 
-@needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("metric,reduce,weights", [("l2", "final", False), ("l1", "sum", False),
                                                    ("l2", "sum", True)])
 @pytest.mark.parametrize("B,H,D,G", [(1, 1, 1, 1), (5, 3, 123, 5), (37, 5, 192, 1), (30, 2, 67, 3)])
-def test_kernel_matches_reference(dtype, metric, reduce, weights, B, H, D, G):
-    z, goal, w = make(B, H, D, G, dtype=dtype, weights=weights)
+def test_kernel_matches_reference(kernel_device, dtype, metric, reduce, weights, B, H, D, G):
+    z, goal, w = make(B, H, D, G, dtype=dtype, weights=weights, device=kernel_device)
     with use_backend("triton"):
         got = latent_cost(z, goal, metric=metric, reduce=reduce, weights=w)
     want = latent_cost_reference(z, goal, metric=metric, reduce=reduce, weights=w)
@@ -56,9 +57,8 @@ def test_kernel_matches_reference(dtype, metric, reduce, weights, B, H, D, G):
     assert_close(got, want, torch.float32, what=f"cost {metric}/{reduce} {dtype} {B, H, D, G}", scale=10)
 
 
-@needs_triton
-def test_kernel_strided_z():
-    z, goal, _ = make(9, 6, 40, 9)
+def test_kernel_strided_z(kernel_device):
+    z, goal, _ = make(9, 6, 40, 9, device=kernel_device)
     zs = z[:, ::2]                       # a step stride of 2 * D: read in place
     with use_backend("triton"):
         got = latent_cost(zs, goal, reduce="sum")
@@ -67,11 +67,11 @@ def test_kernel_strided_z():
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("metric,reduce,weights", [("l2", "final", False), ("l1", "sum", True)])
-def test_gradients(backend, metric, reduce, weights):
-    if backend == "triton" and needs_triton.args[0]:
-        pytest.skip("needs TRITON_INTERPRET=1 or a CUDA device")
-    z, goal, w = make(6, 3, 10, 2, weights=weights, seed=3)
-    g_out = torch.randn(6, generator=torch.Generator().manual_seed(1))
+def test_gradients(request, backend, metric, reduce, weights):
+    # the reference on CPU; the kernel on the kernel device (skipped where none can run)
+    device = request.getfixturevalue("kernel_device") if backend == "triton" else "cpu"
+    z, goal, w = make(6, 3, 10, 2, weights=weights, seed=3, device=device)
+    g_out = torch.randn(6, generator=torch.Generator().manual_seed(1)).to(device)
     z1, goal1 = z.clone().requires_grad_(), goal.clone().requires_grad_()
     with use_backend(backend):
         (latent_cost(z1, goal1, metric=metric, reduce=reduce, weights=w) * g_out).sum().backward()
@@ -81,7 +81,6 @@ def test_gradients(backend, metric, reduce, weights):
     assert_close(goal1.grad, goal2.grad, torch.float32, what=f"grad goal {backend}")
 
 
-@needs_triton
 def test_custom_op_gradcheck():
     z, goal, w = make(4, 3, 5, 2, weights=True)
     z, goal = z.double(), goal.double()

@@ -1,4 +1,4 @@
-"""Fused latent loss: Triton kernel (interpreter on CPU) vs the PyTorch reference."""
+"""Fused latent loss: Triton kernel (compiled on CUDA, interpreter on CPU) vs the PyTorch reference."""
 from __future__ import annotations
 
 import pytest
@@ -8,15 +8,15 @@ from hypothesis import strategies as st
 
 from jepa_engine.kernels import latent_loss, latent_loss_reference, use_backend
 from jepa_engine.kernels.latent_loss import latent_loss_backward_reference
-from tests.helpers import DTYPES, assert_close, compare_backends, grid, needs_triton
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from tests.helpers import DTYPES, assert_close, compare_backends, grid
 
 
-def make_inputs(shape, dtype, kind="smooth_l1", beta=1.0, masked=True, seed=0):
+def make_inputs(shape, dtype, kind="smooth_l1", beta=1.0, masked=True, seed=0, device="cpu"):
+    """[pred, target, mask, kind, beta] drawn on CPU from ``seed``, on ``device``."""
     g = torch.Generator().manual_seed(seed)
-    pred = torch.randn(shape, generator=g).to(DEVICE, dtype)
-    target = (torch.randn(shape, generator=g) * 0.7).to(DEVICE, dtype)
-    mask = (torch.rand(shape[:-1], generator=g) < 0.6).to(DEVICE) if masked else None
+    pred = torch.randn(shape, generator=g).to(device, dtype)
+    target = (torch.randn(shape, generator=g) * 0.7).to(device, dtype)
+    mask = (torch.rand(shape[:-1], generator=g) < 0.6).to(device) if masked else None
     return [pred, target, mask, kind, beta]
 
 
@@ -24,46 +24,44 @@ def _op(pred, target, mask, kind, beta):
     return latent_loss(pred, target, mask, kind=kind, beta=beta)
 
 
-@needs_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["smooth_l1", "l2"])
-def test_forward_backward_match_reference(dtype, kind):
+def test_forward_backward_match_reference(kernel_device, dtype, kind):
     # Odd sizes: rows and features that are not multiples of any block; D on each side of every config.
     cases = grid(shape=[(3, 7, 33), (5, 123), (2, 1, 129), (1, 300)], dtype=[dtype], kind=[kind],
-                 masked=[True, False])
+                 masked=[True, False], device=[kernel_device])
     compare_backends(_op, make_inputs, cases, grads_of=(0, 1))
 
 
-@needs_triton
 @pytest.mark.parametrize("beta", [0.0, 0.05, 2.0])
-def test_smooth_l1_beta(beta):
-    compare_backends(_op, make_inputs, grid(shape=[(4, 9, 40)], dtype=[torch.float32], beta=[beta]), grads_of=(0, 1))
+def test_smooth_l1_beta(kernel_device, beta):
+    compare_backends(_op, make_inputs, grid(shape=[(4, 9, 40)], dtype=[torch.float32], beta=[beta],
+                                            device=[kernel_device]), grads_of=(0, 1))
 
 
-@needs_triton
-def test_no_kept_token_gives_zero_not_nan():
-    pred, target, _, kind, beta = make_inputs((2, 5, 16), torch.float32)
+def test_no_kept_token_gives_zero_not_nan(kernel_device):
+    pred, target, _, kind, beta = make_inputs((2, 5, 16), torch.float32, device=kernel_device)
     pred.requires_grad_(True)
-    mask = torch.zeros(2, 5, dtype=torch.bool, device=DEVICE)
+    mask = torch.zeros(2, 5, dtype=torch.bool, device=kernel_device)
     loss = latent_loss(pred, target, mask)
     loss.backward()
     assert loss.item() == 0.0
     assert torch.equal(pred.grad, torch.zeros_like(pred))
 
 
-@needs_triton
 @settings(max_examples=12, deadline=None)
 @given(rows=st.integers(1, 70), d=st.integers(1, 300), seed=st.integers(0, 2**16),
        kind=st.sampled_from(["smooth_l1", "l2"]), dtype=st.sampled_from(DTYPES))
-def test_fuzz_shapes(rows, d, seed, kind, dtype):
-    compare_backends(_op, make_inputs, [dict(shape=(rows, d), dtype=dtype, kind=kind, seed=seed)], grads_of=(0, 1))
+def test_fuzz_shapes(kernel_device, rows, d, seed, kind, dtype):
+    case = dict(shape=(rows, d), dtype=dtype, kind=kind, seed=seed, device=kernel_device)
+    compare_backends(_op, make_inputs, [case], grads_of=(0, 1))
 
 
-@needs_triton
-def test_non_contiguous_inputs():
-    base = torch.randn(6, 10, 64, device=DEVICE)
+def test_non_contiguous_inputs(kernel_device):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 10, 64, generator=g).to(kernel_device)
     pred = base[:, ::2, :]  # row stride 128, not 64
-    target = torch.randn(6, 5, 64, device=DEVICE).transpose(0, 1).contiguous().transpose(0, 1)
+    target = torch.randn(6, 5, 64, generator=g).to(kernel_device).transpose(0, 1).contiguous().transpose(0, 1)
     with use_backend("triton"):
         a = latent_loss(pred, target)
     assert_close(a, latent_loss_reference(pred, target), torch.float32, what="non-contiguous")

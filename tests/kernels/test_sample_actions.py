@@ -1,4 +1,5 @@
-"""Candidate sampling with in-kernel Philox: kernel (interpreter on CPU) vs the integer-op reference."""
+"""Candidate sampling with in-kernel Philox: kernel (compiled on CUDA, interpreter on CPU) vs the integer-op
+reference."""
 from __future__ import annotations
 
 import pytest
@@ -6,22 +7,23 @@ import torch
 
 from jepa_engine.kernels import sample_actions, sample_actions_reference, use_backend
 from jepa_engine.kernels.sample_actions import philox4x32
-from tests.helpers import assert_close, needs_triton
+from tests.helpers import assert_close
 
 
-def make(E=3, P=10, A=2, seed=1234567891234, offset=5):
+def make(E=3, P=10, A=2, seed=1234567891234, offset=5, device="cpu"):
+    """[mean, std, low, high, rng], drawn on CPU and moved to ``device``."""
     g = torch.Generator().manual_seed(0)
     mean = torch.randn(E, P, generator=g)
     std = torch.rand(E, P, generator=g) + 0.5
     low, high = torch.tensor([-1.0, -0.5])[:A], torch.tensor([1.0, 0.8])[:A]
-    return mean, std, low, high, torch.tensor([seed, offset], dtype=torch.int64)
+    args = mean, std, low, high, torch.tensor([seed, offset], dtype=torch.int64)
+    return tuple(t.to(device) for t in args)
 
 
-@needs_triton
 @pytest.mark.parametrize("E,N,P,A", [(1, 1, 2, 2), (3, 50, 10, 2), (2, 333, 7, 1)])
 @pytest.mark.parametrize("include_mean", [True, False])
-def test_kernel_draws_the_reference_stream(E, N, P, A, include_mean):
-    args = make(E, P, A)
+def test_kernel_draws_the_reference_stream(kernel_device, E, N, P, A, include_mean):
+    args = make(E, P, A, device=kernel_device)
     with use_backend("triton"):
         a = sample_actions(*args, N, include_mean=include_mean)
     b = sample_actions_reference(*args, N, include_mean)
