@@ -345,8 +345,8 @@ def _masked_attention_bwd_kernel(
 # on sm_90a). The backward holds K, V, dK, dV of a key block in registers: 64x32 tiles; at D <= 64
 # in 16 bits one stage (triton 3.6 gives the two-stage form an 8-byte stack frame on sm_80; triton 3.9
 # does not; the one-stage form is clean under both, 134-168 registers). fp32
-# ("ieee" dots, no tensor cores) uses smaller tiles (the 128-wide forward: 32x16 over 8 warps, one
-# stage; 64x32 needs a 648-byte stack frame on sm_90a). The 256-wide tile (head dims 129-256) halves the
+# ("ieee" dots, no tensor cores) uses smaller tiles (the 128-wide forward: 32x16 over 8 warps, two
+# stages; 64x32 needs a 648-byte stack frame on sm_90a at D = 80, one stage 8 bytes on sm_80). The 256-wide tile (head dims 129-256) halves the
 # query rows: 64x32 forward tiles over 8 warps (4 warps spill on both targets) and 32x32 backward
 # tiles over 8 warps in one stage (64-row or 4-warp forms spill or use a stack frame); fp32 at 256:
 # 32x16 forward tiles over 8 warps and 16x16 backward tiles over 4 warps, one stage (larger IEEE
@@ -356,7 +356,7 @@ _FWD_CONFIGS = {
     ("16bit", 64): LaunchConfig({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
     ("16bit", 128): LaunchConfig({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
     ("fp32", 64): LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
-    ("fp32", 128): LaunchConfig({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=8, num_stages=1),
+    ("fp32", 128): LaunchConfig({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=8, num_stages=2),
     ("16bit", 256): LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
     ("fp32", 256): LaunchConfig({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=8, num_stages=1),
 }
@@ -536,7 +536,7 @@ _AUDIT_MASKS = {
 }
 _AUDIT_CASES = [("fp16", 64, "pad+frame"), ("bf16", 128, "pad+frame"), ("fp16", 128, "index"),
                 ("bf16", 64, "varlen+frame"), ("fp32", 64, "pad+frame"), ("fp16", 80, "pad+frame"),
-                ("bf16", 104, "varlen+frame"), ("fp32", 80, "pad+frame"), ("fp16", 256, "pad+frame"),
+                ("bf16", 104, "varlen+frame"), ("fp32", 80, "pad+frame"), ("fp32", 128, "index"), ("fp16", 256, "pad+frame"),
                 ("bf16", 256, "index"), ("bf16", 256, "varlen+frame"), ("fp32", 256, "pad+frame")]
 
 
