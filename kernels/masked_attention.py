@@ -536,8 +536,8 @@ _AUDIT_MASKS = {
 }
 _AUDIT_CASES = [("fp16", 64, "pad+frame"), ("bf16", 128, "pad+frame"), ("fp16", 128, "index"),
                 ("bf16", 64, "varlen+frame"), ("fp32", 64, "pad+frame"), ("fp16", 80, "pad+frame"),
-                ("bf16", 104, "varlen+frame"), ("fp32", 80, "pad+frame"), ("fp32", 128, "index"), ("fp16", 256, "pad+frame"),
-                ("bf16", 256, "index"), ("bf16", 256, "varlen+frame"), ("fp32", 256, "pad+frame")]
+                ("bf16", 104, "varlen+frame"), ("fp32", 80, "pad+frame"), ("fp16", 256, "pad+frame"),
+                ("bf16", 256, "index"), ("fp32", 256, "pad+frame")]
 
 
 def _audit_label(dt: str, d: int, masks: str) -> str:
