@@ -29,10 +29,14 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _forced: list[str] = []
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once at import: ``torch.compile`` refuses to trace ``importlib.util.find_spec`` (torch 2.11),
+# while reading a module constant traces to nothing.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
     """True when the ``triton`` package can be imported (Linux x86-64 wheels)."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def interpreting() -> bool:
