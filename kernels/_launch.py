@@ -1,4 +1,4 @@
-"""What every op shares: the one backend switch, argument checks, and launch arithmetic.
+"""What every op shares: the one backend switch, argument checks, launch tables and dot precision.
 
 Each op's public function validates its arguments with the checks below (errors name the argument,
 the expected and the actual), then asks :func:`backend_for` which implementation runs:
@@ -24,6 +24,9 @@ from ._registry import LaunchConfig
 
 BACKENDS = ("triton", "reference")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The storage dtypes by the names Triton signatures use ("*bf16") and audit variant labels start with.
+TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+NAMED_DTYPES = {name: dtype for dtype, name in TYPE_NAMES.items()}
 
 # The innermost use_backend() block's choice (a plain list: torch.compile traces reads of it).
 _forced: list[str] = []
@@ -102,6 +105,23 @@ def backend_for(op: str, device: torch.device) -> str:
             f"(triton installed: {triton_available()}, TRITON_INTERPRET: {interpreting()})"
         )
     return "reference"
+
+
+def dot_precision(dtype: torch.dtype, *, allow_tf32: bool) -> str:
+    """The ``input_precision`` constexpr of a kernel's ``tl.dot`` calls on operands of ``dtype``.
+
+    The contract, the same for every op: fp32 operands run ``"ieee"`` (exact fp32 FMA dots, no tensor
+    cores) unless the op allows TF32 (``"tf32"``: tensor cores, inputs rounded to a 10-bit mantissa,
+    about 1e-3 relative); fp16/bf16 operands always run on tensor cores with fp32 accumulation, where
+    the value is not read (``"tf32"``, Triton's default, so every 16-bit launch compiles the same
+    variant). The interpreter computes every dot in IEEE fp32 whatever the value.
+
+    Only the ``allow_tf32`` decision differs between ops, and each states why where it calls this:
+    ``fused_linear`` follows ``torch.backends.cuda.matmul.allow_tf32`` as ``torch.nn.Linear`` does;
+    ``masked_attention`` never allows TF32 in its forward (exact against the reference) and always in
+    its backward (five IEEE dots per tile spill at every tile size on sm_90a and sm_80).
+    """
+    return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
 
 
 def upcast_bf16(dtype: torch.dtype) -> bool:
@@ -190,6 +210,36 @@ ROW_TILES = [
 def row_tile(D: int) -> LaunchConfig:
     """The :data:`ROW_TILES` entry for rows of ``D`` features."""
     return ROW_TILES[0] if D <= 64 else ROW_TILES[1] if D <= 128 else ROW_TILES[2]
+
+
+# Launch tables of the tensor-core ops (fused_linear, masked_attention) are dicts keyed by
+# ``(dtype class, width class)``: the dtype class is below, the width class is the op's (output
+# columns, head-dim tile).
+def dtype_class(dtype: torch.dtype) -> str:
+    """``"fp32"`` (FMA or TF32 dots, smaller tiles) or ``"16bit"`` (fp16/bf16 on tensor cores)."""
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def pick_config(table: dict[tuple[str, int], LaunchConfig], dtype: torch.dtype, width: int,
+                interpret: LaunchConfig | None = None) -> LaunchConfig:
+    """``table[(dtype_class(dtype), width)]``, or ``interpret`` under the Triton interpreter when given
+    (small tiles there: each program runs in numpy, and the tests' small shapes then span several
+    tiles, so loops, tails and masks run)."""
+    if interpret is not None and interpreting():
+        return interpret
+    return table[(dtype_class(dtype), width)]
+
+
+def table_configs(table: dict[tuple[str, int], LaunchConfig], width_of=None):
+    """For the audit: a function from a variant label (``"<type name>/..."``, e.g. ``"bf16/d128/index"``)
+    to the configs of ``table`` its launcher can pick: the entry of width ``width_of(label)``, or with
+    ``width_of=None`` every entry of the label's dtype class."""
+    def configs(variant: str) -> list[LaunchConfig]:
+        cls = dtype_class(NAMED_DTYPES[variant.split("/")[0]])
+        if width_of is not None:
+            return [table[(cls, width_of(variant))]]
+        return [cfg for (c, _), cfg in table.items() if c == cls]
+    return configs
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,14 +3,17 @@
 An op module describes each of its Triton kernels once with :func:`register_kernel`: the kernel, the
 types of its runtime arguments (Triton signature strings such as ``"*fp16"`` or ``"i32"``) for each
 dtype variant it is launched with, and every launch config (constexprs + ``num_warps`` /
-``num_stages``) its launcher or autotuner can pick. ``python -m jepa_engine.kernels.audit`` compiles
+``num_stages``) its launcher or autotuner can pick. The argument types come from the kernel's own
+argument list (:func:`signature`): an op names only the exceptions to "a pointer holds the variant's
+storage type, anything else is an ``i32``". ``python -m jepa_engine.kernels.audit`` compiles
 every (kernel, variant, config) for sm_90a and sm_80 and reads registers, spills, shared memory and
 tensor-core instructions from the cubin.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Optional
 
 
 @dataclass(frozen=True)
@@ -56,3 +59,41 @@ KERNELS: dict[str, KernelSpec] = {}
 def register_kernel(spec: KernelSpec) -> KernelSpec:
     KERNELS[spec.name] = spec
     return spec
+
+
+def python_function(kernel: Any) -> Callable:
+    """The Python function under a kernel object: through an Autotuner or Heuristics wrapper and the
+    ``JITFunction`` (compiled) or ``InterpretedFunction`` (``TRITON_INTERPRET=1``); a plain function
+    (no Triton installed) is returned as is."""
+    fn = kernel
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    return fn
+
+
+def runtime_args(kernel: Any) -> list[str]:
+    """The kernel's runtime arguments (every argument not annotated ``tl.constexpr``), in order."""
+    params = inspect.signature(python_function(kernel)).parameters.values()
+    return [p.name for p in params if "constexpr" not in str(p.annotation)]
+
+
+def signature(kernel: Any, pointer: Optional[str] = None, types: Optional[Mapping[str, str]] = None
+              ) -> dict[str, str]:
+    """The Triton type of each runtime argument of ``kernel``, read from its own argument list.
+
+    ``types[name]`` where given; otherwise a pointer argument (a name ending in ``_ptr``) holds
+    ``pointer`` (the variant's storage type, e.g. ``"*bf16"``; with ``pointer=None`` every pointer must
+    be in ``types``) and any other argument (sizes, strides, offsets) is ``"i32"``: float scalars are
+    listed in ``types``. A name in ``types`` that is not a runtime argument raises, so renaming a
+    kernel argument fails here instead of auditing a stale signature.
+    """
+    types = types or {}
+    args = runtime_args(kernel)
+    name = python_function(kernel).__name__
+    unknown = sorted(set(types) - set(args))
+    if unknown:
+        raise KeyError(f"signature: {name} has no runtime arguments {unknown} (it has {args})")
+    untyped = [a for a in args if a not in types and a.endswith("_ptr") and pointer is None]
+    if untyped:
+        raise KeyError(f"signature: {name}: pointers {untyped} need a type (pass pointer= or list them in types)")
+    return {a: types.get(a, pointer if a.endswith("_ptr") else "i32") for a in args}

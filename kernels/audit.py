@@ -78,23 +78,28 @@ def _cubin_facts(cubin: bytes) -> dict[str, int]:
 
 def compile_one(fn, signature: dict[str, str], constexprs: dict, num_warps: int, num_stages: int, arch: int,
                 aligned: tuple[str, ...] = ()):
-    """Compile a ``@triton.jit`` function for ``arch`` (90 or 80) without a GPU."""
+    """Compile a ``@triton.jit`` function for ``arch`` (90 or 80) without a GPU.
+
+    ``signature`` types the kernel's runtime arguments (:func:`jepa_engine.kernels._registry.signature`
+    derives it from the kernel), ``constexprs`` gives every ``tl.constexpr`` argument its value."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
+    from ._registry import runtime_args
+
     jit = fn
     while not isinstance(jit, JITFunction):  # an Autotuner/Heuristics wraps the JITFunction
         jit = jit.fn
+    runtime = set(runtime_args(jit))
     sig = {}
-    for name in jit.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in signature:
-            sig[name] = signature[name]
-        else:
-            raise KeyError(f"audit: {jit.__name__} argument {name!r} has no type in the spec")
+    for name in jit.arg_names:  # constexpr or not as the kernel declares it
+        if name not in runtime and name not in constexprs:
+            raise KeyError(f"audit: {jit.__name__} constexpr {name!r} has no value in the variant or config")
+        if name in runtime and name not in signature:
+            raise KeyError(f"audit: {jit.__name__} argument {name!r} has no type in the signature")
+        sig[name] = signature[name] if name in runtime else "constexpr"
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(jit.arg_names) if name in aligned}
     src = ASTSource(fn=jit, signature=sig, constexprs=dict(constexprs), attrs=attrs or None)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),

@@ -27,7 +27,7 @@ import torch
 
 from . import _launch
 from ._launch import tl, triton
-from ._registry import KernelSpec, LaunchConfig, register_kernel
+from ._registry import KernelSpec, LaunchConfig, register_kernel, signature
 
 OP = "elite_refit"
 MODES = ("cem", "mppi")
@@ -145,11 +145,10 @@ def elite_refit_forward(costs, samples, mean, std, mode, k, temperature, momentu
 
 def _variants():
     out = {}
-    for dt in ("fp32", "bf16"):
-        sig = {"costs_ptr": "*fp32", "samples_ptr": f"*{dt}", "mean_ptr": "*fp32", "std_ptr": "*fp32",
-               "weights_ptr": "*fp32", "new_mean_ptr": "*fp32", "new_std_ptr": "*fp32",
-               "best_cost_ptr": "*fp32", "best_index_ptr": "*i64", "N": "i32", "P": "i32", "K": "i32",
-               "inv_temperature": "fp32", "momentum": "fp32", "min_std": "fp32"}
+    for dt in ("fp32", "bf16"):   # the samples' storage dtype; every other tensor is fp32 (indices int64)
+        sig = signature(_elite_refit_kernel, "*fp32", {"samples_ptr": f"*{dt}", "best_index_ptr": "*i64",
+                                                       "inv_temperature": "fp32", "momentum": "fp32",
+                                                       "min_std": "fp32"})
         out[f"{dt}/cem"] = (sig, {"MPPI": False})
         out[f"{dt}/mppi"] = (sig, {"MPPI": True})
     return out

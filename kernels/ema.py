@@ -42,11 +42,9 @@ import torch
 
 from . import _launch
 from ._launch import tl, triton
-from ._registry import KernelSpec, LaunchConfig, register_kernel
+from ._registry import KernelSpec, LaunchConfig, register_kernel, signature
 
 OP = "ema_update_"
-# Triton element types of the storage dtypes (also the variant labels of the audit).
-_TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Persistent programs per SM (8 warps each). The plain update compiles to <= 64 registers, so 4
 # programs (32 warps) are resident per SM; with copy flags or the distance it takes up to 126, which
 # leaves room for 2: the grid follows, so every program is resident and the blocks split evenly.
@@ -242,13 +240,11 @@ _TL_DTYPE = ({torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
              if _launch.triton_available() else {})
 
 
-def _tl_dtype(dtype: torch.dtype):
-    return _TL_DTYPE[dtype]
-
-
 def _register():
-    sig_base = {"meta_ptr": "*i64", "blocks_ptr": "*i64", "momentum_ptr": "*fp32",
-                "partial_ptr": "*fp32", "n_blocks": "i32"}
+    # The tensors' dtypes are constexprs (T_DTYPE, O_DTYPE): the pointers are the fixed-type tables.
+    sig = signature(_ema_kernel, types={"meta_ptr": "*i64", "blocks_ptr": "*i64", "momentum_ptr": "*fp32",
+                                        "partial_ptr": "*fp32"})
+    names = _launch.TYPE_NAMES
     variants = {}
     for td in (torch.float32, torch.float16, torch.bfloat16):
         for od in (torch.float32, torch.float16, torch.bfloat16):
@@ -256,10 +252,9 @@ def _register():
                 continue  # fp16 <-> bf16 pairs compile the same code paths as the fp32 mixes
             for extra, consts in (("", {"HAS_COPY": True, "DISTANCE": True}),
                                   ("/plain", {"HAS_COPY": False, "DISTANCE": False})):
-                label = f"{_TL_NAME[td]}<-{_TL_NAME[od]}{extra}"
-                variants[label] = (dict(sig_base), {"T_DTYPE": _tl_dtype(td), "O_DTYPE": _tl_dtype(od),
-                                                    "ALIGNED": True, "ROUND_BF16": False,
-                                                    **consts})
+                label = f"{names[td]}<-{names[od]}{extra}"
+                variants[label] = (sig, {"T_DTYPE": _TL_DTYPE[td], "O_DTYPE": _TL_DTYPE[od],
+                                         "ALIGNED": True, "ROUND_BF16": False, **consts})
     register_kernel(KernelSpec("ema", _ema_kernel, variants, [_CONFIG]))
 
 

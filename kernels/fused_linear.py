@@ -39,6 +39,7 @@ add, with no copies beyond those ops' outputs.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 
 from . import _launch
 from ._launch import tl, triton
-from ._registry import KernelSpec, LaunchConfig, register_kernel
+from ._registry import KernelSpec, LaunchConfig, register_kernel, signature
 
 OP = "fused_linear"
 OP_COST = "linear_goal_cost"
@@ -198,10 +199,7 @@ _COST_CONFIGS = {
 }
 
 
-def _dtype_class(dtype: torch.dtype) -> str:
-    return "fp32" if dtype == torch.float32 else "16bit"
-
-
+@functools.lru_cache(maxsize=None)
 def _interp_config(n_cols: int) -> LaunchConfig:
     """Small tiles under the interpreter (it runs each program in numpy): speed, and the K loop, the
     row and column masks are all exercised on small test shapes."""
@@ -209,24 +207,17 @@ def _interp_config(n_cols: int) -> LaunchConfig:
 
 
 def _linear_config(dtype: torch.dtype, N: int) -> LaunchConfig:
-    if _launch.interpreting():
-        return _interp_config(32)
-    return _LINEAR_CONFIGS[(_dtype_class(dtype), 64 if N <= 64 else 128)]
+    return _launch.pick_config(_LINEAR_CONFIGS, dtype, 64 if N <= 64 else 128, interpret=_interp_config(32))
 
 
 def _cost_config(dtype: torch.dtype, D: int) -> LaunchConfig:
     width = max(16, _launch.next_power_of_2(D))
-    if _launch.interpreting():
-        return _interp_config(width)
-    return _COST_CONFIGS[(_dtype_class(dtype), max(64, width))]
+    return _launch.pick_config(_COST_CONFIGS, dtype, max(64, width), interpret=_interp_config(width))
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 dots in IEEE fp32 unless torch allows TF32 matmuls (then TF32, as torch.nn.Linear);
-    16-bit dots always run on tensor cores."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+    """fp32 dots as ``torch.nn.Linear`` computes them: TF32 exactly where torch allows TF32 matmuls."""
+    return _launch.dot_precision(dtype, allow_tf32=torch.backends.cuda.matmul.allow_tf32)
 
 
 # In-tile offsets (row in tile) * (row stride) are int32: row strides stay below this.
@@ -288,52 +279,46 @@ def linear_goal_cost_forward(x: torch.Tensor, weight: torch.Tensor, bias: Option
 # --------------------------------------------------------------------------------------------------
 # Audit registration: every dtype, the widest switch combination and a plain one, every table entry.
 # --------------------------------------------------------------------------------------------------
-_DTYPE_NAMES = ("fp32", "fp16", "bf16")
+# Types of the runtime arguments that are not the storage dtype's pointers or i32 sizes/strides.
+_LINEAR_TYPES = {"eps": "fp32"}
+_COST_TYPES = {"cost_ptr": "*fp32", "eps": "fp32"}
+
+
+def _variants(kernel, types: dict, switches: dict[str, dict]) -> dict:
+    """Every dtype x switch combination, with the dtype's default precision, plus the fp32 TF32 form of
+    the first (widest) combination."""
+    out = {}
+    for dtype, name in _launch.TYPE_NAMES.items():
+        sig = signature(kernel, f"*{name}", types)
+        base = {"UPCAST": False, "PRECISION": _launch.dot_precision(dtype, allow_tf32=False)}
+        for label, consts in switches.items():
+            out[f"{name}/{label}"] = (sig, {**base, **consts})
+    widest = next(iter(switches))
+    sig, consts = out[f"fp32/{widest}"]
+    out[f"fp32/tf32/{widest}"] = (sig, {**consts, "PRECISION": _launch.dot_precision(torch.float32, allow_tf32=True)})
+    return out
 
 
 def _linear_variants():
-    out = {}
-    for dt in _DTYPE_NAMES:
-        t = f"*{dt}"
-        sig = {"x_ptr": t, "w_ptr": t, "b_ptr": t, "r_ptr": t, "y_ptr": t, "M": "i32", "N": "i32", "K": "i32",
-               "stride_xm": "i32", "stride_wn": "i32", "stride_rm": "i32", "stride_ym": "i32", "eps": "fp32"}
-        base = {"UPCAST": False, "PRECISION": "ieee" if dt == "fp32" else "tf32"}
-        out[f"{dt}/ln+bias+gelu+res"] = (sig, {**base, "NORMALIZE": True, "HAS_BIAS": True, "GELU": True,
-                                               "HAS_RESIDUAL": True})
-        out[f"{dt}/plain"] = (sig, {**base, "NORMALIZE": False, "HAS_BIAS": False, "GELU": False,
-                                    "HAS_RESIDUAL": False})
-    out["fp32/tf32/ln+bias+gelu+res"] = (out["fp32/plain"][0], {**out["fp32/ln+bias+gelu+res"][1],
-                                                                "PRECISION": "tf32"})
-    return out
+    return _variants(_fused_linear_kernel, _LINEAR_TYPES, {
+        "ln+bias+gelu+res": {"NORMALIZE": True, "HAS_BIAS": True, "GELU": True, "HAS_RESIDUAL": True},
+        "plain": {"NORMALIZE": False, "HAS_BIAS": False, "GELU": False, "HAS_RESIDUAL": False},
+    })
 
 
 def _cost_variants():
-    out = {}
-    for dt in _DTYPE_NAMES:
-        t = f"*{dt}"
-        sig = {"x_ptr": t, "w_ptr": t, "b_ptr": t, "goal_ptr": t, "z_ptr": t, "cost_ptr": "*fp32", "M": "i32",
-               "D": "i32", "K": "i32", "rows_per_goal": "i32", "stride_xm": "i32", "stride_wn": "i32",
-               "stride_g": "i32", "stride_zm": "i32", "eps": "fp32"}
-        base = {"UPCAST": False, "PRECISION": "ieee" if dt == "fp32" else "tf32", "HAS_BIAS": True}
-        out[f"{dt}/ln/l2"] = (sig, {**base, "NORMALIZE": True, "L1": False})
-        out[f"{dt}/l1"] = (sig, {**base, "NORMALIZE": False, "L1": True})
-    out["fp32/tf32/ln/l2"] = (out["fp32/l1"][0], {**out["fp32/ln/l2"][1], "PRECISION": "tf32"})
-    return out
-
-
-def _configs_of(table):
-    def configs(variant: str) -> list[LaunchConfig]:
-        cls = "fp32" if variant.startswith("fp32") else "16bit"
-        return [cfg for (c, _), cfg in table.items() if c == cls]
-    return configs
+    return _variants(_linear_goal_cost_kernel, _COST_TYPES, {
+        "ln/l2": {"HAS_BIAS": True, "NORMALIZE": True, "L1": False},
+        "l1": {"HAS_BIAS": True, "NORMALIZE": False, "L1": True},
+    })
 
 
 if _launch.triton_available():
     register_kernel(KernelSpec("fused_linear", _fused_linear_kernel, _linear_variants(),
-                               _configs_of(_LINEAR_CONFIGS), uses_tensor_cores=True,
+                               _launch.table_configs(_LINEAR_CONFIGS), uses_tensor_cores=True,
                                aligned_args=("y_ptr",)))
     register_kernel(KernelSpec("linear_goal_cost", _linear_goal_cost_kernel, _cost_variants(),
-                               _configs_of(_COST_CONFIGS), uses_tensor_cores=True,
+                               _launch.table_configs(_COST_CONFIGS), uses_tensor_cores=True,
                                aligned_args=("z_ptr", "cost_ptr")))
 
 

@@ -28,7 +28,7 @@ import torch
 
 from . import _launch
 from ._launch import tl, triton
-from ._registry import KernelSpec, register_kernel
+from ._registry import KernelSpec, register_kernel, signature
 
 OP = "latent_cost"
 METRICS = ("l2", "l1")
@@ -105,10 +105,8 @@ def latent_cost_forward(z: torch.Tensor, goal: torch.Tensor, weights: Optional[t
 
 def _variants():
     out = {}
-    for name in ("fp32", "fp16", "bf16"):
-        sig = {"z_ptr": f"*{name}", "goal_ptr": f"*{name}", "weights_ptr": "*fp32", "cost_ptr": "*fp32",
-               "B": "i32", "H": "i32", "D": "i32", "rows_per_goal": "i32", "stride_zb": "i32", "stride_zh": "i32",
-               "stride_g": "i32"}
+    for name in _launch.TYPE_NAMES.values():
+        sig = signature(_latent_cost_fwd_kernel, f"*{name}", {"weights_ptr": "*fp32", "cost_ptr": "*fp32"})
         out[f"{name}/l2/final"] = (sig, {"L1": False, "FINAL": True, "HAS_WEIGHTS": False})
         out[f"{name}/l1/sum/weights"] = (sig, {"L1": True, "FINAL": False, "HAS_WEIGHTS": True})
     return out

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import _launch
 from ._launch import tl, triton
-from ._registry import KernelSpec, register_kernel
+from ._registry import KernelSpec, register_kernel, signature
 
 OP = "latent_loss"
 KINDS = ("smooth_l1", "l2")
@@ -172,29 +172,24 @@ def latent_loss_backward(grad, pred, target, mask, kind: str, beta: float, grad_
     return d_pred.view(pred.shape), (d_target.view(target.shape) if grad_target else None)
 
 
-def _variants():
-    out = {}
-    for name, tt in (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16")):
-        base = {"pred_ptr": f"*{tt}", "target_ptr": f"*{tt}", "keep_ptr": "*u8", "M": "i32", "D": "i32",
-                "stride_pred": "i32", "stride_target": "i32", "beta": "fp32", "inv_beta": "fp32"}
-        out[f"{name}/smooth_l1/mask"] = (base, {"HAS_MASK": True, "SMOOTH_L1": True})
-        out[f"{name}/l2"] = (base, {"HAS_MASK": False, "SMOOTH_L1": False})
-    return out
+# Types of the runtime arguments that are not the storage dtype's pointers or i32 sizes/strides.
+_TYPES = {"keep_ptr": "*u8", "beta": "fp32", "inv_beta": "fp32"}
 
 
-def _bwd_variants():
+def _variants(kernel, types: dict, extra: dict) -> dict:
     out = {}
-    for label, (sig, consts) in _variants().items():
-        tt = sig["pred_ptr"]
-        sig = {**sig, "scale_ptr": "*fp32", "grad_pred_ptr": tt, "grad_target_ptr": tt}
-        out[label] = (sig, {**consts, "GRAD_TARGET": True})
+    for name in _launch.TYPE_NAMES.values():
+        sig = signature(kernel, f"*{name}", {**_TYPES, **types})
+        out[f"{name}/smooth_l1/mask"] = (sig, {"HAS_MASK": True, "SMOOTH_L1": True, **extra})
+        out[f"{name}/l2"] = (sig, {"HAS_MASK": False, "SMOOTH_L1": False, **extra})
     return out
 
 
 register_kernel(KernelSpec("latent_loss_fwd", _latent_loss_fwd_kernel,
-                           {k: ({**s, "row_loss_ptr": "*fp32"}, c) for k, (s, c) in _variants().items()},
+                           _variants(_latent_loss_fwd_kernel, {"row_loss_ptr": "*fp32"}, {}), _launch.ROW_TILES))
+register_kernel(KernelSpec("latent_loss_bwd", _latent_loss_bwd_kernel,
+                           _variants(_latent_loss_bwd_kernel, {"scale_ptr": "*fp32"}, {"GRAD_TARGET": True}),
                            _launch.ROW_TILES))
-register_kernel(KernelSpec("latent_loss_bwd", _latent_loss_bwd_kernel, _bwd_variants(), _launch.ROW_TILES))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from . import _launch
 from ._launch import tl, triton
-from ._registry import KernelSpec, LaunchConfig, register_kernel
+from ._registry import KernelSpec, LaunchConfig, register_kernel, signature
 
 OP = "masked_attention"
 # Head-dim tiles (BLOCK_D): a head dim D in [1, MAX_HEAD_DIM] runs in the smallest tile >= D.
@@ -396,18 +396,15 @@ def supports_head_dim(head_dim: int) -> bool:
 
 
 def _pick_config(table: dict, dtype: torch.dtype, head_dim: int) -> LaunchConfig:
-    if _launch.interpreting():
-        return _INTERP_CONFIG
-    cls = "fp32" if dtype == torch.float32 else "16bit"
-    return table[(cls, _tile_class(head_dim))]
+    return _launch.pick_config(table, dtype, _tile_class(head_dim), interpret=_INTERP_CONFIG)
 
 
-def _precision(dtype: torch.dtype, backward: bool = False) -> str:
-    """fp32 forward dots in IEEE fp32 (exact against the reference). The fp32 backward uses TF32
-    tensor-core dots: its five IEEE (FMA) dots per tile spill at every tile size on both targets,
-    so fp32 gradients on a GPU carry TF32 rounding (about 1e-3 relative; exact under the
-    interpreter). 16-bit dots always run on tensor cores."""
-    return "ieee" if dtype == torch.float32 and not backward else "tf32"
+# TF32 for fp32 dots (see _launch.dot_precision): the forward's dots stay IEEE fp32, exact against the
+# reference. The backward's are TF32: its five IEEE (FMA) dots per tile spill at every tile size on
+# both targets, so fp32 gradients on a GPU carry TF32 rounding (about 1e-3 relative; exact under the
+# interpreter).
+FWD_ALLOWS_TF32 = False
+BWD_ALLOWS_TF32 = True
 
 
 def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
@@ -474,8 +471,8 @@ def masked_attention_forward(q, k, v, key_padding, cu_seqlens, keep_index, frame
             *_strides3(q, pb.varlen), *_strides3(k, pb.varlen), *_strides3(v, pb.varlen), *_strides3(out, pb.varlen),
             *pb.stat_strides, pb.stride_pb, pb.stride_ib,
             pb.H, pb.n_q, pb.n_k, pb.frame_len, float(scale) * math.log2(math.e), bh0,
-            UPCAST=_launch.upcast_bf16(q.dtype), PRECISION=_precision(q.dtype), HEAD_DIM=pb.D,
-            BLOCK_D=_block_d(pb.D), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pb.flags, **cfg.constexprs,
+            UPCAST=_launch.upcast_bf16(q.dtype), PRECISION=_launch.dot_precision(q.dtype, allow_tf32=FWD_ALLOWS_TF32),
+            HEAD_DIM=pb.D, BLOCK_D=_block_d(pb.D), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pb.flags, **cfg.constexprs,
         )
     return out, lse
 
@@ -508,7 +505,8 @@ def masked_attention_backward(grad_out, q, k, v, out, lse, key_padding, cu_seqle
             *_strides3(grad_out, pb.varlen), *_strides3(dq, pb.varlen), *_strides3(dk, pb.varlen),
             *pb.stat_strides, pb.stride_pb, pb.stride_ib,
             pb.H, pb.n_q, pb.n_k, pb.frame_len, float(scale) * math.log2(math.e), float(scale), bh0,
-            UPCAST=_launch.upcast_bf16(q.dtype), PRECISION=_precision(q.dtype, backward=True), HEAD_DIM=pb.D,
+            UPCAST=_launch.upcast_bf16(q.dtype), PRECISION=_launch.dot_precision(q.dtype, allow_tf32=BWD_ALLOWS_TF32),
+            HEAD_DIM=pb.D,
             BLOCK_D=_block_d(pb.D), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pb.flags, **cfg.constexprs,
         )
     return dq, dk, dv
@@ -527,7 +525,6 @@ def _empty_out(q: torch.Tensor, varlen: bool) -> torch.Tensor:
 # cover the three tile classes; 16/32 use the 64 class with a narrower D tile; 80, 88, 96 and 104
 # run in the 128 tile with masked columns, audited at 80 and 104, as the flagship ViT-H/ViT-G).
 # --------------------------------------------------------------------------------------------------
-_TT = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 # Mask switches audited: the widest combination of each code path (padding + frame, index set, varlen + frame).
 _AUDIT_MASKS = {
     "pad+frame": dict(PAD=True, VARLEN=False, FRAME=True, INDEX=False),
@@ -538,64 +535,34 @@ _AUDIT_CASES = [("fp16", 64, "pad+frame"), ("bf16", 128, "pad+frame"), ("fp16", 
                 ("bf16", 64, "varlen+frame"), ("fp32", 64, "pad+frame"), ("fp16", 80, "pad+frame"),
                 ("bf16", 104, "varlen+frame"), ("fp32", 80, "pad+frame"), ("fp16", 256, "pad+frame"),
                 ("bf16", 256, "index"), ("fp32", 256, "pad+frame")]
+# Types of the runtime arguments that are not q's dtype pointers or i32 sizes/strides.
+_FWD_TYPES = {"lse_ptr": "*fp32", "kpad_ptr": "*u8", "cu_ptr": "*i32", "kidx_ptr": "*i32", "qk_scale": "fp32"}
+_BWD_TYPES = {**_FWD_TYPES, "delta_ptr": "*fp32", "sm_scale": "fp32"}
+_PRE_TYPES = {"delta_ptr": "*fp32", "cu_ptr": "*i32"}
 
 
-def _audit_label(dt: str, d: int, masks: str) -> str:
-    return f"{dt}/d{d}/{masks}"
-
-
-def _fwd_variants():
+def _attention_variants(kernel, types: dict, allow_tf32: bool) -> dict:
     out = {}
     for dt, d, masks in _AUDIT_CASES:
-        t = f"*{_TT[dt]}"
-        sig = {"q_ptr": t, "k_ptr": t, "v_ptr": t, "o_ptr": t, "lse_ptr": "*fp32", "kpad_ptr": "*u8",
-               "cu_ptr": "*i32", "kidx_ptr": "*i32", "qk_scale": "fp32"}
-        sig.update({n: "i32" for n in _launch_int_args(_masked_attention_fwd_kernel)})
-        consts = {**_AUDIT_MASKS[masks], "UPCAST": False, "PRECISION": "ieee" if dt == "fp32" else "tf32",
+        consts = {**_AUDIT_MASKS[masks], "UPCAST": False,
+                  "PRECISION": _launch.dot_precision(_launch.NAMED_DTYPES[dt], allow_tf32=allow_tf32),
                   "HEAD_DIM": d, "BLOCK_D": _block_d(d)}
-        out[_audit_label(dt, d, masks)] = (sig, consts)
-    return out
-
-
-def _bwd_variants():
-    out = {}
-    for dt, d, masks in _AUDIT_CASES:
-        t = f"*{_TT[dt]}"
-        sig = {n: t for n in ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr")}
-        sig.update({"lse_ptr": "*fp32", "delta_ptr": "*fp32", "kpad_ptr": "*u8", "cu_ptr": "*i32",
-                    "kidx_ptr": "*i32", "qk_scale": "fp32", "sm_scale": "fp32"})
-        sig.update({n: "i32" for n in _launch_int_args(_masked_attention_bwd_kernel)})
-        consts = {**_AUDIT_MASKS[masks], "UPCAST": False, "PRECISION": "tf32",
-                  "HEAD_DIM": d, "BLOCK_D": _block_d(d)}
-        out[_audit_label(dt, d, masks)] = (sig, consts)
+        out[f"{dt}/d{d}/{masks}"] = (signature(kernel, f"*{dt}", types), consts)
     return out
 
 
 def _pre_variants():
     out = {}
     for dt, d, varlen in (("fp16", 64, False), ("bf16", 128, True), ("fp32", 256, False)):
-        t = f"*{_TT[dt]}"
-        sig = {"o_ptr": t, "do_ptr": t, "delta_ptr": "*fp32", "cu_ptr": "*i32"}
-        sig.update({n: "i32" for n in _launch_int_args(_masked_attention_bwd_preprocess_kernel)})
+        sig = signature(_masked_attention_bwd_preprocess_kernel, f"*{dt}", _PRE_TYPES)
         out[f"{dt}/d{d}/{'varlen' if varlen else 'dense'}"] = (sig, {"VARLEN": varlen, "HEAD_DIM": d,
                                                                      "BLOCK_D": _block_d(d)})
     return out
 
 
-def _launch_int_args(kernel) -> list[str]:
-    """The integer runtime arguments of a kernel: strides and sizes (everything not a pointer or float)."""
-    fn = kernel
-    while not hasattr(fn, "arg_names"):
-        fn = fn.fn
-    return [n for n in fn.arg_names if n.startswith("stride_") or n in ("H", "N_Q", "N_K", "frame_len", "bh0")]
-
-
-def _configs_for(table):
-    def configs(variant: str) -> list[LaunchConfig]:
-        dt, d = variant.split("/")[:2]
-        cls = "fp32" if dt == "fp32" else "16bit"
-        return [table[(cls, _tile_class(int(d[1:])))]]
-    return configs
+def _head_dim_class(variant: str) -> int:
+    """The tile class of an audit label ``"<dtype>/d<head dim>/..."``."""
+    return _tile_class(int(variant.split("/")[1][1:]))
 
 
 def _aligned(variants) -> tuple[str, ...]:
@@ -608,10 +575,14 @@ def _aligned(variants) -> tuple[str, ...]:
 
 if _launch.triton_available():
     for _name, _kernel, _vars, _cfgs, _tc in (
-        ("masked_attention_fwd", _masked_attention_fwd_kernel, _fwd_variants(), _configs_for(_FWD_CONFIGS), True),
+        ("masked_attention_fwd", _masked_attention_fwd_kernel,
+         _attention_variants(_masked_attention_fwd_kernel, _FWD_TYPES, FWD_ALLOWS_TF32),
+         _launch.table_configs(_FWD_CONFIGS, _head_dim_class), True),
         ("masked_attention_bwd_preprocess", _masked_attention_bwd_preprocess_kernel, _pre_variants(),
          [_PRE_CONFIG], False),
-        ("masked_attention_bwd", _masked_attention_bwd_kernel, _bwd_variants(), _configs_for(_BWD_CONFIGS), True),
+        ("masked_attention_bwd", _masked_attention_bwd_kernel,
+         _attention_variants(_masked_attention_bwd_kernel, _BWD_TYPES, BWD_ALLOWS_TF32),
+         _launch.table_configs(_BWD_CONFIGS, _head_dim_class), True),
     ):
         register_kernel(KernelSpec(_name, _kernel, _vars, _cfgs, uses_tensor_cores=_tc, aligned_args=_aligned(_vars)))
 
@@ -740,43 +711,15 @@ def masked_attention_backward_reference(grad_out, q, k, v, *, key_padding=None, 
 
 
 # --------------------------------------------------------------------------------------------------
-# Dispatch hook: where a measured faster path exists, route the shape there.
-# --------------------------------------------------------------------------------------------------
-def _prefer_sdpa(q: torch.Tensor, mask_kind: str) -> bool:
-    """Whether a call should run PyTorch SDPA instead of the Triton kernel.
-
-    The rule is filled from measurements only (benches/bench_masked_attention.py, same-run peers).
-    None has been taken on a GPU yet, so every shape runs the Triton kernel. When a shape is shown
-    to lose (e.g. dense attention at head dim 128 and N >= 4k against SDPA's flash backend), return
-    True for it here; only ``mask_kind == "dense"`` can be routed (SDPA has no varlen/index form).
-    """
-    return False
-
-
-# --------------------------------------------------------------------------------------------------
 # Public op: validation, dispatch, autograd, torch.library registration
 # --------------------------------------------------------------------------------------------------
-def _use_triton(q: torch.Tensor, mask_kind: str) -> bool:
-    return _launch.backend_for(OP, q.device) == "triton" and not _prefer_sdpa(q, mask_kind)
-
-
-def _mask_kind(key_padding, cu_seqlens, keep_index, frame_len) -> str:
-    if key_padding is None and cu_seqlens is None and keep_index is None and frame_len == 0:
-        return "dense"
-    return "masked"
-
-
 @torch.library.custom_op("jepa_engine::masked_attention", mutates_args=())
 def _masked_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: Optional[torch.Tensor],
                          cu_seqlens: Optional[torch.Tensor], keep_index: Optional[torch.Tensor], frame_len: int,
                          scale: float, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
-    kind = _mask_kind(key_padding, cu_seqlens, keep_index, frame_len)
-    if _use_triton(q, kind):
+    if _launch.backend_for(OP, q.device) == "triton":
         return masked_attention_forward(q, k, v, key_padding, cu_seqlens, keep_index, frame_len, scale, max_seqlen)
     out = _empty_out(q, cu_seqlens is not None)
-    if _launch.backend_for(OP, q.device) == "triton":  # routed to SDPA by _prefer_sdpa (dense only)
-        out.copy_(F.scaled_dot_product_attention(q, k, v, scale=scale))
-        return out, q.new_full(_stat_shape(q, cu_seqlens), float("nan"), dtype=torch.float32)
     ref, lse = _reference_forward(q, k, v, key_padding, cu_seqlens, keep_index, frame_len, scale)
     out.copy_(ref)
     return out, lse
@@ -797,15 +740,9 @@ def _masked_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: to
                                   cu_seqlens: Optional[torch.Tensor], keep_index: Optional[torch.Tensor],
                                   frame_len: int, scale: float, max_seqlen: int
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    kind = _mask_kind(key_padding, cu_seqlens, keep_index, frame_len)
-    if _use_triton(q, kind):
+    if _launch.backend_for(OP, q.device) == "triton":
         return masked_attention_backward(grad_out, q, k, v, out, lse, key_padding, cu_seqlens, keep_index,
                                          frame_len, scale, max_seqlen)
-    if _launch.backend_for(OP, q.device) == "triton":  # the SDPA route: recompute it under autograd
-        with torch.enable_grad():
-            leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
-            o = F.scaled_dot_product_attention(*leaves, scale=scale)
-            return tuple(g.contiguous() for g in torch.autograd.grad(o, leaves, grad_out))
     return masked_attention_backward_reference(grad_out, q, k, v, key_padding=key_padding, cu_seqlens=cu_seqlens,
                                                frame_len=frame_len, keep_index=keep_index, scale=scale)
 

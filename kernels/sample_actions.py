@@ -22,7 +22,7 @@ import torch
 
 from . import _launch
 from ._launch import tl, triton
-from ._registry import KernelSpec, LaunchConfig, register_kernel
+from ._registry import KernelSpec, LaunchConfig, register_kernel, signature
 
 OP = "sample_actions"
 _M32 = 0xFFFFFFFF
@@ -95,8 +95,7 @@ def sample_actions_forward(mean, std, low, high, rng, n, include_mean):
 
 register_kernel(KernelSpec(
     "sample_actions", _sample_actions_kernel,
-    {"fp32": ({"mean_ptr": "*fp32", "std_ptr": "*fp32", "low_ptr": "*fp32", "high_ptr": "*fp32",
-               "rng_ptr": "*i64", "out_ptr": "*fp32", "N": "i32", "P": "i32", "A": "i32"}, {"INCLUDE_MEAN": True})},
+    {"fp32": (signature(_sample_actions_kernel, "*fp32", {"rng_ptr": "*i64"}), {"INCLUDE_MEAN": True})},
     [_CONFIG],
 ))
 
