@@ -472,7 +472,8 @@ def masked_attention_forward(q, k, v, key_padding, cu_seqlens, keep_index, frame
             *pb.stat_strides, pb.stride_pb, pb.stride_ib,
             pb.H, pb.n_q, pb.n_k, pb.frame_len, float(scale) * math.log2(math.e), bh0,
             UPCAST=_launch.upcast_bf16(q.dtype), PRECISION=_launch.dot_precision(q.dtype, allow_tf32=FWD_ALLOWS_TF32),
-            HEAD_DIM=pb.D, BLOCK_D=_block_d(pb.D), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pb.flags, **cfg.constexprs,
+            HEAD_DIM=pb.D, BLOCK_D=_block_d(pb.D), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pb.flags,
+            **cfg.constexprs,
         )
     return out, lse
 
@@ -506,8 +507,8 @@ def masked_attention_backward(grad_out, q, k, v, out, lse, key_padding, cu_seqle
             *pb.stat_strides, pb.stride_pb, pb.stride_ib,
             pb.H, pb.n_q, pb.n_k, pb.frame_len, float(scale) * math.log2(math.e), float(scale), bh0,
             UPCAST=_launch.upcast_bf16(q.dtype), PRECISION=_launch.dot_precision(q.dtype, allow_tf32=BWD_ALLOWS_TF32),
-            HEAD_DIM=pb.D,
-            BLOCK_D=_block_d(pb.D), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pb.flags, **cfg.constexprs,
+            HEAD_DIM=pb.D, BLOCK_D=_block_d(pb.D), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pb.flags,
+            **cfg.constexprs,
         )
     return dq, dk, dv
 

@@ -15,7 +15,7 @@ import torch
 from jepa_engine.kernels import use_backend
 from jepa_engine.models.world_model import WorldModel, WorldModelConfig
 from jepa_engine.planning import CEMPlanner, PlannerConfig, latent_cost
-from jepa_engine.planning.rollout import FusedRollout
+from jepa_engine.planning.rollout import FusedRollout, Window, windows
 
 from torch.testing import assert_close
 
@@ -168,6 +168,38 @@ def test_packed_attention_equals_one_sequence_each(prefix, frames, pack):
     want = blk.attention(q, kv, fr._mask(prefix, frames, q.device))
     got = blk.attention(q, kv, fr._mask(prefix, frames, q.device, pack), pack)
     assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_windows_split_shared_and_own_frames():
+    """One generator gives every step's window (run and FLOP count): the window ends at frame
+    observed + step, keeps at most `window` frames, and shares the observed frames before the last."""
+    assert list(windows(3, 4, 3)) == [Window(0, 0, 2, 1), Window(1, 1, 1, 2), Window(2, 2, 0, 3), Window(3, 3, 0, 3)]
+    assert list(windows(1, 3, 3)) == [Window(0, 0, 0, 1), Window(1, 0, 0, 2), Window(2, 0, 0, 3)]
+    assert list(windows(2, 2, 4)) == [Window(0, 0, 1, 1), Window(1, 0, 1, 2)]
+    assert all(w.shared + w.own <= 3 for w in windows(3, 9, 3))
+
+
+def test_rollout_spec_is_the_one_reader_of_the_model():
+    """FusedRollout reads the model through ``WorldModel.rollout_spec``; a structural change the folded
+    rollout cannot compute fails there, naming the part."""
+    model = _model(pred_depth=3)
+    c = model.cfg
+    spec = model.rollout_spec(torch.bfloat16)
+    assert (spec.window, spec.embed_dim, spec.action_dim, spec.width) == (c.history, 16, 2, 32)
+    assert len(spec.blocks) == 3 and spec.pos_type.shape == (c.history, 2, 32)
+    assert spec.blocks[0].w_qkv.shape == (96, 32) and spec.blocks[0].w_fc1.shape == (128, 32)
+    assert spec.w_out.dtype == torch.bfloat16 and not spec.w_out.requires_grad
+    model.predictor.blocks[1].mlp.act = torch.nn.GELU(approximate="tanh")
+    with pytest.raises(TypeError, match=r"predictor\.blocks\[1\]\.mlp\.act"):
+        FusedRollout(model)
+    model = _model()
+    model.action_encoder.net[1] = torch.nn.ReLU()
+    with pytest.raises(TypeError, match=r"action_encoder\.net\[1\]"):
+        FusedRollout(model)
+    model = _model()
+    model.predictor.blocks[0] = torch.nn.Identity()
+    with pytest.raises(TypeError, match=r"predictor\.blocks\[0\] must be a FrameCausalBlock"):
+        FusedRollout(model)
 
 
 def test_pack_choice():

@@ -10,6 +10,10 @@ A frame's two tokens share its learned time position (the window's frame index) 
 type embedding (embedding or action). The prediction at step t reads the action token of frame t, so
 it sees z_0..z_t and a_0..a_t and nothing after: one teacher-forced pass predicts every step.
 
+:meth:`WorldModel.rollout_spec` exports what an inference rollout needs (the layout and the weights
+with every LayerNorm folded into the next linear layer) as a :class:`RolloutSpec`: the one place that
+reads the modules' internals for ``jepa_engine.planning.rollout.FusedRollout``.
+
 Anti-collapse (used by the trainer, `jepa_engine.train_wm`): an EMA target encoder (stop-gradient) or
 SIGReg (:func:`sigreg`, LeJEPA's sketched Epps-Pulley normality statistic), chosen by
 ``WorldModelConfig.anti_collapse``.
@@ -24,11 +28,12 @@ import torch
 from torch import nn
 
 from jepa_engine.config import ConfigIO
+from jepa_engine.kernels.fused_linear import fold_layernorm
 from jepa_engine.models.blocks import Block, init_weights, rescale_residual_weights
 from jepa_engine.models.vit import VisionTransformer, ViTConfig
 
 __all__ = ["WorldModelConfig", "WorldModel", "WM_PRESETS", "FrameEncoder", "ActionEncoder", "LatentPredictor",
-           "sigreg"]
+           "RolloutSpec", "FoldedBlock", "sigreg"]
 
 ANTI_COLLAPSE = ("sigreg", "ema")
 POOLS = ("mean", "flat")
@@ -188,6 +193,90 @@ class LatentPredictor(nn.Module):
         return self.out(self.norm(x[:, 1::2]))                                   # action-token rows
 
 
+@dataclass(frozen=True)
+class FoldedBlock:
+    """One predictor block for inference: ``x += proj(attn(qkv(LN0(x))))``, then
+    ``x += fc2(gelu(fc1(LN0(x))))``, where LN0 is layer norm without affine (eps ``eps_attn`` /
+    ``eps_mlp``): norm1's and norm2's scale and shift are folded into ``qkv`` and ``fc1``. ``w_qkv``
+    rows are queries, keys, values (``C`` each, ``C = heads * head_dim``); weights in ``nn.Linear``
+    layout, biases None where the layer has none."""
+
+    heads: int
+    head_dim: int
+    scale: float
+    eps_attn: float
+    w_qkv: torch.Tensor                  # [3C, C]
+    b_qkv: torch.Tensor                  # [3C]
+    w_proj: torch.Tensor                 # [C, C]
+    b_proj: Optional[torch.Tensor]
+    eps_mlp: float
+    w_fc1: torch.Tensor                  # [hidden, C]
+    b_fc1: torch.Tensor
+    w_fc2: torch.Tensor                  # [C, hidden]
+    b_fc2: Optional[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """A :class:`WorldModel`'s predictor and action encoder as an inference rollout reads them
+    (:meth:`WorldModel.rollout_spec`; detached tensors in ``dtype``).
+
+    Layout: a window of at most ``window`` frames; frame t is two tokens, its embedding token
+    ``embed(z_t) + pos_type[t, 0]`` then its action token ``act2(gelu(act1(a_t))) + pos_type[t, 1]``;
+    ``blocks`` run frame-causal attention (a token sees the tokens of its own and earlier frames);
+    the prediction ``z_{t+1}`` is ``out(LN0(x))`` of frame t's action token (the final norm folded into
+    ``out``, eps ``eps_out``).
+    """
+
+    window: int                          # frames in the predictor's window (WorldModelConfig.history)
+    embed_dim: int                       # D: the latent
+    action_dim: int                      # A
+    width: int                           # C: the predictor's token width
+    dtype: torch.dtype
+    w_embed: torch.Tensor                # [C, D]: latent -> embedding token
+    b_embed: Optional[torch.Tensor]
+    w_act1: torch.Tensor                 # [C, A]: the action encoder, Linear -> exact GELU -> Linear
+    b_act1: Optional[torch.Tensor]
+    w_act2: torch.Tensor                 # [C, C]
+    b_act2: Optional[torch.Tensor]
+    pos_type: torch.Tensor               # [window, 2, C]: time position + token type (0 embedding, 1 action)
+    blocks: tuple[FoldedBlock, ...]
+    eps_out: float
+    w_out: torch.Tensor                  # [D, C]
+    b_out: torch.Tensor                  # [D]
+
+
+def _expect(module: nn.Module, kind: type, where: str) -> nn.Module:
+    if type(module) is not kind or getattr(module, "approximate", "none") != "none":
+        raise TypeError(f"WorldModel.rollout_spec: {where} must be a {kind.__name__} (exact, for GELU): the folded "
+                        f"rollout computes one, got {module!r}")
+    return module
+
+
+def _linear(module: nn.Module, where: str, dtype: torch.dtype):
+    m = _expect(module, nn.Linear, where)
+    return m.weight.detach().to(dtype), (m.bias.detach().to(dtype) if m.bias is not None else None)
+
+
+def _folded(norm: nn.Module, linear: nn.Module, where: str, dtype: torch.dtype):
+    """(weight, bias) of ``linear(norm(x))`` with the norm's scale and shift folded into the linear."""
+    _expect(norm, nn.LayerNorm, f"the norm before {where}")
+    return tuple(t.to(dtype) for t in fold_layernorm(norm, _expect(linear, nn.Linear, where)))
+
+
+def _fold_block(block: nn.Module, where: str, dtype: torch.dtype) -> FoldedBlock:
+    if type(block) is not FrameCausalBlock:
+        raise TypeError(f"WorldModel.rollout_spec: {where} must be a FrameCausalBlock (pre-norm, frame-causal over "
+                        f"2-token frames) for the folded rollout, got {type(block).__name__}")
+    attn, mlp = block.attn, block.mlp
+    _expect(mlp.act, nn.GELU, f"{where}.mlp.act")
+    return FoldedBlock(attn.num_heads, attn.head_dim, attn.scale,
+                       block.norm1.eps, *_folded(block.norm1, attn.qkv, f"{where}.attn.qkv", dtype),
+                       *_linear(attn.proj, f"{where}.attn.proj", dtype),
+                       block.norm2.eps, *_folded(block.norm2, mlp.fc1, f"{where}.mlp.fc1", dtype),
+                       *_linear(mlp.fc2, f"{where}.mlp.fc2", dtype))
+
+
 class WorldModel(nn.Module):
     """Encoder + action encoder + frame-causal predictor. See the module docstring for the shapes."""
 
@@ -236,6 +325,24 @@ class WorldModel(nn.Module):
         B, T = self._check_history("predict", "T", z_hist)
         self._check("actions", actions, (B, T, c.action_dim))
         return self.predictor(z_hist, self.action_encoder(actions.to(z_hist.dtype)))
+
+    @torch.no_grad()
+    def rollout_spec(self, dtype: Optional[torch.dtype] = None) -> RolloutSpec:
+        """The predictor and action encoder as a :class:`RolloutSpec` (detached, in ``dtype``, default the
+        predictor's). The one reader of their internals: a structural change fails here, naming the part."""
+        c, p = self.cfg, self.predictor
+        dt = dtype or p.embed.weight.dtype
+        net = self.action_encoder.net
+        if len(net) != 3 or tuple(p.type_embed.shape) != (2, c.pred_dim):
+            raise TypeError(f"WorldModel.rollout_spec: the folded rollout needs action_encoder.net = Linear, GELU, "
+                            f"Linear ({len(net)} layers) and 2 token types ({list(p.type_embed.shape)})")
+        _expect(net[1], nn.GELU, "action_encoder.net[1]")
+        return RolloutSpec(
+            c.history, c.embed_dim, c.action_dim, c.pred_dim, dt, *_linear(p.embed, "predictor.embed", dt),
+            *_linear(net[0], "action_encoder.net[0]", dt), *_linear(net[2], "action_encoder.net[2]", dt),
+            (p.time_pos[:, None, :] + p.type_embed[None]).detach().to(dt),
+            tuple(_fold_block(b, f"predictor.blocks[{i}]", dt) for i, b in enumerate(p.blocks)),
+            p.norm.eps, *_folded(p.norm, p.out, "predictor.out", dt))
 
     def rollout(self, z_hist: torch.Tensor, actions: torch.Tensor,
                 past_actions: Optional[torch.Tensor] = None) -> torch.Tensor:

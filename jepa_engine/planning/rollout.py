@@ -28,27 +28,29 @@ candidates' windows run as one sequence with a block-diagonal mask (:meth:`Fused
 halves the SDPA kernel's per-sequence overhead. The candidates' token contents are written once into
 one buffer and each step's window is one add of the position table.
 
-Per step ``k`` of the horizon (``h`` history frames, window of ``W = history`` frames)::
+Per step ``k`` of the horizon (``observed`` history frames, a window of ``window`` frames; one
+generator, :func:`windows`, serves the run and the FLOP count)::
 
-    window frames   start .. end-1,  end = h + k, start = max(0, end - W)
-    shared frames   start .. h-2      (observed embedding and observed action)    batch E, cached
-    candidate part  h-1 .. end-1      (a candidate action or a predicted embedding) batch E*N
+    window frames   start .. end-1,  end = observed + k, start = max(0, end - window)
+    shared frames   start .. observed-2     (observed embedding and observed action)    batch E, cached
+    candidate part  observed-1 .. end-1     (a candidate action or a predicted embedding) batch E*N
 
 The result equals :meth:`WorldModel.rollout` up to floating-point rounding (the tests check this).
-The parameters are read when the object is built: build a new one after changing the weights.
+The model is read once, through :meth:`WorldModel.rollout_spec` (its layout and folded weights), when
+the object is built: build a new one after changing the weights.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from jepa_engine.kernels import backend_for, fused_linear, linear_goal_cost
-from jepa_engine.kernels.fused_linear import fold_layernorm, fused_linear_reference, linear_goal_cost_reference
-from jepa_engine.models.world_model import WorldModel
+from jepa_engine.kernels.fused_linear import fused_linear_reference, linear_goal_cost_reference
+from jepa_engine.models.world_model import FoldedBlock, WorldModel
 
-__all__ = ["FusedRollout"]
+__all__ = ["FusedRollout", "Window", "windows"]
 
 
 def _ops(device: torch.device):
@@ -60,22 +62,40 @@ def _ops(device: torch.device):
     return fused_linear, linear_goal_cost
 
 
-class _Block:
-    """One predictor block's folded parameters and its pieces."""
+class Window(NamedTuple):
+    """The predictor's window at one rollout step, in frames: ``start`` is its first frame (counted from
+    the first observed one), then ``shared`` frames common to every candidate of an environment
+    (observed embedding and observed action) and ``own`` frames of each candidate (a candidate action
+    or a predicted embedding; the last one's action token gives the prediction)."""
 
-    def __init__(self, block, dtype: torch.dtype):
-        attn = block.attn
-        self.heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
-        self.eps1, self.eps2 = block.norm1.eps, block.norm2.eps
-        w, b = fold_layernorm(block.norm1, attn.qkv)
-        self.w_qkv, self.b_qkv = w.to(dtype), b.to(dtype)
+    step: int
+    start: int
+    shared: int
+    own: int
+
+
+def windows(observed: int, horizon: int, window: int) -> Iterator[Window]:
+    """The :class:`Window` of each of ``horizon`` steps from ``observed`` history frames, with the
+    predictor's ``window`` (frames): the window ends at frame ``observed + step`` and slides once full."""
+    for step in range(horizon):
+        end = observed + step
+        start = max(0, end - window)
+        shared = max(0, observed - 1 - start)
+        yield Window(step, start, shared, end - start - shared)
+
+
+class _Block:
+    """One predictor block (:class:`FoldedBlock`, norms folded) and the pieces the rollout runs it by."""
+
+    def __init__(self, f: FoldedBlock):
+        self.heads, self.head_dim, self.scale = f.heads, f.head_dim, f.scale
+        self.eps1, self.eps2 = f.eps_attn, f.eps_mlp
+        self.w_qkv, self.b_qkv = f.w_qkv, f.b_qkv
         C = self.w_qkv.shape[1]
         self.w_q, self.b_q = self.w_qkv[:C], self.b_qkv[:C]
         self.w_kv, self.b_kv = self.w_qkv[C:], self.b_qkv[C:]
-        self.w_proj, self.b_proj = attn.proj.weight.detach().to(dtype), attn.proj.bias.detach().to(dtype)
-        w, b = fold_layernorm(block.norm2, block.mlp.fc1)
-        self.w_fc1, self.b_fc1 = w.to(dtype), b.to(dtype)
-        self.w_fc2, self.b_fc2 = block.mlp.fc2.weight.detach().to(dtype), block.mlp.fc2.bias.detach().to(dtype)
+        self.w_proj, self.b_proj = f.w_proj, f.b_proj
+        self.w_fc1, self.b_fc1, self.w_fc2, self.b_fc2 = f.w_fc1, f.b_fc1, f.w_fc2, f.b_fc2
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         """``[B, L, C]`` (any row stride) -> the view ``[B, heads, L, head_dim]``."""
@@ -108,29 +128,20 @@ class _Block:
 class FusedRollout:
     """``FusedRollout(model)``: the inference rollout of ``model``'s predictor for batches of candidates.
 
-    ``rollout(z_hist [E, h, D], past_actions [E, h-1, A], actions [E, N, H, A]) -> z [E, N, H, D]``
+    ``rollout(z_hist [E, observed, D], past_actions [E, observed-1, A], actions [E, N, horizon, A])
+    -> z [E, N, horizon, D]``
     ``cost(z_hist, past_actions, actions, z_goal [E, D], metric, reduce) -> [E, N]`` (fp32)
 
     ``z[e, n, k]`` is the embedding after ``actions[e, n, k]``, as ``model.rollout`` computes it for
     the history of environment e. Inference only (no autograd graph is recorded). ``dtype`` (default:
-    the model's) is the precision of the weights and activations; the cost is fp32.
+    the model's) is the precision of the weights and activations; the cost is fp32. The model is read
+    through :meth:`WorldModel.rollout_spec` only.
     """
 
     def __init__(self, model: WorldModel, dtype: Optional[torch.dtype] = None):
-        p = model.predictor
-        self.cfg = model.cfg
-        self.dtype = dtype or p.embed.weight.dtype
-        with torch.no_grad():
-            dt = self.dtype
-            self.blocks = [_Block(b, dt) for b in p.blocks]
-            self.w_embed, self.b_embed = p.embed.weight.detach().to(dt), p.embed.bias.detach().to(dt)
-            # pos_type[t, 0]: embedding token at window frame t; pos_type[t, 1]: action token.
-            self.pos_type = (p.time_pos[:, None, :] + p.type_embed[None]).detach().to(dt)   # [W, 2, Dp]
-            self.w_out, self.b_out = (t.to(dt) for t in fold_layernorm(p.norm, p.out))
-            self.eps_out = p.norm.eps
-            fc1, _, fc2 = model.action_encoder.net
-            self.w_act1, self.b_act1 = fc1.weight.detach().to(dt), fc1.bias.detach().to(dt)
-            self.w_act2, self.b_act2 = fc2.weight.detach().to(dt), fc2.bias.detach().to(dt)
+        self.spec = spec = model.rollout_spec(dtype)
+        self.dtype = spec.dtype
+        self.blocks = [_Block(b) for b in spec.blocks]
         self.masks: dict = {}
         self._obs_cache: Optional[tuple] = None
 
@@ -184,12 +195,13 @@ class FusedRollout:
     def _action_tokens(self, lin, a: torch.Tensor) -> torch.Tensor:
         """The action encoder: ``a [B, T, A] -> [B, T, Dp]``."""
         B, T, A = a.shape
-        hidden = lin(a.reshape(B * T, A), self.w_act1, self.b_act1, activation="gelu")
-        return lin(hidden, self.w_act2, self.b_act2).view(B, T, -1)
+        sp = self.spec
+        hidden = lin(a.reshape(B * T, A), sp.w_act1, sp.b_act1, activation="gelu")
+        return lin(hidden, sp.w_act2, sp.b_act2).view(B, T, -1)
 
     # ---------------------------------------------------------------------------------------------
     def _observed(self, lin, z_hist: torch.Tensor, past_actions: torch.Tensor):
-        """``(emb_obs [E, h, C], act_obs [E, h-1, C] or None, prefixes)``: the tokens of the observed
+        """``(emb_obs [E, observed, C], act_obs [E, observed-1, C] or None, prefixes)``: the tokens of the observed
         history, and a dict ``(start, s) -> per-block keys/values`` of the shared prefixes, filled by
         :meth:`_run`. A planner calls the cost with the same history at every iteration, so these are
         kept for the tensors of the last call while neither was modified (same objects, same version
@@ -202,45 +214,42 @@ class FusedRollout:
         c = self._obs_cache
         if key is not None and c is not None and c[0] is z_hist and c[1] is past_actions and c[2] == key:
             return c[3]
-        E, h, D = z_hist.shape
-        dt = self.dtype
-        emb_obs = lin(z_hist.to(dt).reshape(E * h, D), self.w_embed, self.b_embed).view(E, h, -1)
-        act_obs = self._action_tokens(lin, past_actions.to(dt)) if h > 1 else None
+        E, observed, D = z_hist.shape
+        emb_obs = lin(z_hist.to(self.dtype).reshape(E * observed, D), self.spec.w_embed, self.spec.b_embed)
+        emb_obs = emb_obs.view(E, observed, -1)
+        act_obs = self._action_tokens(lin, past_actions.to(self.dtype)) if observed > 1 else None
         out = (emb_obs, act_obs, {})
         self._obs_cache = (z_hist, past_actions, key, out) if key is not None else None
         return out
 
     def _run(self, z_hist, past_actions, actions, z_goal=None, metric="l2", reduce="final"):
-        E, h, D = z_hist.shape
-        _, N, H, A = actions.shape
-        W = self.cfg.history
+        sp = self.spec
+        E, observed, _ = z_hist.shape
+        _, N, horizon, A = actions.shape
         dt, dev = self.dtype, z_hist.device
         EN = E * N
-        C = self.w_embed.shape[0]
+        C = sp.width
         lin, goal_cost = _ops(dev)
         emb_obs, act_obs, prefixes = self._observed(lin, z_hist, past_actions)
         actions = actions.to(dt)
-        # The candidates' frames h-1 .. h+H-2 without positions, [E*N, H, 2, C]: (embedding, action)
-        # token contents, written once (the predicted embeddings as the rollout reaches them).
-        cand = torch.empty(E, N, H, 2, C, dtype=dt, device=dev)
-        cand[:, :, 0, 0] = emb_obs[:, None, h - 1]
-        cand[:, :, :, 1] = self._action_tokens(lin, actions.reshape(EN, H, A)).view(E, N, H, C)
-        cand = cand.view(EN, H, 2, C)
+        # The candidates' frames observed-1 .. observed+horizon-2 without positions, [E*N, horizon, 2, C]:
+        # (embedding, action) token contents, written once (the predicted embeddings as the rollout
+        # reaches them).
+        cand = torch.empty(E, N, horizon, 2, C, dtype=dt, device=dev)
+        cand[:, :, 0, 0] = emb_obs[:, None, observed - 1]
+        cand[:, :, :, 1] = self._action_tokens(lin, actions.reshape(EN, horizon, A)).view(E, N, horizon, C)
+        cand = cand.view(EN, horizon, 2, C)
         last = len(self.blocks) - 1
         outs, cost = [], None
-        for k in range(H):
-            end = h + k
-            start = max(0, end - W)
-            s = max(0, h - 1 - start)                          # shared frames at the window's front
-            t = end - start - s                                # candidate frames
+        for k, start, s, t in windows(observed, horizon, sp.window):   # s shared frames, t own frames
             L, P = 2 * t, 2 * s
             prefix = None
             if s:
                 if (start, s) not in prefixes:
-                    shared = torch.stack([emb_obs[:, start:h - 1], act_obs[:, start:h - 1]], 2)   # [E, s, 2, C]
-                    prefixes[start, s] = self._prefix_kv(lin, (shared + self.pos_type[:s]).view(E, P, C))
+                    shared = torch.stack([emb_obs[:, start:start + s], act_obs[:, start:start + s]], 2)  # [E, s, 2, C]
+                    prefixes[start, s] = self._prefix_kv(lin, (shared + sp.pos_type[:s]).view(E, P, C))
                 prefix = prefixes[start, s]
-            x = (cand[:, k + 1 - t:k + 1] + self.pos_type[s:s + t]).view(EN * L, C)         # [E*N*L, C]
+            x = (cand[:, k + 1 - t:k + 1] + sp.pos_type[s:s + t]).view(EN * L, C)       # [E*N*L, C]
             pack = self._pack(dev, EN, L)                     # block 0 .. last-1: L query rows
             mask = self._mask(P, t, dev, pack)
             pack1 = self._pack(dev, EN, 1)                     # the last block: one row
@@ -261,32 +270,32 @@ class FusedRollout:
                 else:
                     o = blk.attention(q[:, None], kv, mask1, pack1).view(EN, C)
                 x = blk.finish(lin, x, o)
-            final = k == H - 1                                 # x: [E*N, C]
+            final = k == horizon - 1                           # x: [E*N, C]
             if z_goal is not None and (final or reduce == "sum"):
-                z, c = goal_cost(x, self.w_out, self.b_out, z_goal.to(dt), normalize=True, eps=self.eps_out,
-                                 metric=metric)
+                z, c = goal_cost(x, sp.w_out, sp.b_out, z_goal.to(dt), normalize=True, eps=sp.eps_out, metric=metric)
                 cost = c if cost is None else cost + c
             else:
-                z = lin(x, self.w_out, self.b_out, normalize=True, eps=self.eps_out)
+                z = lin(x, sp.w_out, sp.b_out, normalize=True, eps=sp.eps_out)
             outs.append(z)
             if not final:
-                cand[:, k + 1, 0] = lin(z, self.w_embed, self.b_embed)
+                cand[:, k + 1, 0] = lin(z, sp.w_embed, sp.b_embed)
         return outs, cost
 
     def _check(self, z_hist, past_actions, actions, z_goal=None):
-        c = self.cfg
-        if z_hist.dim() != 3 or z_hist.shape[2] != c.embed_dim or not 1 <= z_hist.shape[1] <= c.history:
-            raise ValueError(f"FusedRollout: z_hist must be [E, h, {c.embed_dim}] with 1 <= h <= history = "
-                             f"{c.history}, got {list(z_hist.shape)}")
-        E, h, _ = z_hist.shape
-        if actions.dim() != 4 or actions.shape[0] != E or actions.shape[3] != c.action_dim or actions.shape[2] < 1:
-            raise ValueError(f"FusedRollout: actions must be [E, N, H, A] with E = {E}, H >= 1, A = {c.action_dim}, "
+        sp = self.spec
+        D, A = sp.embed_dim, sp.action_dim
+        if z_hist.dim() != 3 or z_hist.shape[2] != D or not 1 <= z_hist.shape[1] <= sp.window:
+            raise ValueError(f"FusedRollout: z_hist must be [E, observed, {D}] with 1 <= observed <= history = "
+                             f"{sp.window}, got {list(z_hist.shape)}")
+        E, observed, _ = z_hist.shape
+        if actions.dim() != 4 or actions.shape[0] != E or actions.shape[3] != A or actions.shape[2] < 1:
+            raise ValueError(f"FusedRollout: actions must be [E, N, horizon, A] with E = {E}, horizon >= 1, A = {A}, "
                              f"got {list(actions.shape)}")
-        if tuple(past_actions.shape) != (E, h - 1, c.action_dim):
-            raise ValueError(f"FusedRollout: past_actions must be [E, h-1, A] = [{E}, {h - 1}, {c.action_dim}], "
+        if tuple(past_actions.shape) != (E, observed - 1, A):
+            raise ValueError(f"FusedRollout: past_actions must be [E, observed-1, A] = [{E}, {observed - 1}, {A}], "
                              f"got {list(past_actions.shape)}")
-        if z_goal is not None and tuple(z_goal.shape) != (E, c.embed_dim):
-            raise ValueError(f"FusedRollout: z_goal must be [E, D] = [{E}, {c.embed_dim}], got {list(z_goal.shape)}")
+        if z_goal is not None and tuple(z_goal.shape) != (E, D):
+            raise ValueError(f"FusedRollout: z_goal must be [E, D] = [{E}, {D}], got {list(z_goal.shape)}")
 
     def flops(self, envs: int, samples: int, horizon: int, observed: Optional[int] = None) -> int:
         """Counted FLOPs (2 x multiply-adds; norms, biases, activations and softmax ignored) of one
@@ -294,22 +303,19 @@ class FusedRollout:
         ``observed`` history frames (default: a full window). This is a first call with that history;
         later calls with the same, unmodified history tensors skip the shared prefixes (``E x`` a few
         tokens through the predictor)."""
-        c = self.cfg
-        E, N, H, W = envs, samples, horizon, c.history
-        h = W if observed is None else observed
-        C, D, A = self.w_embed.shape[0], c.embed_dim, c.action_dim
-        Hid = self.blocks[0].w_fc1.shape[0]
-        full = 4 * C * C + 2 * C * Hid                         # qkv, proj, fc1, fc2 per token
-        macs = (E * (h - 1) + E * N * H) * (A * C + C * C)     # action tokens
-        macs += (E * h + E * N * (H - 1)) * D * C              # embedding tokens
-        macs += E * N * H * C * D                              # output projection
+        sp = self.spec
+        E, N = envs, samples
+        observed = sp.window if observed is None else observed
+        C, D, A = sp.width, sp.embed_dim, sp.action_dim
+        hidden = self.blocks[0].w_fc1.shape[0]
+        full = 4 * C * C + 2 * C * hidden                      # qkv, proj, fc1, fc2 per token
+        macs = (E * (observed - 1) + E * N * horizon) * (A * C + C * C)     # action tokens
+        macs += (E * observed + E * N * (horizon - 1)) * D * C               # embedding tokens
+        macs += E * N * horizon * C * D                                      # output projection
         last = len(self.blocks) - 1
         prefixes = set()
-        for k in range(H):
-            end = h + k
-            start = max(0, end - W)
-            s = max(0, h - 1 - start)
-            L, P = 2 * (end - start - s), 2 * s
+        for _, start, s, t in windows(observed, horizon, sp.window):
+            L, P = 2 * t, 2 * s
             if s and (start, s) not in prefixes:   # each shared prefix once, batch E: full blocks, then
                 prefixes.add((start, s))           # keys/values of the last one
                 macs += E * (last * (P * full + P * P * 2 * C) + P * 2 * C * C)
@@ -320,7 +326,8 @@ class FusedRollout:
 
     @torch.no_grad()
     def rollout(self, z_hist: torch.Tensor, past_actions: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """z_hist [E, h, D], past_actions [E, h-1, A], actions [E, N, H, A] -> z [E, N, H, D]."""
+        """z_hist [E, observed, D], past_actions [E, observed-1, A], actions [E, N, horizon, A]
+        -> z [E, N, horizon, D]."""
         self._check(z_hist, past_actions, actions)
         outs, _ = self._run(z_hist, past_actions, actions)
         E, N = actions.shape[:2]
