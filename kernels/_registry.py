@@ -1,4 +1,5 @@
-"""The list of kernels the audit compiles ahead of time, filled by each op module as it is imported.
+"""The kernels the audit compiles ahead of time (filled by each op module as it is imported), and
+the reader of their argument lists that types each variant's signature.
 
 An op module describes each of its Triton kernels once with :func:`register_kernel`: the kernel, the
 types of its runtime arguments (Triton signature strings such as ``"*fp16"`` or ``"i32"``) for each

@@ -246,8 +246,8 @@ def _register():
                                         "partial_ptr": "*fp32"})
     names = _launch.TYPE_NAMES
     variants = {}
-    for td in (torch.float32, torch.float16, torch.bfloat16):
-        for od in (torch.float32, torch.float16, torch.bfloat16):
+    for td in _launch.FLOAT_DTYPES:
+        for od in _launch.FLOAT_DTYPES:
             if td != od and torch.float32 not in (td, od):
                 continue  # fp16 <-> bf16 pairs compile the same code paths as the fp32 mixes
             for extra, consts in (("", {"HAS_COPY": True, "DISTANCE": True}),
