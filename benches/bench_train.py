@@ -10,10 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jepa_engine.ema import EMA
 from jepa_engine.kernels import use_backend
-from jepa_engine.train import (JEPA, TrainConfig, build_masker, build_models, build_world, make_batch, make_masks,
-                               make_optimizer, train_step)
+from jepa_engine.training.configs import TrainConfig
+from jepa_engine.training.ema import EMA
+from jepa_engine.training.ijepa import (JEPA, build_masker, build_models, build_world, make_batch, make_masks,
+                                        make_optimizer, train_step)
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

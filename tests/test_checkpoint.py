@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from jepa_engine.checkpoint import (CheckpointError, checkpoint_paths, latest_checkpoint, list_checkpoints,
+from jepa_engine.training.checkpoint import (CheckpointError, checkpoint_paths, latest_checkpoint, list_checkpoints,
                                     load_checkpoint, load_module_tensors, load_optimizer_state, load_rng_state,
                                     module_tensors, optimizer_state, prune_checkpoints, resume_checkpoint,
                                     rng_state, save_checkpoint, trim_metrics)

@@ -34,7 +34,7 @@ def test_demo_world_model_section_reports_probe_surprise_and_mpc(tmp_path, capsy
 
 
 def test_demo_world_model_section_fails_on_a_real_failure(tmp_path, capsys, small_budgets, monkeypatch):
-    import jepa_engine.train_wm as train_wm
+    import jepa_engine.training.world_model as train_wm
 
     def broken(*args, **kwargs):
         raise FloatingPointError("train_world_model: loss became nan at step 3")
@@ -45,7 +45,7 @@ def test_demo_world_model_section_fails_on_a_real_failure(tmp_path, capsys, smal
 
 
 def test_demo_sections_run_in_order(tmp_path, capsys, monkeypatch):
-    import jepa_engine.train as train
+    import jepa_engine.training.ijepa as train
 
     class FakeTrainer:
         def __init__(self, cfg, out, resume=False):

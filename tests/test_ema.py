@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import jepa_engine
-from jepa_engine.ema import EMA, PRESETS, MomentumSchedule
+from jepa_engine.schedules import MOMENTUM_PRESETS as PRESETS, MomentumSchedule
+from jepa_engine.training.ema import EMA
 
 
 def _model(seed=0):

@@ -118,7 +118,7 @@ def test_episodes_are_seeded_independently_of_batching():
 
 def test_cli_plan_runs_on_a_checkpoint(tmp_path, capsys):
     from jepa_engine.cli import main
-    from jepa_engine.train_wm import save_world_model
+    from jepa_engine.training.world_model import save_world_model
 
     s = trained("open")
     save_world_model(tmp_path, s["steps"], s["model"], s["config"])

@@ -282,7 +282,7 @@ def test_hardware_peaks_and_percentile():
 def test_progress_redraws_every_10_s_off_a_terminal(monkeypatch):
     import sys
 
-    from jepa_engine.profiling.hardware import progress_mininterval
+    from jepa_engine.runtime import progress_mininterval
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
     assert progress_mininterval() == 10.0

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from jepa_engine import checkpoint as ckpt
-from jepa_engine import train as T
 from jepa_engine.cli import main
 from jepa_engine.kernels import use_backend
-from jepa_engine.train_wm import WMTrainConfig, train_world_model
+from jepa_engine.training import checkpoint as ckpt
+from jepa_engine.training import ijepa as T
+from jepa_engine.training.world_model import WMTrainConfig, train_world_model
 
 TINY = dict(encoder="tiny", encoder_overrides=dict(embed_dim=32, depth=1, num_heads=2),
             predictor_overrides=dict(predictor_dim=32, depth=1, num_heads=2),
@@ -286,7 +286,7 @@ _WRITER = r"""
 import os, sys
 import torch
 torch.set_num_threads(1)
-from jepa_engine import checkpoint as ckpt
+from jepa_engine.training import checkpoint as ckpt
 
 def write(folder, progress):
     fd = os.open(progress, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

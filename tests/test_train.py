@@ -15,9 +15,10 @@ import socket
 import pytest
 import torch
 
-from jepa_engine import checkpoint as ckpt
-from jepa_engine import train as T
 from jepa_engine.kernels import use_backend
+from jepa_engine.training import checkpoint as ckpt
+from jepa_engine.training import ijepa as T
+from jepa_engine.training.configs import PRESETS
 
 TINY = dict(encoder="tiny", encoder_overrides=dict(embed_dim=32, depth=1, num_heads=2),
             predictor_overrides=dict(predictor_dim=32, depth=1, num_heads=2),
@@ -102,7 +103,7 @@ def _assert_identical(a: dict, b: dict, what: str) -> None:
 
 # ---- config
 def test_config_json_round_trip(tmp_path):
-    for name in T.PRESETS:
+    for name in PRESETS:
         cfg = T.TrainConfig.from_name(name)
         assert T.TrainConfig.from_json(cfg.to_json()) == cfg
     cfg = tiny_config(seed=7)

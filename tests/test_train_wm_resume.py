@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from jepa_engine import checkpoint as ckpt
 from jepa_engine.envs import TrajectoryStream, WorldConfig
 from jepa_engine.kernels import use_backend
-from jepa_engine.train_wm import WMTrainConfig, load_world_model, save_world_model, train_world_model
+from jepa_engine.training import checkpoint as ckpt
+from jepa_engine.training.world_model import WMTrainConfig, load_world_model, save_world_model, train_world_model
 
 
 @pytest.fixture(autouse=True)

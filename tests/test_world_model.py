@@ -7,8 +7,8 @@ import torch
 
 from jepa_engine.kernels import use_backend
 from jepa_engine.models.world_model import WM_PRESETS, WorldModel, WorldModelConfig, sigreg
-from jepa_engine.surprise import impossible_trajectories, physics_probe, surprise
-from jepa_engine.train_wm import WMTrainConfig, load_world_model, train_world_model
+from jepa_engine.evaluation.surprise import impossible_trajectories, physics_probe, surprise
+from jepa_engine.training.world_model import WMTrainConfig, load_world_model, train_world_model
 
 from .wm_fixtures import trained
 

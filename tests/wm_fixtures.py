@@ -6,7 +6,7 @@ import functools
 import torch
 
 from jepa_engine.kernels import use_backend
-from jepa_engine.train_wm import WMTrainConfig, train_world_model
+from jepa_engine.training.world_model import WMTrainConfig, train_world_model
 
 
 @functools.lru_cache(maxsize=None)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from jepa_engine.envs import GoalController, PointMassWorld, TrajectoryStream, WorldConfig, render
+from jepa_engine.schedules import warmup_cosine
 
 from .decoder import Decoder
 from .tokenizer import ActionTokenizer
@@ -36,7 +37,7 @@ class ImitationConfig:
     batch_size: int = 64          # examples per step
     episodes: int = 16            # episodes generated per refill (each gives several examples)
     episode_len: int = 16
-    lr: float = 1e-3
+    lr: float = 1e-3              # after `warmup` steps; cosine to lr / 10 at the last step
     weight_decay: float = 0.01
     warmup: int = 50
     goal_noise: float = 0.1       # std of the noise the stream adds to the expert's actions
@@ -146,12 +147,6 @@ def train_imitation(model: Decoder, world_config: WorldConfig, tcfg: Optional[Im
     g = torch.Generator(device="cpu").manual_seed(tcfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
 
-    def lr_at(step: int) -> float:
-        if step < tcfg.warmup:
-            return tcfg.lr * (step + 1) / tcfg.warmup
-        progress = (step - tcfg.warmup) / max(1, tcfg.steps - tcfg.warmup)
-        return tcfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
     model.train()
     data = expert_examples(world_config, tcfg, cfg.horizon, device)
     pool, passes, pool_used = None, 0, 0
@@ -170,7 +165,7 @@ def train_imitation(model: Decoder, world_config: WorldConfig, tcfg: Optional[Im
         sl = slice(pool_used, pool_used + tcfg.batch_size)
         pool_used += tcfg.batch_size
         for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = warmup_cosine(step, tcfg.lr, 0.1 * tcfg.lr, tcfg.steps, tcfg.warmup)
         loss = imitation_loss(model, tok, *(t[sl] for t in pool), first_step_weight=tcfg.first_step_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,8 +1,7 @@
 """Published hardware peaks and the small timing helpers shared by the profiler, the decoding
-baseline and the benchmarks; the progress-bar redraw interval."""
+baseline and the benchmarks."""
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import torch
@@ -32,9 +31,3 @@ def sync(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on the CPU)."""
     if device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.synchronize(device)
-
-
-def progress_mininterval() -> float:
-    """Seconds between tqdm redraws: 0.1 on a terminal, where the bar redraws in place; 10 when stderr
-    is a file or a CI log, where every redraw is a new chunk of text."""
-    return 0.1 if sys.stderr.isatty() else 10.0

@@ -1,7 +1,7 @@
 """Physics probes of a world model: linear read-out of the state, and surprise at impossible events.
 
-- :func:`physics_probe`: the ridge probe of :mod:`jepa_engine.probe` on the world model's embeddings
-  (features ``[z_t, z_{t+1}]`` -> ``x, y, vx, vy``), R^2 on held-out episodes.
+- :func:`physics_probe`: the ridge probe of :mod:`jepa_engine.evaluation.probe` on the world model's
+  embeddings (features ``[z_t, z_{t+1}]`` -> ``x, y, vx, vy``), R^2 on held-out episodes.
 - :func:`surprise`: the prediction error of every transition, ``|predict(z_<=t, a_<=t) - z_{t+1}|^2``
   (mean over the latent), using the same window of ``history`` frames as planning.
 - :func:`impossible_trajectories`: held-out episodes with one physically impossible transition at
@@ -19,7 +19,8 @@ from torch import nn
 
 from jepa_engine.envs import WorldConfig, build_faces, door_band, render, step_physics
 from jepa_engine.models.world_model import WorldModel
-from jepa_engine.probe import ProbeResult, linear_probe
+
+from .probe import ProbeResult, linear_probe
 
 EVENTS = ("teleport", "wall")
 

@@ -37,8 +37,6 @@ import os
 import random
 import re
 import secrets
-import signal
-import threading
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -46,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-FORMAT = "jepa_engine.checkpoint/1"
+FORMAT = "jepa_engine.checkpoint/1"          # the on-disk format's name and version (not a module path)
 _NAME = re.compile(r"^ckpt-(\d{8,})\.json$")
 _TENSORS_NAME = re.compile(r"^ckpt-(\d{8,})\.safetensors$")
 _TMP_NAME = re.compile(r"^\.ckpt-\d{8,}\.(json|safetensors)\.[^.]+\.tmp$")
@@ -395,30 +393,3 @@ def load_rng_state(tensors: dict[str, torch.Tensor], meta: dict, prefix: str = "
     p = meta["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
 
-
-class DeferredInterrupt:
-    """``with DeferredInterrupt() as stop:`` a training loop's Ctrl-C: the first SIGINT only sets
-    ``stop.requested`` (the loop finishes its step, writes a checkpoint and raises KeyboardInterrupt),
-    a second one raises at once. Installed in the main thread only (no SIGINT arrives elsewhere); the
-    previous handler is back on exit."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._installed = False
-        self._previous = None
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:            # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> "DeferredInterrupt":
-        self._installed = threading.current_thread() is threading.main_thread()
-        if self._installed:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
-        return False

@@ -4,8 +4,8 @@ Every training step, after the optimiser::
 
     target = m * target + (1 - m) * online        (every parameter; buffers are copied)
 
-with the momentum ``m`` from a schedule: constant (V-JEPA 2 uses 0.99925), linear (I-JEPA: 0.996 ->
-1.0 over the run) or cosine (BYOL-style, same ends). The update is
+with the momentum ``m`` from a :class:`~jepa_engine.schedules.MomentumSchedule`: constant (V-JEPA 2
+uses 0.99925), linear (I-JEPA: 0.996 -> 1.0 over the run) or cosine (BYOL-style, same ends). The update is
 :func:`jepa_engine.kernels.ema_update_`: one kernel launch for the whole parameter list on CUDA, the
 foreach fallback on CPU.
 
@@ -25,50 +25,13 @@ Usage::
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Sequence, Union
+from dataclasses import asdict
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
-SCHEDULES = ("constant", "linear", "cosine")
-# Named presets: (schedule, momentum, end momentum).
-PRESETS = {"ijepa": ("linear", 0.996, 1.0), "vjepa2": ("constant", 0.99925, 0.99925)}
-
-
-@dataclass(frozen=True)
-class MomentumSchedule:
-    """Momentum as a function of the step: ``start`` at step 0, ``end`` from ``total_steps`` on.
-
-    - ``constant``: ``start`` always;
-    - ``linear``: ``start + (end - start) * s / total_steps`` (I-JEPA);
-    - ``cosine``: ``end - (end - start) * (1 + cos(pi * s / total_steps)) / 2`` (BYOL).
-    """
-
-    kind: str = "constant"
-    start: float = 0.996
-    end: float = 1.0
-    total_steps: int = 0
-
-    def __post_init__(self):
-        if self.kind not in SCHEDULES:
-            raise ValueError(f"MomentumSchedule: kind must be one of {SCHEDULES}, got {self.kind!r}")
-        for name in ("start", "end"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"MomentumSchedule: {name} momentum must be in [0, 1], got {v}")
-        if self.kind != "constant" and self.total_steps <= 0:
-            raise ValueError(f"MomentumSchedule: a {self.kind} schedule needs total_steps > 0, "
-                             f"got {self.total_steps}")
-
-    def __call__(self, step: int) -> float:
-        if self.kind == "constant":
-            return self.start
-        frac = min(max(step, 0), self.total_steps) / self.total_steps
-        if self.kind == "linear":
-            return self.start + (self.end - self.start) * frac
-        return self.end - (self.end - self.start) * (1.0 + math.cos(math.pi * frac)) / 2.0
+from jepa_engine.schedules import MOMENTUM_KINDS, MOMENTUM_PRESETS, MomentumSchedule
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -122,7 +85,7 @@ class EMA:
             require grad.
         momentum: the momentum at step 0 (a float in [0, 1]).
         schedule: ``"constant"``, ``"linear"``, ``"cosine"``, a :class:`MomentumSchedule`, or a
-            preset name from :data:`PRESETS` (``"ijepa"``, ``"vjepa2"``).
+            preset name from :data:`~jepa_engine.schedules.MOMENTUM_PRESETS` (``"ijepa"``, ``"vjepa2"``).
         end_momentum: the momentum reached at ``total_steps`` (linear and cosine).
         total_steps: length of the schedule (the number of training steps).
         return_distance: make :meth:`step` return sum((target - online)^2) before the update.
@@ -133,13 +96,13 @@ class EMA:
                  total_steps: int = 0, return_distance: bool = False):
         if isinstance(schedule, MomentumSchedule):
             self.schedule = schedule
-        elif schedule in PRESETS:
-            kind, start, end = PRESETS[schedule]
+        elif schedule in MOMENTUM_PRESETS:
+            kind, start, end = MOMENTUM_PRESETS[schedule]
             self.schedule = MomentumSchedule(kind, start, end, total_steps)
         elif isinstance(schedule, str):
             self.schedule = MomentumSchedule(schedule, float(momentum), float(end_momentum), int(total_steps))
         else:
-            raise TypeError(f"EMA: schedule must be one of {SCHEDULES + tuple(PRESETS)} or a "
+            raise TypeError(f"EMA: schedule must be one of {MOMENTUM_KINDS + tuple(MOMENTUM_PRESETS)} or a "
                             f"MomentumSchedule, got {schedule!r}")
         self.online, self.target = online, target
         self.return_distance = return_distance
