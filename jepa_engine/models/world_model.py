@@ -14,8 +14,8 @@ it sees z_0..z_t and a_0..a_t and nothing after: one teacher-forced pass predict
 with every LayerNorm folded into the next linear layer) as a :class:`RolloutSpec`: the one place that
 reads the modules' internals for ``jepa_engine.planning.rollout.FusedRollout``.
 
-Anti-collapse (used by the trainer, `jepa_engine.train_wm`): an EMA target encoder (stop-gradient) or
-SIGReg (:func:`sigreg`, LeJEPA's sketched Epps-Pulley normality statistic), chosen by
+Anti-collapse (used by the trainer, `jepa_engine.training.world_model`): an EMA target encoder
+(stop-gradient) or SIGReg (:func:`sigreg`, LeJEPA's sketched Epps-Pulley normality statistic), chosen by
 ``WorldModelConfig.anti_collapse``.
 """
 from __future__ import annotations
