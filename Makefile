@@ -9,7 +9,7 @@ TRITON ?= triton==3.9.0; platform_system == "Linux" and platform_machine == "x86
 # timm for the accelerate tests and README example on a real ViT, with the torchvision built for
 # $(TORCH), both without their dependencies (resolving them would pull the CUDA torch). PyPI's
 # torchvision is a CUDA build: the .pth written after it lets it import on the CPU torch (see
-# jepa_engine/_torchvision_cpu.py).
+# jepa_engine/integrations/torchvision_cpu.py).
 TIMM   ?= timm==1.0.31 torchvision==0.28.0 pillow
 
 .PHONY: install test demo bench audit clean
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)" '$(TRITON)'
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(TIMM)
-	$(PY) -m jepa_engine._torchvision_cpu --install
+	$(PY) -m jepa_engine.integrations.torchvision_cpu --install
 	touch $(STAMP)
 
 # The whole suite, Triton kernels under the interpreter (no GPU needed).

@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {"kernels"}
 # Public names re-exported lazily: name -> submodule that defines it.
-_LAZY_ATTRS = {"EMA": "training.ema", "accelerate": "accelerator", "restore": "accelerator"}
+_LAZY_ATTRS = {"EMA": "training.ema", "accelerate": "integrations.accelerate",
+               "restore": "integrations.accelerate", "stats": "integrations.accelerate"}
 
 
 def __getattr__(name: str):

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import jepa_engine
-from jepa_engine.accelerator import patch_model_ema, to_key_padding
+from jepa_engine.integrations.accelerate import patch_model_ema
+from jepa_engine.integrations.masks import to_key_padding
 from jepa_engine.kernels import use_backend
 from tests.helpers import assert_close, needs_triton
 from tests.timm_compat import import_timm

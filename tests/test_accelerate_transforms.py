@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import jepa_engine
-from jepa_engine.accelerator import stats, to_attention_plan
+from jepa_engine.integrations.accelerate import stats
+from jepa_engine.integrations.masks import to_attention_plan
 from tests.helpers import assert_close, needs_triton
 from tests.test_accelerate import GRAD_SCALE, IJepaAttention, Tree, _compare, _key_padding, tiny_timm_vit
 

@@ -1,7 +1,7 @@
 """Import timm on a CPU-only torch (used by the accelerate tests and benchmarks).
 
 ``make install`` writes a ``.pth`` file so that plain ``import timm`` works in the project's
-environment (see ``jepa_engine/_torchvision_cpu.py``: PyPI's torchvision is a CUDA build whose
+environment (see ``jepa_engine/integrations/torchvision_cpu.py``: PyPI's torchvision is a CUDA build whose
 import fails against the CPU torch). Importing that module here installs the same hook for an
 environment set up without it. Nothing here ever runs a torchvision op.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-import jepa_engine._torchvision_cpu  # noqa: F401  (installs the import hook)
+import jepa_engine.integrations.torchvision_cpu  # noqa: F401  (installs the import hook)
 
 
 def import_timm():

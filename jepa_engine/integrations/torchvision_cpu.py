@@ -6,7 +6,7 @@ C extension cannot load, and its Python part then registers fake kernels for ``t
 torchvision::nms does not exist". Declaring those two schemas first lets it import (every other part
 of torchvision that timm uses is Python; the ops themselves stay unavailable, as they are anyway).
 
-``make install`` writes a ``.pth`` file into the environment (``python -m jepa_engine._torchvision_cpu
+``make install`` writes a ``.pth`` file into the environment (``python -m jepa_engine.integrations.torchvision_cpu
 --install``) that imports this module at start-up. Importing it installs a one-shot import hook that
 acts only when torchvision is first imported, only with a CPU torch, and only when torchvision's
 extension fails to load: nothing else changes, and nothing is imported before that.
@@ -89,7 +89,7 @@ def write_pth() -> str:
 
     path = os.path.join(sysconfig.get_paths()["purelib"], PTH_NAME)
     with open(path + ".tmp", "w") as f:
-        f.write("import jepa_engine._torchvision_cpu\n")
+        f.write("import jepa_engine.integrations.torchvision_cpu\n")
     os.replace(path + ".tmp", path)
     return path
 
@@ -98,5 +98,5 @@ install_hook()
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--install"]:
-        sys.exit("usage: python -m jepa_engine._torchvision_cpu --install")
+        sys.exit("usage: python -m jepa_engine.integrations.torchvision_cpu --install")
     print(f"wrote {write_pth()}")
