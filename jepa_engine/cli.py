@@ -2,9 +2,125 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import math
 import os
+import re
 import subprocess
 import sys
+
+from jepa_engine.config import ConfigError
+
+# `plan`'s search budget when not given: samples N (restarts for the gradient planner), iterations I
+# (Adam steps) and control steps per episode, by device type and planner. CUDA: LeWorldModel's CEM
+# budget, 300 x 30 over 60 steps. CPU: an episode of the demo world model in seconds (measured on 2
+# CPU cores: CEM 300 x 30 took 15 s per control step, 15 min per 60-step episode; the gradient planner
+# at 300 restarts x 30 Adam steps 110 s per step).
+PLAN_BUDGETS: dict[tuple[str, str], dict[str, int]] = {
+    ("cuda", "cem"): dict(samples=300, iterations=30, max_steps=60),
+    ("cuda", "mppi"): dict(samples=300, iterations=30, max_steps=60),
+    ("cuda", "gradient"): dict(samples=32, iterations=20, max_steps=60),
+    ("cpu", "cem"): dict(samples=64, iterations=5, max_steps=40),
+    ("cpu", "mppi"): dict(samples=64, iterations=5, max_steps=40),
+    ("cpu", "gradient"): dict(samples=4, iterations=5, max_steps=40),
+}
+PLAN_NUM_ENVS = 8   # `plan` runs up to this many episodes at once (batched) unless --num-envs says otherwise
+
+
+# ---- errors: one line on stderr, exit status 2 (as argparse's own)
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) that suggest the closest option, command or choice."""
+
+    def __init__(self, *args, **kwargs):
+        self.options: list[str] = []   # every option string, for the did-you-mean of an unknown one
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.options.extend(action.option_strings)
+        return action
+
+    def error(self, message: str):
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if m and "maybe you meant" not in message:
+            choices = [c.strip().strip("'\"") for c in m.group(2).split(",")]
+            close = difflib.get_close_matches(m.group(1), choices, n=1)
+            message += f" (did you mean {close[0]!r}?)" if close else ""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _option_hint(extra: list[str], options: list[str]) -> str:
+    """`` (did you mean --samples?)`` for the first unknown option with a close known one."""
+    for arg in extra:
+        if arg.startswith("--"):
+            close = difflib.get_close_matches(arg.split("=", 1)[0], options, n=1)
+            if close:
+                return f" (did you mean {close[0]}?)"
+    return ""
+
+
+def _error(command: str, message: str) -> int:
+    print(f"jepa-engine {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _is_input_error(e: BaseException) -> bool:
+    """A bad config (unknown field, preset or file) or a missing / damaged checkpoint, from any command."""
+    from jepa_engine.training.checkpoint import CheckpointError
+
+    return isinstance(e, (ConfigError, CheckpointError))
+
+
+def _int_at_least(minimum: int):
+    """An argparse type: an int >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _number_at_least(minimum: float, strict: bool = False):
+    """An argparse type: a finite number >= ``minimum`` (> with ``strict``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > minimum if strict else value >= minimum)):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {minimum:g}, "
+                                             f"got {text!r}")
+        return value
+
+    return parse
+
+
+def _device(text: str) -> str:
+    """An argparse type: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, and present on this machine."""
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"no CUDA device on this machine (torch {torch.__version__}), "
+                                             f"got {text!r}")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"this machine has {count} CUDA device(s), cuda:0 .. cuda:{count - 1}, "
+                                             f"got {text!r}")
+    return text
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -21,8 +137,8 @@ def _selfcheck(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from jepa_engine.checkpoint import CheckpointError, resume_checkpoint
-    from jepa_engine.train import NonFiniteLossError, TrainConfig, Trainer
+    from jepa_engine.training.checkpoint import CheckpointError, resume_checkpoint
+    from jepa_engine.training.ijepa import NonFiniteLossError, TrainConfig, Trainer
 
     overrides = {"steps": args.steps} if args.steps is not None else {}
     if args.device is not None:
@@ -97,7 +213,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     import torch
 
-    from jepa_engine.train import TrainConfig, Trainer
+    from jepa_engine.training.ijepa import TrainConfig, Trainer
 
     t_demo = time.perf_counter()
     cfg = TrainConfig.from_name("demo")
@@ -154,7 +270,7 @@ def _demo_world_model(out: str) -> bool:
     import traceback
 
     from jepa_engine.planning import MPC, MPCConfig
-    from jepa_engine.train_wm import WMTrainConfig, train_world_model
+    from jepa_engine.training.world_model import WMTrainConfig, train_world_model
 
     cfg = WMTrainConfig.from_name(DEMO_WM_TRAIN["preset"], **DEMO_WM_TRAIN.get("overrides", {}))
     device = cfg.resolved_device()
@@ -210,8 +326,8 @@ def _demo_world_model(out: str) -> bool:
 
 
 def _train_wm(args: argparse.Namespace) -> int:
-    from jepa_engine.checkpoint import CheckpointError, resume_checkpoint
-    from jepa_engine.train_wm import WMTrainConfig, train_world_model
+    from jepa_engine.training.checkpoint import CheckpointError, resume_checkpoint
+    from jepa_engine.training.world_model import WMTrainConfig, train_world_model
 
     overrides = {k: v for k, v in (("steps", args.steps), ("device", args.device)) if v is not None}
     if args.resume:
@@ -249,7 +365,7 @@ def _train_wm(args: argparse.Namespace) -> int:
 def _physics_report(model, world, probe: bool = True, kinds=None) -> None:
     """Print the physics probe and the surprise at impossible events (default: every kind the world's
     layout allows)."""
-    from jepa_engine.surprise import impossible_trajectories, physics_probe, surprise
+    from jepa_engine.evaluation.surprise import impossible_trajectories, physics_probe, surprise
 
     if probe:
         print(f"physics probe (embeddings): {physics_probe(model, world, n_train=1024, n_test=512).summary()}")
@@ -267,24 +383,43 @@ def _physics_report(model, world, probe: bool = True, kinds=None) -> None:
 def _plan(args: argparse.Namespace) -> int:
     import torch
 
-    from jepa_engine.checkpoint import CheckpointError
+    from jepa_engine.training.checkpoint import CheckpointError
     from jepa_engine.planning import MPC, MPCConfig
-    from jepa_engine.train_wm import load_world_model
+    from jepa_engine.training.world_model import load_world_model
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device in (None, "auto") \
+        else torch.device(args.device)
+    # The search budget: what was given, the rest from the device's default for this planner.
+    defaults = PLAN_BUDGETS[("cuda" if device.type == "cuda" else "cpu", args.planner)]
+    given = {k: getattr(args, k) for k in defaults if getattr(args, k) is not None}
+    budget = {**defaults, **given}
+    if args.elites is not None and args.elites > budget["samples"]:
+        return _error("plan", f"argument --elites: must be <= --samples = {budget['samples']}, got {args.elites}")
+    num_envs = args.num_envs if args.num_envs is not None else min(args.episodes, PLAN_NUM_ENVS)
+    try:
+        mpc_cfg = MPCConfig(planner=args.planner, horizon=args.horizon, elites=args.elites, cost=args.cost,
+                            reduce=args.reduce, seed=args.seed, **budget)
+    except ValueError as e:
+        return _error("plan", str(e))
     try:
         model, cfg = load_world_model(args.checkpoint, device=device)
-        mpc_cfg = MPCConfig(planner=args.planner, horizon=args.horizon, samples=args.samples,
-                            iterations=args.iterations, elites=args.elites, cost=args.cost, reduce=args.reduce,
-                            max_steps=args.max_steps, seed=args.seed)
     except (CheckpointError, ValueError) as e:
-        print(f"jepa-engine plan: {e}", file=sys.stderr)
-        return 2
+        return _error("plan", f"--checkpoint: {e}")
     world = cfg.world_config()
-    print(f"MPC in the {world.layout!r} world: {args.planner}, N={args.samples} x I={args.iterations} x "
-          f"H={args.horizon} (K={args.elites}), {args.episodes} episodes of <= {args.max_steps} steps, "
-          f"{args.num_envs} env(s) per plan, {device}", flush=True)
-    result = MPC(model, world, mpc_cfg, device=device).run(args.episodes, num_envs=args.num_envs)
+    I = budget["iterations"]
+    what = (f"restarts x I={I} Adam steps" if args.planner == "gradient"
+            else f"samples x I={I} iterations (K={mpc_cfg.elites})")
+    print(f"MPC in the {world.layout!r} world with {args.planner}: N={budget['samples']} {what}, horizon "
+          f"{args.horizon}; {args.episodes} episode(s) of <= {budget['max_steps']} steps, {num_envs} planned at "
+          f"once; {device}", flush=True)
+    defaulted = [k for k in defaults if k not in given]
+    if defaulted:
+        other = PLAN_BUDGETS[("cpu" if device.type == "cuda" else "cuda", args.planner)]
+        print(f"({', '.join('--' + k.replace('_', '-') for k in defaulted)}: the {device.type.upper()} default for "
+              f"{args.planner}; on {'the CPU' if device.type == 'cuda' else 'CUDA'} {other['samples']} x "
+              f"{other['iterations']}, {other['max_steps']} steps)", flush=True)
+    result = MPC(model, world, mpc_cfg, device=device).run(args.episodes, num_envs=num_envs,
+                                                           progress=not args.no_progress)
     print(result.summary())
     return 0
 
@@ -328,41 +463,50 @@ def _gpu_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="jepa-engine", description="Fused Triton kernels and a fast JEPA engine.")
+    ap = _Parser(prog="jepa-engine", description="Fused Triton kernels and a fast JEPA engine.")
     sub = ap.add_subparsers(dest="command", required=True)
+    ap.commands = sub.choices          # name -> subparser (its options for the did-you-mean of a typo)
     demo = sub.add_parser("demo", help="train a tiny JEPA on the built-in world (CPU ok), probe it, check the kernels")
     demo.add_argument("--out", default=os.path.join("runs", "demo"), help="run folder (default: runs/demo)")
     demo.set_defaults(func=_demo)
     train = sub.add_parser("train", help="train a JEPA world model (preset or JSON config) into a run folder")
     train.add_argument("--config", help="a preset name (demo, small, base) or a JSON file")
     train.add_argument("--out", required=True, help="run folder: config.json, metrics.jsonl, checkpoints")
-    train.add_argument("--steps", type=int, help="override the total number of steps")
-    train.add_argument("--device", help="override the device (cpu, cuda, cuda:1)")
+    train.add_argument("--steps", type=_int_at_least(1), help="override the total number of steps")
+    train.add_argument("--device", type=_device, help="override the device (cpu, cuda, cuda:1)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     train.set_defaults(func=_train)
     twm = sub.add_parser("train-wm", help="train the action-conditioned world model (preset or JSON config)")
     twm.add_argument("--config", help="a preset name (demo, test, lewm) or a JSON file (default: demo, or with "
                      "--resume the run folder's config.json)")
     twm.add_argument("--out", default=os.path.join("runs", "wm"), help="run folder (default: runs/wm)")
-    twm.add_argument("--steps", type=int, help="override the number of steps")
-    twm.add_argument("--device", help="override the device (cpu, cuda, cuda:1)")
+    twm.add_argument("--steps", type=_int_at_least(1), help="override the number of steps")
+    twm.add_argument("--device", type=_device, help="override the device (cpu, cuda, cuda:1)")
     twm.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in --out")
     twm.add_argument("--no-report", action="store_true", help="skip the physics probe / surprise report")
     twm.set_defaults(func=_train_wm)
     plan = sub.add_parser("plan", help="MPC in the built-in world with a trained world model")
     plan.add_argument("--checkpoint", required=True, help="a world-model checkpoint (JSON file) or run folder")
     plan.add_argument("--planner", default="cem", choices=("cem", "mppi", "gradient"))
-    plan.add_argument("--episodes", type=int, default=8)
-    plan.add_argument("--num-envs", type=int, default=1, help="episodes planned at once (batched)")
-    plan.add_argument("--samples", type=int, default=300)
-    plan.add_argument("--iterations", type=int, default=30)
-    plan.add_argument("--elites", type=int, default=30)
-    plan.add_argument("--horizon", type=int, default=5)
+    plan.add_argument("--episodes", type=_int_at_least(1), default=8, help="seeded episodes (default 8)")
+    plan.add_argument("--num-envs", type=_int_at_least(1),
+                      help=f"episodes planned at once, batched (default: all, at most {PLAN_NUM_ENVS})")
+    budgets = ", ".join(f"{p} {b['samples']}x{b['iterations']}" for (d, p), b in PLAN_BUDGETS.items() if d == "cpu")
+    plan.add_argument("--samples", type=_int_at_least(1),
+                      help="N candidates per iteration (restarts for the gradient planner); default by device: "
+                           f"CUDA 300 (LeWorldModel's budget), CPU: {budgets} (N x I)")
+    plan.add_argument("--iterations", type=_int_at_least(1),
+                      help="I iterations (Adam steps for the gradient planner); default by device, see --samples")
+    plan.add_argument("--elites", type=_int_at_least(1), help="K elites of CEM (default: 10%% of --samples, "
+                                                              "at least 2, at most --samples)")
+    plan.add_argument("--horizon", type=_int_at_least(1), default=5)
     plan.add_argument("--cost", default="l2", choices=("l1", "l2"))
     plan.add_argument("--reduce", default="final", choices=("final", "sum"))
-    plan.add_argument("--max-steps", type=int, default=60)
-    plan.add_argument("--seed", type=int, default=0)
-    plan.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    plan.add_argument("--max-steps", type=_int_at_least(1),
+                      help="control steps per episode (default: 60 on CUDA, 40 on the CPU)")
+    plan.add_argument("--seed", type=_int_at_least(0), default=0)
+    plan.add_argument("--device", type=_device, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    plan.add_argument("--no-progress", action="store_true", help="no progress bar")
     plan.set_defaults(func=_plan)
     prof = sub.add_parser("profile", help="JEPA planner vs token-by-token decoding: latency, energy, FLOPs, success")
     prof.add_argument("--quick", action="store_true",
@@ -373,10 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--out", help="run folder (default: runs/profile)")
     prof.add_argument("--wm-checkpoint", help="a trained world-model checkpoint (file or run folder)")
     prof.add_argument("--decoder-checkpoint", help="a trained decoder checkpoint (file or run folder)")
-    prof.add_argument("--budget-minutes", type=float,
+    prof.add_argument("--budget-minutes", type=_number_at_least(0.0),
                       help="training time for models not given as checkpoints (0: untrained, timing only; default 3)")
-    prof.add_argument("--decisions", type=int, help="seeded (start, goal) pairs (default 8)")
-    prof.add_argument("--max-steps", type=int, help="control steps per success episode (default 40)")
+    prof.add_argument("--decisions", type=_int_at_least(1), help="seeded (start, goal) pairs (default 8)")
+    prof.add_argument("--max-steps", type=_int_at_least(1), help="control steps per success episode (default 40)")
     prof.add_argument("--reasoning-tokens", help="L sweep, comma-separated (default 0,64,256,1024)")
     prof.add_argument("--sizes", help="decoder size sweep, factors of the world model's size (default 1x,10x,100x)")
     prof.add_argument("--budgets", help="planner budgets PLANNER:NxI[:cold], comma-separated; the first is the "
@@ -386,13 +530,15 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--compile", action="store_true",
                       help="include the compiled static-cache decoder form (on by default, off with --quick)")
     prof.add_argument("--no-energy", action="store_true", help="skip energy measurement")
-    prof.add_argument("--energy-seconds", type=float, help="shortest energy window per trial (default 2)")
-    prof.add_argument("--trials", type=int, help="energy trials per row (default 3)")
-    prof.add_argument("--timing-seconds", type=float, help="time each latency row at least this long (default 0.5)")
-    prof.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
-    prof.add_argument("--seed", type=int)
+    prof.add_argument("--energy-seconds", type=_number_at_least(0.0, strict=True),
+                      help="shortest energy window per trial (default 2)")
+    prof.add_argument("--trials", type=_int_at_least(1), help="energy trials per row (default 3)")
+    prof.add_argument("--timing-seconds", type=_number_at_least(0.0, strict=True),
+                      help="time each latency row at least this long (default 0.5)")
+    prof.add_argument("--device", type=_device, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    prof.add_argument("--seed", type=_int_at_least(0))
     prof.add_argument("--no-progress", action="store_true", help="no progress bar")
-    prof.add_argument("--success-max-evals", type=int,
+    prof.add_argument("--success-max-evals", type=_int_at_least(-1),
                       help="measure success only for budgets with samples x iterations <= this "
                            "(default -1: auto = all on CUDA, 2000 on CPU)")
     prof.set_defaults(func=_profile)
@@ -409,5 +555,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run one command; returns its exit status. A usage error, a bad config and a missing or damaged
+    checkpoint are one line on stderr and status 2, Ctrl-C is status 130 (the trainers first finish the
+    step and write a checkpoint); anything else is a bug and keeps its traceback."""
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            command = parser.commands[args.command]
+            command.error("unrecognized arguments: " + " ".join(extra) + _option_hint(extra, command.options))
+    except SystemExit as e:            # --help (0) or a usage error (2), already printed
+        return e.code if isinstance(e.code, int) else 2 * (e.code is not None)
+    except KeyboardInterrupt:
+        return 130
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"jepa-engine {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not _is_input_error(e):
+            raise
+        return _error(args.command, str(e))

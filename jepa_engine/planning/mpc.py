@@ -24,6 +24,7 @@ import torch
 from jepa_engine.envs import PointMassWorld, WorldConfig, render
 from jepa_engine.kernels import latent_cost as fused_latent_cost
 from jepa_engine.models.world_model import WorldModel
+from jepa_engine.runtime import progress_mininterval
 
 from . import PLANNERS
 from .base import CostFn, Plan, Planner, PlannerConfig
@@ -33,13 +34,19 @@ COSTS = ("l1", "l2")
 REDUCTIONS = ("final", "sum")
 
 
+def default_elites(samples: int) -> int:
+    """CEM's elite count K when none is given: 10% of the samples, at least 2 (a spread to refit), at
+    most ``samples``; 300 samples keep LeWorldModel's K = 30."""
+    return min(samples, max(2, samples // 10))
+
+
 @dataclass
 class MPCConfig:
     planner: str = "cem"             # a key of jepa_engine.planning.PLANNERS
     horizon: int = 5
     samples: int = 300
     iterations: int = 30
-    elites: int = 30
+    elites: Optional[int] = None     # CEM's K; None: default_elites(samples) (30 for 300 samples)
     planner_overrides: dict = field(default_factory=dict)   # any other PlannerConfig field
     cost: str = "l2"                 # "l1" (sum |dz|) or "l2" (sum dz^2)
     reduce: str = "final"            # "final": last predicted step; "sum": every step of the horizon
@@ -57,10 +64,15 @@ class MPCConfig:
             raise bad("cost", f"one of {COSTS}")
         if self.reduce not in REDUCTIONS:
             raise bad("reduce", f"one of {REDUCTIONS}")
-        for name in ("horizon", "max_steps"):
+        for name in ("horizon", "max_steps", "samples", "iterations"):
             v = getattr(self, name)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
                 raise bad(name, "an int >= 1")
+        if self.elites is None:
+            self.elites = default_elites(self.samples)
+        elif not (isinstance(self.elites, int) and not isinstance(self.elites, bool)
+                  and 1 <= self.elites <= self.samples):
+            raise bad("elites", f"an int in [1, samples] = [1, {self.samples}]")
         self.planner_config(2)  # K > N, bad bounds ... raise here, before any episode runs
 
     def planner_config(self, action_dim: int) -> PlannerConfig:
@@ -174,17 +186,31 @@ class MPC:
             goals.append(info["goal"])
         return torch.cat(states), torch.cat(goals)
 
-    def run(self, episodes: int = 8, num_envs: int = 1, max_steps: Optional[int] = None) -> MPCResult:
-        """Run ``episodes`` seeded episodes, ``num_envs`` at a time."""
-        if not (isinstance(episodes, int) and episodes >= 1):
-            raise ValueError(f"MPC.run: episodes must be an int >= 1, got {episodes!r}")
-        if not (isinstance(num_envs, int) and num_envs >= 1):
-            raise ValueError(f"MPC.run: num_envs must be an int >= 1, got {num_envs!r}")
+    def run(self, episodes: int = 8, num_envs: int = 1, max_steps: Optional[int] = None,
+            progress: bool = False) -> MPCResult:
+        """Run ``episodes`` seeded episodes, ``num_envs`` at a time; ``progress`` draws a bar on stderr
+        (episodes finished, the current control step and the successes so far)."""
+        from tqdm.auto import tqdm
+
+        for name, v in (("episodes", episodes), ("num_envs", num_envs)):
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ValueError(f"MPC.run: {name} must be an int >= 1, got {v!r}")
+        if max_steps is not None and not (isinstance(max_steps, int) and max_steps >= 1):
+            raise ValueError(f"MPC.run: max_steps must be an int >= 1 or None, got {max_steps!r}")
+        steps = max_steps or self.config.max_steps
         result = MPCResult([], [], [], [], num_envs)
-        for first in range(0, episodes, num_envs):
-            n = min(num_envs, episodes - first)
-            states, goals = self.episode_starts(first, n)
-            self.rollout_episodes(states, goals, result, max_steps)
+        with tqdm(total=episodes, unit="episode", desc=f"MPC ({self.config.planner})", disable=not progress,
+                  dynamic_ncols=True, mininterval=progress_mininterval()) as bar:
+            def on_step(step: int, world: PointMassWorld) -> None:
+                bar.set_postfix_str(f"step {step + 1}/{steps}, {sum(result.success)} reached", refresh=False)
+                bar.update(0)                 # redraws at most every mininterval
+
+            for first in range(0, episodes, num_envs):
+                n = min(num_envs, episodes - first)
+                states, goals = self.episode_starts(first, n)
+                self.rollout_episodes(states, goals, result, max_steps, on_step=on_step if progress else None)
+                bar.set_postfix_str(f"{sum(result.success)} reached", refresh=False)
+                bar.update(n)
         return result
 
     @torch.no_grad()

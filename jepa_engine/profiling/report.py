@@ -304,14 +304,14 @@ def _params(module: torch.nn.Module) -> int:
 
 
 def save_decoder(out_dir: Path, model, steps: int) -> Path:
-    from jepa_engine import checkpoint as ckpt
+    from jepa_engine.training import checkpoint as ckpt
 
     meta = {"kind": "decoder", "config": model.config.to_dict(), "imitation_steps": steps}
     return ckpt.save_checkpoint(out_dir, steps, ckpt.module_tensors(model, "model/"), meta, keep_last=1)
 
 
 def load_decoder(path: str, device: torch.device):
-    from jepa_engine import checkpoint as ckpt
+    from jepa_engine.training import checkpoint as ckpt
     from jepa_engine.baselines import Decoder, DecoderConfig
 
     tensors, meta = ckpt.load_checkpoint(path, device=device)
@@ -360,16 +360,20 @@ def _wm_preset(preset: str) -> str:
 
 def build_models(cfg: ProfileConfig, device: torch.device, notes: list[str], log: Callable[[str], None]) -> dict:
     """The world model and the matched decoder: loaded, trained within the budget, or untrained."""
+    from jepa_engine.training import checkpoint as ckpt
     from jepa_engine.baselines import Decoder, DecoderConfig, ImitationConfig, train_imitation
     from jepa_engine.models.world_model import WorldModel
-    from jepa_engine.train_wm import WMTrainConfig, load_world_model, save_world_model, train_world_model
+    from jepa_engine.training.world_model import WMTrainConfig, load_world_model, save_world_model, train_world_model
 
     out = Path(cfg.out)
     trainable = cfg.preset != "lewm" and cfg.budget_minutes > 0
     torch.manual_seed(cfg.seed)
     # ---- world model
     if cfg.wm_checkpoint:
-        wm, wm_train = load_world_model(cfg.wm_checkpoint, device=device)
+        try:
+            wm, wm_train = load_world_model(cfg.wm_checkpoint, device=device)
+        except ckpt.CheckpointError as e:
+            raise ckpt.CheckpointError(f"--wm-checkpoint: {e}") from e
         wm_state = f"loaded from {cfg.wm_checkpoint}"
     elif trainable:
         share = cfg.budget_minutes * 0.5
@@ -391,7 +395,10 @@ def build_models(cfg: ProfileConfig, device: torch.device, notes: list[str], log
     # ---- decoder, matched in size and in the decision it makes
     dec_kw = dict(image_size=world.image_size, channels=world.channels, horizon=cfg.horizon)
     if cfg.decoder_checkpoint:
-        dec = load_decoder(cfg.decoder_checkpoint, device)
+        try:
+            dec = load_decoder(cfg.decoder_checkpoint, device)
+        except ckpt.CheckpointError as e:
+            raise ckpt.CheckpointError(f"--decoder-checkpoint: {e}") from e
         dec_state = f"loaded from {cfg.decoder_checkpoint}"
     else:
         dcfg = DecoderConfig.from_name("lewm", **dec_kw) if cfg.preset == "lewm" else DecoderConfig.matched(wm_params, **dec_kw)
@@ -825,7 +832,7 @@ def run_profile(cfg: ProfileConfig, log: Callable[[str], None] = print) -> dict:
     """Build or load the models, measure every row, write profile.json / .md / .png under `cfg.out`."""
     from tqdm.auto import tqdm
 
-    from .hardware import progress_mininterval
+    from jepa_engine.runtime import progress_mininterval
 
     t_start = time.perf_counter()
     device = cfg.resolved_device()
@@ -933,7 +940,7 @@ def demo_decoder(wm, world, out_dir: Path, device: torch.device, horizon: int, s
     states unseen), the world model's
     fixed sin-cos patch positions on the prompt, and depth >= 2 (`DecoderConfig.matched`).
     """
-    from jepa_engine import checkpoint as ckpt
+    from jepa_engine.training import checkpoint as ckpt
     from jepa_engine.baselines import DecoderConfig
 
     dcfg = DecoderConfig.matched(_params(wm), image_size=world.image_size, channels=world.channels, horizon=horizon)
@@ -956,7 +963,7 @@ def demo_profile(wm_checkpoint: str, out: str, *, decoder_steps: int = DEMO_DECO
     """The demo's last section: the matched decoder (trained into `<out>/decoder`, or loaded from there),
     then the quick profile against the world model at `wm_checkpoint`; writes `<out>/profile.json`,
     `.md` and `.png` and returns the lines to print. `overrides`: ProfileConfig fields."""
-    from jepa_engine.train_wm import load_world_model
+    from jepa_engine.training.world_model import load_world_model
 
     cfg = ProfileConfig.create(quick=True, **{"preset": "demo", **overrides, "out": str(out),
                                               "wm_checkpoint": wm_checkpoint, "progress": progress})
