@@ -12,14 +12,16 @@ import sys
 from jepa_engine.config import ConfigError
 
 # `plan`'s search budget when not given: samples N (restarts for the gradient planner), iterations I
-# (Adam steps) and control steps per episode, by device type and planner. CUDA: LeWorldModel's CEM
-# budget, 300 x 30 over 60 steps. CPU: an episode of the demo world model in seconds (measured on 2
-# CPU cores: CEM 300 x 30 took 15 s per control step, 15 min per 60-step episode; the gradient planner
-# at 300 restarts x 30 Adam steps 110 s per step).
+# (Adam steps) and control steps per episode, by device type and planner. CUDA: LeWorldModel's budget,
+# 300 x 30 over 60 steps. CPU: an episode in seconds. Measured on a shared 2-core machine, one thread,
+# the 32x32 world model trained 150 steps, 16 seeded episodes 8 at once: CEM 64 x 5 reached 12/16 goals
+# in 20 s, CEM 300 x 30 10/16 in 560 s, MPPI 64 x 5 11/16 in 39 s, the gradient planner 4 x 5 13/16 in
+# 10 s (8 x 10: 10/16 in 23 s; 16 x 20: 12/16 in 194 s). The 64x64 demo model: CEM 64 x 5 about 60 ms of
+# CPU per control step, 300 x 30 about 0.9 s (a minute per 60-step episode).
 PLAN_BUDGETS: dict[tuple[str, str], dict[str, int]] = {
     ("cuda", "cem"): dict(samples=300, iterations=30, max_steps=60),
     ("cuda", "mppi"): dict(samples=300, iterations=30, max_steps=60),
-    ("cuda", "gradient"): dict(samples=32, iterations=20, max_steps=60),
+    ("cuda", "gradient"): dict(samples=300, iterations=30, max_steps=60),
     ("cpu", "cem"): dict(samples=64, iterations=5, max_steps=40),
     ("cpu", "mppi"): dict(samples=64, iterations=5, max_steps=40),
     ("cpu", "gradient"): dict(samples=4, iterations=5, max_steps=40),
@@ -494,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     budgets = ", ".join(f"{p} {b['samples']}x{b['iterations']}" for (d, p), b in PLAN_BUDGETS.items() if d == "cpu")
     plan.add_argument("--samples", type=_int_at_least(1),
                       help="N candidates per iteration (restarts for the gradient planner); default by device: "
-                           f"CUDA 300 (LeWorldModel's budget), CPU: {budgets} (N x I)")
+                           f"CUDA 300x30 for every planner (LeWorldModel's budget), CPU {budgets} (N x I)")
     plan.add_argument("--iterations", type=_int_at_least(1),
                       help="I iterations (Adam steps for the gradient planner); default by device, see --samples")
     plan.add_argument("--elites", type=_int_at_least(1), help="K elites of CEM (default: 10%% of --samples, "
