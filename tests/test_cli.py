@@ -14,10 +14,10 @@ import torch
 
 from jepa_engine import cli
 from jepa_engine.config import ConfigError
+from jepa_engine.evaluation.mpc import MPC, MPCConfig, MPCResult
 from jepa_engine.kernels import use_backend
 from jepa_engine.models.vit import ViTConfig
 from jepa_engine.models.world_model import WorldModel, WorldModelConfig
-from jepa_engine.planning import MPC, MPCConfig, MPCResult
 from jepa_engine.training.world_model import WMTrainConfig, save_world_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,7 +8,8 @@ import torch
 
 from jepa_engine.kernels import use_backend
 from jepa_engine.models.world_model import WorldModel, WorldModelConfig
-from jepa_engine.planning import MPC, MPCConfig, PlannerConfig, latent_cost
+from jepa_engine.evaluation.mpc import MPC, MPCConfig
+from jepa_engine.planning import PlannerConfig, latent_cost
 
 from .wm_fixtures import trained
 

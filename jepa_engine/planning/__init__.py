@@ -1,12 +1,10 @@
-"""Latent-space planners sharing one interface: ``planner.plan(cost_fn, num_envs, device) -> Plan``."""
+"""Latent-space planners sharing one interface (``planner.plan(cost_fn, num_envs, device) -> Plan``),
+the registry that names them, and the world model's latent cost they minimise."""
 from .base import CostFn, Plan, Planner, PlannerConfig
 from .gradient import GradientPlanner
+from .latent_cost import latent_cost
+from .registry import PLANNERS
 from .sampling import CEMPlanner, MPPIPlanner
 
-PLANNERS = {"cem": CEMPlanner, "mppi": MPPIPlanner, "gradient": GradientPlanner}
-
-__all__ = ["CEMPlanner", "CostFn", "GradientPlanner", "MPPIPlanner", "PLANNERS", "Plan", "Planner", "PlannerConfig"]
-
-from .mpc import MPC, MPCConfig, MPCResult, latent_cost  # noqa: E402  (mpc looks planners up in PLANNERS)
-
-__all__ += ["MPC", "MPCConfig", "MPCResult", "latent_cost"]
+__all__ = ["CEMPlanner", "CostFn", "GradientPlanner", "MPPIPlanner", "PLANNERS", "Plan", "Planner", "PlannerConfig",
+           "latent_cost"]

@@ -22,16 +22,11 @@ from typing import Optional
 import torch
 
 from jepa_engine.envs import PointMassWorld, WorldConfig, render
-from jepa_engine.kernels import latent_cost as fused_latent_cost
 from jepa_engine.models.world_model import WorldModel
+from jepa_engine.planning import Plan, Planner, PlannerConfig
+from jepa_engine.planning.latent_cost import COSTS, REDUCTIONS, latent_cost
+from jepa_engine.planning.registry import PLANNERS
 from jepa_engine.runtime import progress_mininterval
-
-from . import PLANNERS
-from .base import CostFn, Plan, Planner, PlannerConfig
-from .rollout import FusedRollout
-
-COSTS = ("l1", "l2")
-REDUCTIONS = ("final", "sum")
 
 
 def default_elites(samples: int) -> int:
@@ -42,7 +37,7 @@ def default_elites(samples: int) -> int:
 
 @dataclass
 class MPCConfig:
-    planner: str = "cem"             # a key of jepa_engine.planning.PLANNERS
+    planner: str = "cem"             # a key of jepa_engine.planning.registry.PLANNERS
     horizon: int = 5
     samples: int = 300
     iterations: int = 30
@@ -111,51 +106,6 @@ class MPCResult:
         return (f"success {sum(self.success)}/{len(self.success)} = {self.success_rate:.0%}{steps}; plan latency "
                 f"median {lat['median']:.1f} ms (p20 {lat['p20']:.1f}, p80 {lat['p80']:.1f}) for "
                 f"{self.num_envs} env(s) per plan, {len(self.plan_ms)} plans")
-
-
-def latent_cost(model: WorldModel, z_hist: torch.Tensor, past_actions: torch.Tensor, z_goal: torch.Tensor,
-                cost: str = "l2", reduce: str = "final", fused: bool = True) -> CostFn:
-    """The planners' cost: ``actions [E, N, H, A] -> [E, N]``, the distance of the predicted embeddings
-    to the goal embedding. z_hist [E, h, D], past_actions [E, h-1, A], z_goal [E, D].
-
-    Without a gradient to record (CEM, MPPI) the rollout runs through :class:`FusedRollout` (shared
-    history prefix, last-row-only last block, fused linear pieces, the cost in the last step's pass);
-    when the actions or the history require grad (the gradient planner) through the differentiable
-    ``model.rollout`` and the fused ``latent_cost`` op; ``fused=False`` takes that path always (the
-    straightforward rollout, for comparisons). The fused rollout reads the model's weights on the first
-    call: build a new cost function after changing them."""
-    if cost not in COSTS:
-        raise ValueError(f"latent_cost: cost must be one of {COSTS}, got {cost!r}")
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"latent_cost: reduce must be one of {REDUCTIONS}, got {reduce!r}")
-    D, A = model.cfg.embed_dim, model.cfg.action_dim
-    if z_hist.dim() != 3 or z_hist.shape[2] != D:
-        raise ValueError(f"latent_cost: z_hist must be [E, h, {D}], got {list(z_hist.shape)}")
-    E, h, _ = z_hist.shape
-    if tuple(z_goal.shape) != (E, D):
-        raise ValueError(f"latent_cost: z_goal must be [E, D] = [{E}, {D}], got {list(z_goal.shape)}")
-    if tuple(past_actions.shape) != (E, h - 1, A):
-        raise ValueError(f"latent_cost: past_actions must be [E, h-1, A] = [{E}, {h - 1}, {A}], "
-                         f"got {list(past_actions.shape)}")
-
-    engine: list[FusedRollout] = []          # built on the first call that needs no gradient
-
-    def cost_fn(actions: torch.Tensor) -> torch.Tensor:
-        E_, N, H, A_ = actions.shape
-        if E_ != E or A_ != A:
-            raise ValueError(f"latent_cost: actions must be [E, N, H, A] with E = {E}, A = {A}, "
-                             f"got {list(actions.shape)}")
-        if fused and not (torch.is_grad_enabled() and (actions.requires_grad or z_hist.requires_grad)):
-            if not engine:
-                engine.append(FusedRollout(model))
-            return engine[0].cost(z_hist, past_actions, actions, z_goal, cost, reduce)
-        zh = z_hist[:, None].expand(E, N, h, D).reshape(E * N, h, D)
-        pa = past_actions[:, None].expand(E, N, h - 1, A).reshape(E * N, h - 1, A)
-        z = model.rollout(zh, actions.reshape(E * N, H, A), past_actions=pa)              # [E*N, H, D]
-        # One fused pass over the predictions; goal row e scores the N candidates of environment e.
-        return fused_latent_cost(z, z_goal.to(z.dtype), metric=cost, reduce=reduce).view(E, N)
-
-    return cost_fn
 
 
 class MPC:
