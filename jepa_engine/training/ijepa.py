@@ -42,7 +42,8 @@ from .configs import TrainConfig
 from .distributed import DataParallel
 from .ema import EMA
 from .interrupt import DeferredInterrupt
-from .run_folder import NonFiniteLossError, RunFolder, check_finite, restore_state, state_tensors
+from .run_folder import NonFiniteLossError  # noqa: F401  (what fit() raises; callers catch it from here)
+from .run_folder import RunFolder, check_finite, restore_state, state_tensors
 
 
 # --------------------------------------------------------------------------------------------------
