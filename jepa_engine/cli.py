@@ -271,7 +271,7 @@ def _demo_world_model(out: str) -> bool:
     import time
     import traceback
 
-    from jepa_engine.planning import MPC, MPCConfig
+    from jepa_engine.evaluation.mpc import MPC, MPCConfig
     from jepa_engine.training.world_model import WMTrainConfig, train_world_model
 
     cfg = WMTrainConfig.from_name(DEMO_WM_TRAIN["preset"], **DEMO_WM_TRAIN.get("overrides", {}))
@@ -386,7 +386,7 @@ def _plan(args: argparse.Namespace) -> int:
     import torch
 
     from jepa_engine.training.checkpoint import CheckpointError
-    from jepa_engine.planning import MPC, MPCConfig
+    from jepa_engine.evaluation.mpc import MPC, MPCConfig
     from jepa_engine.training.world_model import load_world_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device in (None, "auto") \

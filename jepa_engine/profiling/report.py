@@ -428,7 +428,7 @@ def build_models(cfg: ProfileConfig, device: torch.device, notes: list[str], log
 
 def decision_set(wm, world, cfg: ProfileConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The seeded (start [n, 4], goal [n, 2]) pairs every row is asked to solve."""
-    from jepa_engine.planning import MPC, MPCConfig
+    from jepa_engine.evaluation.mpc import MPC, MPCConfig
 
     mpc = MPC(wm, world, MPCConfig(horizon=cfg.horizon, seed=cfg.seed), device=device)
     return mpc.episode_starts(0, cfg.decisions)
@@ -460,7 +460,8 @@ def _steady_state_cost(wm, world, start: torch.Tensor, goal: torch.Tensor, devic
 def planner_rows(models: dict, starts, goals, cfg: ProfileConfig, device, energy: tuple[bool, str],
                  tick: Callable[[str], None]) -> list[dict]:
     from jepa_engine.kernels import use_backend
-    from jepa_engine.planning import MPC, PLANNERS, MPCConfig
+    from jepa_engine.evaluation.mpc import MPC, MPCConfig
+    from jepa_engine.planning.registry import PLANNERS
 
     from jepa_engine.planning.rollout import FusedRollout
 
