@@ -22,8 +22,7 @@ from typing import Callable
 import pytest
 import torch
 
-from benches.device_tag import device_name
-from jepa_engine.profiling.hardware import peak_for, percentile
+from jepa_engine.profiling.hardware import device_name, peak_for, percentile
 from jepa_engine.profiling.pytest_energy import add_energy_info, energy_info  # noqa: F401 (fixture)
 
 OURS = "jepa_engine"

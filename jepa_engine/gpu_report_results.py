@@ -112,7 +112,7 @@ def collect_facts() -> dict:
     facts = {"python": sys.version.split()[0], "executable": sys.executable, "platform": platform.platform(),
              "cpus": os.cpu_count(), "packages": _guard(versions), "torch": _guard(_torch)}
     try:
-        from benches.device_tag import device_name, device_tag
+        from jepa_engine.profiling.hardware import device_name, device_tag
 
         facts["device_tag"], facts["device_name"] = device_tag(), device_name()
     except Exception as e:

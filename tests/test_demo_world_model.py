@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jepa_engine import cli
+from jepa_engine import cli, demo
 from jepa_engine.kernels import use_backend
 
 
@@ -17,14 +17,14 @@ def _reference_ops():
 
 @pytest.fixture
 def small_budgets(monkeypatch):
-    monkeypatch.setattr(cli, "DEMO_WM_TRAIN", dict(preset="test", overrides=dict(steps=12, log_every=5,
-                                                                                   max_minutes=1.0)))
-    monkeypatch.setattr(cli, "DEMO_MPC", dict(cli.DEMO_MPC, samples=16, iterations=2, elites=4, max_steps=3))
-    monkeypatch.setattr(cli, "DEMO_MPC_EPISODES", 2)
+    monkeypatch.setattr(demo, "DEMO_WM_TRAIN", dict(preset="test", overrides=dict(steps=12, log_every=5,
+                                                                                    max_minutes=1.0)))
+    monkeypatch.setattr(demo, "DEMO_MPC", dict(demo.DEMO_MPC, samples=16, iterations=2, elites=4, max_steps=3))
+    monkeypatch.setattr(demo, "DEMO_MPC_EPISODES", 2)
 
 
 def test_demo_world_model_section_reports_probe_surprise_and_mpc(tmp_path, capsys, small_budgets):
-    assert cli._demo_world_model(str(tmp_path / "wm")) is True
+    assert demo.world_model_section(str(tmp_path / "wm")) is True
     out = capsys.readouterr().out
     for text in ("training the 'test' world model", "trained 12 steps", "physics probe (embeddings): linear probe R^2",
                  "surprise at a teleport", "MPC with CEM: N=16 x I=2", "2 seeded episodes", "success ",
@@ -40,7 +40,7 @@ def test_demo_world_model_section_fails_on_a_real_failure(tmp_path, capsys, smal
         raise FloatingPointError("train_world_model: loss became nan at step 3")
 
     monkeypatch.setattr(train_wm, "train_world_model", broken)
-    assert cli._demo_world_model(str(tmp_path / "wm")) is False
+    assert demo.world_model_section(str(tmp_path / "wm")) is False
     assert "world model: training FAILED" in capsys.readouterr().out
 
 
@@ -61,13 +61,13 @@ def test_demo_sections_run_in_order(tmp_path, capsys, monkeypatch):
         def close(self):
             pass
 
-    import jepa_engine.profiling.report as report
+    import jepa_engine.selfcheck as selfcheck
 
     calls = []
     monkeypatch.setattr(train, "Trainer", FakeTrainer)
-    monkeypatch.setattr(cli, "_demo_world_model", lambda out: calls.append(("wm", out)) or True)
-    monkeypatch.setattr(report, "demo_profile", lambda wm, out: calls.append(("profile", wm, out)) or ["headline"])
-    monkeypatch.setattr(cli, "_selfcheck", lambda args: calls.append(("selfcheck",)) or 0)
+    monkeypatch.setattr(demo, "world_model_section", lambda out: calls.append(("wm", out)) or True)
+    monkeypatch.setattr(demo, "demo_profile", lambda wm, out: calls.append(("profile", wm, out)) or ["headline"])
+    monkeypatch.setattr(selfcheck, "run", lambda: calls.append(("selfcheck",)) or 0)
     assert cli.main(["demo", "--out", str(tmp_path)]) == 0
     assert calls == [("wm", str(tmp_path / "wm")), ("profile", str(tmp_path / "wm"), str(tmp_path / "profile")),
                      ("selfcheck",)]
@@ -77,6 +77,6 @@ def test_demo_sections_run_in_order(tmp_path, capsys, monkeypatch):
     assert [out.index(s) for s in sections] == sorted(out.index(s) for s in sections)
     assert "whole demo:" in out
     calls.clear()
-    monkeypatch.setattr(cli, "_demo_world_model", lambda out: False)   # a failed section fails the demo
+    monkeypatch.setattr(demo, "world_model_section", lambda out: False)   # a failed section fails the demo
     assert cli.main(["demo", "--out", str(tmp_path)]) == 1
     assert ("selfcheck",) in calls and not any(c[0] == "profile" for c in calls)   # no model: no profile

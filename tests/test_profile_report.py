@@ -11,8 +11,10 @@ from jepa_engine.baselines import DecoderConfig
 from jepa_engine.cli import main
 from jepa_engine.kernels import use_backend
 from jepa_engine.models.world_model import WorldModel, WorldModelConfig
-from jepa_engine.profiling.report import (PLOT_DPI, PLOT_SIZE, QUICK_DEFAULTS, SWEEP_LABEL, PlannerBudget, ProfileConfig,
-                                          decoder_flops, parse_int_list, parse_sizes, planner_flops, predictor_flops)
+from jepa_engine.comparison.config import (QUICK_DEFAULTS, SWEEP_LABEL, PlannerBudget, ProfileConfig, parse_int_list,
+                                          parse_sizes)
+from jepa_engine.comparison.flops import decoder_flops, planner_flops, predictor_flops
+from jepa_engine.comparison.render import PLOT_DPI, PLOT_SIZE
 
 TINY = ["--preset", "tiny", "--budget-minutes", "0.15", "--reasoning-tokens", "0,8", "--sizes", "1x,10x",
         "--budgets", "cem:32x3,mppi:16x2:cold", "--decisions", "2", "--max-steps", "4", "--no-compile",
@@ -142,7 +144,7 @@ def test_quick_config_precedence():
 
 
 def test_demo_profile_trains_then_reuses_the_decoder(run, tmp_path):
-    from jepa_engine.profiling.report import demo_profile
+    from jepa_engine.demo import demo_profile
 
     _, out = run
     kw = dict(decoder_steps=15, preset="tiny", budgets="cem:16x2", reasoning_tokens="0", sizes="1x", decisions=2,
@@ -195,7 +197,7 @@ def test_parsers_and_config_errors():
 
 
 def test_energy_fields_measure_or_say_why():
-    from jepa_engine.profiling.report import energy_fields
+    from jepa_engine.comparison.rows import energy_fields
 
     cfg = ProfileConfig(energy_seconds=0.02, trials=1)
     row = energy_fields(lambda: sum(range(1000)), torch.device("cpu"), cfg, True, "", tokens=10)
@@ -224,7 +226,7 @@ def test_flop_counts():
 
 
 def test_success_max_evals_option():
-    from jepa_engine.profiling.report import ProfileConfig
+    from jepa_engine.comparison.config import ProfileConfig
 
     assert ProfileConfig().success_limit(torch.device("cpu")) == 2000
     assert ProfileConfig().success_limit(torch.device("cuda")) == float("inf")

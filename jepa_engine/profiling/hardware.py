@@ -1,8 +1,12 @@
-"""Published hardware peaks and the small timing helpers shared by the profiler, the decoding
-baseline and the benchmarks."""
+"""Published hardware peaks, the device's name and file-name tag, and the small timing helpers shared by
+the comparison, the decoding baseline and the benchmarks."""
 from __future__ import annotations
 
-from typing import Optional
+import platform
+import re
+import statistics
+import time
+from typing import Callable, Optional
 
 import torch
 
@@ -31,3 +35,37 @@ def sync(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on the CPU)."""
     if device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, min_seconds: float, min_calls: int = 5,
+               max_calls: int = 200, warmup: int = 1) -> dict:
+    """Call `fn` one at a time (synchronised) until `min_calls` calls and `min_seconds` have passed."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_calls and (len(times) < min_calls or time.perf_counter() - start < min_seconds):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {"latency_s": med, "latency_p90_s": percentile(times, 0.9), "decisions_per_s": 1.0 / med,
+            "timed_calls": len(times)}
+
+
+def device_name() -> str:
+    """The benchmarks' device: the first GPU's name, else ``cpu-<machine>-<threads>threads``."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+
+
+def device_tag() -> str:
+    """A short file-name tag for that device (``h100``, ``cpu``...)."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0).lower()
+        m = re.search(r"\b([a-z]\d{2,4})\b", name)
+        return m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+    return "cpu"

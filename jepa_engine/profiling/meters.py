@@ -174,6 +174,14 @@ class RaplSource:
         return {"rapl_domains": [os.path.dirname(p) for p, _ in self.domains]}
 
 
+def energy_probe(device: torch.device) -> tuple[bool, str]:
+    """Whether the device's energy counter is readable, and why not."""
+    source, reason = NvmlSource.open(device.index or 0) if device.type == "cuda" else RaplSource.open()
+    if source is None:
+        return False, f"energy unavailable: {reason}"
+    return True, ""
+
+
 def wrapped_delta(start: float, end: float, counter_range: float) -> float:
     """``end - start`` of a counter that wraps to 0 after ``counter_range``."""
     return end - start if end >= start else end + counter_range - start
