@@ -53,39 +53,34 @@ def _selfcheck(args: argparse.Namespace) -> int:
     return selfcheck.run()
 
 
-def _train(args: argparse.Namespace) -> int:
-    from jepa_engine import demo
-    from jepa_engine.training.checkpoint import CheckpointError, resume_checkpoint
-    from jepa_engine.training.ijepa import NonFiniteLossError, TrainConfig, Trainer
+def _run_config(args: argparse.Namespace, config_class, fallback: str | None):
+    """The run's config: ``--config``, else (with ``--resume``) the run folder's own ``config.json``, else
+    ``fallback``; ``--steps``/``--device`` override it. ``--resume`` needs a checkpoint in ``--out``, with or
+    without ``--config``. Every failure is an input error (one line and status 2, from :func:`main`)."""
+    from jepa_engine.training.checkpoint import resume_checkpoint
 
-    overrides = {"steps": args.steps} if args.steps is not None else {}
-    if args.device is not None:
-        overrides["device"] = args.device
     if args.resume:
-        # --resume needs a checkpoint, with or without --config (as in train-wm).
-        try:
-            resume_checkpoint(args.out, verify=False)
-        except CheckpointError as e:
-            print(f"jepa-engine train: {e}", file=sys.stderr)
-            return 2
+        resume_checkpoint(args.out, verify=False)
     config = args.config
     if config is None:
         saved = os.path.join(args.out, "config.json")
-        if not (args.resume and os.path.isfile(saved)):
-            print("jepa-engine train: --config is required (a preset or a JSON file) unless --resume finds "
-                  f"{saved}", file=sys.stderr)
-            return 2
-        config = saved
+        config = saved if args.resume and os.path.isfile(saved) else fallback
+        if config is None:
+            raise ConfigError(f"--config is required (a preset or a JSON file) unless --resume finds {saved}")
+    overrides = {k: v for k, v in (("steps", args.steps), ("device", args.device)) if v is not None}
     try:
-        cfg = TrainConfig.load(config, **overrides)
+        return config_class.load(config, **overrides)
+    except ConfigError:
+        raise
     except ValueError as e:
-        print(f"jepa-engine train: {e}", file=sys.stderr)
-        return 2
-    try:
-        trainer = Trainer(cfg, args.out, resume=args.resume)
-    except CheckpointError as e:
-        print(f"jepa-engine train: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError(str(e)) from e
+
+
+def _train(args: argparse.Namespace) -> int:
+    from jepa_engine import demo
+    from jepa_engine.training.ijepa import NonFiniteLossError, TrainConfig, Trainer
+
+    trainer = Trainer(_run_config(args, TrainConfig, fallback=None), args.out, resume=args.resume)
     try:
         summary = trainer.fit()
     except KeyboardInterrupt:
@@ -107,32 +102,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train_wm(args: argparse.Namespace) -> int:
     from jepa_engine import demo
-    from jepa_engine.training.checkpoint import CheckpointError, resume_checkpoint
     from jepa_engine.training.world_model import WMTrainConfig, train_world_model
 
-    overrides = {k: v for k, v in (("steps", args.steps), ("device", args.device)) if v is not None}
-    if args.resume:
-        # --resume needs a checkpoint, with or without --config (as in train).
-        try:
-            resume_checkpoint(args.out, verify=False)
-        except CheckpointError as e:
-            print(f"jepa-engine train-wm: {e}", file=sys.stderr)
-            return 2
-    config = args.config
-    if config is None:
-        # --resume without --config continues the run folder's own config (as `train` does).
-        saved = os.path.join(args.out, "config.json")
-        config = saved if args.resume and os.path.isfile(saved) else "demo"
-    try:
-        cfg = WMTrainConfig.load(config, **overrides)
-    except ValueError as e:
-        print(f"jepa-engine train-wm: {e}", file=sys.stderr)
-        return 2
+    cfg = _run_config(args, WMTrainConfig, fallback="demo")
     try:
         summary = train_world_model(cfg, args.out, resume=args.resume)
-    except CheckpointError as e:
-        print(f"jepa-engine train-wm: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
     resumed = f" (resumed at step {summary['resumed_from']})" if summary.get("resumed_from") is not None else ""

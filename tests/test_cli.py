@@ -136,6 +136,21 @@ def test_nested_config_typo_in_train(tmp_path, capsys):
     assert not (tmp_path / "run").exists(), "nothing is written for a bad config"
 
 
+@pytest.mark.parametrize("command, overrides, message", [
+    ("train", {"encoder": "tiny", "encoder_overrides": {"num_heads": 5}},
+     "ViTConfig: embed_dim must be divisible by num_heads"),
+    ("train", {"encoder": "tiny", "mask_overrides": {"npred": 0}}, "MaskConfig: npred must be >= 1, got 0"),
+    ("train-wm", {"model": "test", "model_overrides": {"num_heads": 5}}, "num_heads"),
+])
+def test_nested_config_bad_value(command, overrides, message, tmp_path, capsys):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({**overrides, "steps": 2, "device": "cpu"}))
+    rc, out, err = run([command, "--config", str(cfg), "--out", str(tmp_path / "run")], capsys)
+    assert rc == 2 and "Traceback" not in err and message in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists(), "nothing is written for a bad config"
+
+
 def test_nested_config_typo_in_train_wm(tmp_path, capsys):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"model": "test", "model_overrides": {"histroy": 2}, "steps": 2, "device": "cpu"}))

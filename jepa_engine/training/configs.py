@@ -12,6 +12,8 @@ import torch
 from jepa_engine.config import ConfigIO
 from jepa_engine.envs import WorldConfig
 from jepa_engine.envs.config import PRESETS as WORLDS
+from jepa_engine.masks import MaskConfig
+from jepa_engine.models import PredictorConfig, ViTConfig
 from jepa_engine.models.world_model import WorldModelConfig
 from jepa_engine.runtime import resolved_device
 from jepa_engine.schedules import MOMENTUM_KINDS
@@ -125,6 +127,16 @@ class TrainConfig(RunConfig):
         if self.world not in WORLDS:
             raise bad("world", f"one of {sorted(WORLDS)}")
         self._check_device()
+        self.nested_configs()  # a bad nested field or value fails here, before anything is built
+
+    def nested_configs(self) -> tuple[WorldConfig, ViTConfig, PredictorConfig, MaskConfig]:
+        """The world, encoder, predictor and mask configs: each preset with its ``*_overrides``."""
+        world = WorldConfig.from_name(self.world, **self.world_overrides)
+        enc = ViTConfig.from_name(self.encoder, **{"img_size": world.image_size, "in_chans": world.channels,
+                                                  **self.encoder_overrides})
+        grid = enc.img_size // enc.patch_size
+        return (world, enc, PredictorConfig.for_encoder(enc, self.predictor, **self.predictor_overrides),
+                MaskConfig(**{"grid": (grid, grid), **self.mask_overrides}))
 
     @classmethod
     def presets(cls) -> dict[str, dict[str, Any]]:

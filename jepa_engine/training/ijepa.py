@@ -51,12 +51,9 @@ from .run_folder import RunFolder, check_finite, restore_state, state_tensors
 # --------------------------------------------------------------------------------------------------
 def build_models(cfg: TrainConfig) -> tuple[nn.Module, nn.Module, Any]:
     """(context encoder, predictor, encoder config) for ``cfg``."""
-    from jepa_engine.models import Predictor, PredictorConfig, ViTConfig, VisionTransformer
+    from jepa_engine.models import Predictor, VisionTransformer
 
-    world = build_world(cfg)
-    enc_cfg = ViTConfig.from_name(cfg.encoder, **{"img_size": world.image_size, "in_chans": world.channels,
-                                                  **cfg.encoder_overrides})
-    pred_cfg = PredictorConfig.for_encoder(enc_cfg, cfg.predictor, **cfg.predictor_overrides)
+    _, enc_cfg, pred_cfg, _ = cfg.nested_configs()
     return VisionTransformer(enc_cfg), Predictor(pred_cfg), enc_cfg
 
 
@@ -69,7 +66,7 @@ def build_masker(cfg: TrainConfig, enc_cfg: Any):
 
 
 def build_world(cfg: TrainConfig) -> WorldConfig:
-    return WorldConfig.from_name(cfg.world, **cfg.world_overrides)
+    return cfg.nested_configs()[0]
 
 
 def derived_seed(seed: int, step: int, stream: int) -> int:
