@@ -19,7 +19,11 @@ from jepa_engine.integrations.record import count_fallback, count_fused
 
 
 class Unsupported(Exception):
-    """The mask is not expressible as key padding / frame-causal (the caller falls back)."""
+    """The mask is not expressible as key padding / frame-causal (the caller falls back).
+
+    Raised with one argument, the reason, read back as ``e.args[0]``: the fallback decision runs inside
+    compiled forwards, and torch.compile (2.11) traces neither an exception's C ``__str__`` nor a
+    subclass ``__init__``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +231,7 @@ def call_plan(mod, rec, x: torch.Tensor, mask, *, is_causal: bool = False, reaso
             plan = causal_plan(mask_plan(mask, B, N, N, x.device, user_format=True,
                                          compile_safe=rec.compile_safe), is_causal, N, N)
         except Unsupported as e:
-            reason = str(e)
+            reason = e.args[0]
     if reason:
         count_fallback(rec, reason)
         return None, reason

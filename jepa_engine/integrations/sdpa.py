@@ -76,7 +76,7 @@ def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
             plan = causal_plan(mask_plan(attn_mask, B, N_q, N_k, query.device, user_format=False,
                                          compile_safe=_compile_safe), is_causal, N_q, N_k)
         except Unsupported as e:
-            reason = str(e)
+            reason = e.args[0]
     if reason:
         count_fallback(rec, reason)
         return _REAL_SDPA(*args, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
