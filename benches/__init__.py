@@ -1,0 +1,1 @@
+"""pytest-benchmark suites (bench_*.py), their fixtures and the report: `make bench`."""
