@@ -118,14 +118,12 @@ def _train_wm(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    import torch
-
-    from jepa_engine.training.checkpoint import CheckpointError
     from jepa_engine.evaluation.mpc import MPC, MPCConfig
+    from jepa_engine.runtime import resolved_device
+    from jepa_engine.training.checkpoint import CheckpointError
     from jepa_engine.training.world_model import load_world_model
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device in (None, "auto") \
-        else torch.device(args.device)
+    device = resolved_device(args.device or "auto")
     # The search budget: what was given, the rest from the device's default for this planner.
     defaults = PLAN_BUDGETS[("cuda" if device.type == "cuda" else "cpu", args.planner)]
     given = {k: getattr(args, k) for k in defaults if getattr(args, k) is not None}
