@@ -135,3 +135,16 @@ def seeded(seed: int = 0):
         yield
     finally:
         torch.random.set_rng_state(state)
+
+
+@contextlib.contextmanager
+def reference_ops_one_thread():
+    """Every op on its PyTorch reference (not the Triton interpreter) and torch on one thread inside the
+    block: on two busy cores, two torch threads made a plan call about 40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with use_backend("reference"):
+            yield
+    finally:
+        torch.set_num_threads(threads)

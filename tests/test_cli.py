@@ -15,23 +15,19 @@ import torch
 from jepa_engine import cli
 from jepa_engine.config import ConfigError
 from jepa_engine.evaluation.mpc import MPC, MPCConfig, MPCResult
-from jepa_engine.kernels import use_backend
 from jepa_engine.models.vit import ViTConfig
 from jepa_engine.models.world_model import WorldModel, WorldModelConfig
 from jepa_engine.training.world_model import WMTrainConfig, save_world_model
+from tests.helpers import reference_ops_one_thread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
 def _one_thread_reference_ops():
-    """Planning on the reference ops (not the Triton interpreter) and one thread, as test_mpc.py does:
-    two threads on two busy cores made a plan call 40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with use_backend("reference"):
+    """Planning on the reference ops and one thread, as test_mpc.py does."""
+    with reference_ops_one_thread():
         yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from jepa_engine.comparison.config import (QUICK_DEFAULTS, SWEEP_LABEL, PlannerB
                                           parse_sizes)
 from jepa_engine.comparison.flops import decoder_flops, planner_flops, predictor_flops
 from jepa_engine.comparison.render import PLOT_DPI, PLOT_SIZE
+from tests.helpers import reference_ops_one_thread
 
 TINY = ["--preset", "tiny", "--budget-minutes", "0.15", "--reasoning-tokens", "0,8", "--sizes", "1x,10x",
         "--budgets", "cem:32x3,mppi:16x2:cold", "--decisions", "2", "--max-steps", "4", "--no-compile",
@@ -23,11 +24,8 @@ TINY = ["--preset", "tiny", "--budget-minutes", "0.15", "--reasoning-tokens", "0
 
 @pytest.fixture(autouse=True)
 def _reference_ops():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with use_backend("reference"):
+    with reference_ops_one_thread():
         yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
