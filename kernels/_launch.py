@@ -16,7 +16,7 @@ import contextlib
 import functools
 import importlib.util
 import os
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -57,6 +57,11 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _forced.pop()
+
+
+def forced_backend() -> Optional[str]:
+    """The backend the innermost :func:`use_backend` block forces, or None outside any."""
+    return _forced[-1] if _forced else None
 
 
 def triton_runs_on(device: torch.device) -> bool:

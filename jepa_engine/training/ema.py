@@ -149,7 +149,10 @@ class EMA:
             m = self.schedule(self.steps)
             if self._device.type == "cuda":
                 self._momentum_dev.fill_(m)  # asynchronous: no host synchronisation
-                momentum = self._momentum_dev
+                # The kernel reads the device scalar; a plain same-dtype update without the distance
+                # takes torch._foreach_lerp_ with the float instead, faster there on an H100
+                # (jepa_engine.kernels.ema._foreach_wins).
+                momentum = self._momentum_dev if self.return_distance else m
             else:
                 momentum = m
         t, o, tb, ob = self._tensors

@@ -157,6 +157,25 @@ def test_plan_cached_and_rebuilt_on_change(kernel_device):
     assert len(_PLANS) <= 8
 
 
+def test_dispatch_foreach_where_it_measured_faster():
+    """The plain same-dtype float-momentum update on CUDA goes to ``torch._foreach_lerp_``; a device
+    momentum, the distance, mixed dtypes, a forced kernel and every non-CUDA device keep the kernel's
+    decision (the rule reads only the device type and dtypes: no CUDA needed to check it)."""
+    from jepa_engine.kernels.ema import _foreach_wins
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    t32, t16 = [torch.zeros(3), torch.zeros(2)], [torch.zeros(3, dtype=BF16), torch.zeros(2, dtype=BF16)]
+    assert _foreach_wins(t32, t32, 0.99, cuda, False)
+    assert _foreach_wins(t16, t16, 0.99, cuda, False)
+    assert not _foreach_wins(t32, t32, torch.tensor([0.99]), cuda, False), "device momentum: kernel (graphs)"
+    assert not _foreach_wins(t32, t32, 0.99, cuda, True), "distance: kernel (fused)"
+    assert not _foreach_wins(t32, t16, 0.99, cuda, False), "mixed dtypes: kernel (one pass)"
+    assert not _foreach_wins([t32[0], t16[0]], [t32[0], t16[0]], 0.99, cuda, False)
+    assert not _foreach_wins(t32, t32, 0.99, cpu, False)
+    with use_backend("triton"):
+        assert not _foreach_wins(t32, t32, 0.99, cuda, False), "a forced kernel stays the kernel"
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad input: each a clear error naming the argument, the expected and the actual.
 # --------------------------------------------------------------------------------------------------
