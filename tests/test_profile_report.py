@@ -46,10 +46,18 @@ def test_profile_writes_json_markdown_png(run):
     assert report["environment"]["torch"] == torch.__version__
     rows = report["rows"]
     planners = [r for r in rows if r["kind"] == "planner"]
-    # the reference budget in both forms (eager model.rollout loop, fused rollout), the others fused
-    assert [(r["budget"], r["impl"]) for r in planners] == [("cem 32x3", "planner-eager"), ("cem 32x3", "planner-fused"),
-                                                           ("mppi 16x2 cold", "planner-fused")]
+    # the reference budget eager (model.rollout loop) and fused, the others fused; on CUDA each fused
+    # row has a graphed twin (the whole plan replayed from one CUDA graph)
+    graphed = report["environment"].get("gpu") is not None
+    expected = [("cem 32x3", "planner-eager"), ("cem 32x3", "planner-fused")]
+    expected += [("cem 32x3", "planner-graphed")] * graphed + [("mppi 16x2 cold", "planner-fused")]
+    expected += [("mppi 16x2 cold", "planner-graphed")] * graphed
+    assert [(r["budget"], r["impl"]) for r in planners] == expected
     eager, fused = planners[:2]
+    if graphed:
+        twin = planners[2]
+        assert twin["success_rate"] == fused["success_rate"] and twin["flops_per_decision"] == fused["flops_per_decision"]
+        assert twin["latency_s"] > 0 and "CUDA graph" in twin["backend_note"]
     assert fused["flops_per_decision"] < 0.8 * eager["flops_per_decision"]   # the fused rollout's count
     assert fused["success_rate"] == eager["success_rate"]                    # one MPC measurement, both forms
     decision = [r for r in rows if r["kind"] == "decoder" and r["sweep"] == "decision"]
@@ -79,7 +87,7 @@ def test_profile_writes_json_markdown_png(run):
         assert r["bytes_per_token"] >= 4 * r["params"] * 0.5 and r["achieved_gbps"] > 0
     for text in ("## What is compared", "## Caveats", "| JEPA cem 32x3 (eager)", "| JEPA cem 32x3 (fused)",
                  "## Decode step memory bandwidth", "| decoder eager dynamic cache | decision |",
-                 "The planner's two forms at that budget", "L = 8", "size 10x",
+                 "The planner's forms at that budget", "L = 8", "size 10x",
                  "0.12-0.20 J per token", "## Ratios"):
         assert text in md, text
 

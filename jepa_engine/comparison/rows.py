@@ -12,6 +12,7 @@ from jepa_engine.envs import PointMassWorld, render
 from jepa_engine.evaluation.mpc import MPC, MPCConfig
 from jepa_engine.kernels import use_backend
 from jepa_engine.planning import latent_cost
+from jepa_engine.planning.graphs import GraphedPlanner
 from jepa_engine.planning.registry import PLANNERS
 from jepa_engine.planning.rollout import FusedRollout
 from jepa_engine.profiling.hardware import time_calls
@@ -61,7 +62,11 @@ def planner_rows(models: dict, starts, goals, cfg: ProfileConfig, device, energy
     wm, world = models["wm"], models["world"]
     # eager: model.rollout stepped over the window for every candidate, reference ops (the loop as
     # published planners write it); fused: FusedRollout with the default dispatch (Triton on CUDA).
+    # graphed (CUDA only): the fused plan, every iteration captured once in a CUDA graph and replayed
+    # per decision (the same ops and random stream as the fused form: one launch instead of hundreds).
     forms = [("eager", False, "reference"), ("fused", True, None)]
+    if device.type == "cuda":
+        forms.append(("graphed", True, None))
     cost_fns = {fused: _steady_state_cost(wm, world, starts[:1], goals[:1], device, fused) for _, fused, _ in forms}
     obs = cost_fns[True][1]
     rollout = FusedRollout(wm)
@@ -73,13 +78,20 @@ def planner_rows(models: dict, starts, goals, cfg: ProfileConfig, device, energy
         planner = PLANNERS[b.planner](mpc_cfg.planner_config(wm.cfg.action_dim))
         success: dict = {}
         # the eager form only for the reference budget: the other budgets scale the same way
-        for form, fused, backend in (forms if i == 0 else forms[-1:]):
+        for form, fused, backend in (forms if i == 0 else forms[1:]):
             cost_fn = cost_fns[fused][0]
+            if form == "graphed":
+                graphed = GraphedPlanner(planner, cost_fn, 1, device)
 
-            def decide(cost_fn=cost_fn):
-                with torch.no_grad():
-                    z = wm.encode(obs)  # the current frame is encoded once per decision
-                    return planner.plan(cost_fn, 1, device), z
+                def decide(graphed=graphed):
+                    with torch.no_grad():
+                        z = wm.encode(obs)
+                        return graphed.plan(), z
+            else:
+                def decide(cost_fn=cost_fn):
+                    with torch.no_grad():
+                        z = wm.encode(obs)  # the current frame is encoded once per decision
+                        return planner.plan(cost_fn, 1, device), z
 
             tick(f"planner {b.name} ({form})")
             flops = (b.iterations * rollout.flops(1, b.samples, cfg.horizon) + encoder_flops(wm) if fused
@@ -107,7 +119,8 @@ def planner_rows(models: dict, starts, goals, cfg: ProfileConfig, device, energy
                     success = dict(success_rate=None, success_note="untrained world model: no success rate")
                 row.update(success)
                 row.update(energy_fields(decide, device, cfg, *energy))
-            row["backend_note"] = ("FusedRollout, default dispatch (Triton kernels on CUDA, torch ops on the CPU)"
+            row["backend_note"] = ("FusedRollout, the whole plan replayed from one CUDA graph" if form == "graphed"
+                                   else "FusedRollout, default dispatch (Triton kernels on CUDA, torch ops on the CPU)"
                                    if fused else "model.rollout stepped per candidate, reference ops")
             rows.append(row)
     return rows
