@@ -12,7 +12,13 @@ TRITON ?= triton==3.9.0; platform_system == "Linux" and platform_machine == "x86
 # jepa_engine/integrations/torchvision_cpu.py).
 TIMM   ?= timm==1.0.31 torchvision==0.28.0 pillow
 
-.PHONY: install test demo bench audit clean
+# stable-worldmodel for the TwoRoom / PushT benchmarks (`make envs`): the `envs` extra of pyproject.toml,
+# then stable-worldmodel itself without its declared dependencies (they would pull a CUDA torch), every
+# package already in the venv pinned to its installed version (torch, triton and numpy stay as they are).
+SWM       ?= stable-worldmodel==0.1.1
+ENVS_STAMP := $(VENV)/.envs-installed
+
+.PHONY: install test demo bench audit clean envs
 
 install: $(STAMP)
 
@@ -24,8 +30,19 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m jepa_engine.integrations.torchvision_cpu --install
 	touch $(STAMP)
 
-# The whole suite, Triton kernels under the interpreter (no GPU needed).
-test: $(STAMP)
+envs: $(ENVS_STAMP)
+
+$(ENVS_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip freeze --exclude-editable > $(VENV)/envs-constraints.txt
+	$(PY) -c "import tomllib; print('\\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['envs']))" > $(VENV)/envs-requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check -c $(VENV)/envs-constraints.txt -r $(VENV)/envs-requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps "$(SWM)"
+	$(PY) -c "import stable_worldmodel.world, stable_worldmodel.envs.two_room, stable_worldmodel.envs.pusht.env"
+	touch $(ENVS_STAMP)
+
+# The whole suite, Triton kernels under the interpreter (no GPU needed); the stable-worldmodel tests
+# need `make envs` (installed first).
+test: $(STAMP) $(ENVS_STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
 
 demo: $(STAMP)
