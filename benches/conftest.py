@@ -11,10 +11,14 @@ fraction of the device's roofline where it is known, and for our row the speed-u
 of the same group measured in the same run.
 
 Every suite puts its ``impl`` parametrization on top, so the peers of one group run one after
-another: a run cut short (``make gpu-report`` gives each file a time share) keeps whole groups.
+another: a run cut short (``make gpu-report`` gives each file a time share and then SIGINT) keeps
+whole groups; a row whose rounds were cut off is left out of the JSON, not written with part of them.
+Under the report (``JEPA_BENCH_QUICK=1``) a slow function gets fewer calls: about ``QUICK_ROUNDS_S``
+of timed rounds (3 at least; no warm-up round beyond the warm-up calls), and its row says ``quick``.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Callable
@@ -26,6 +30,8 @@ from jepa_engine.profiling.hardware import device_name, peak_for, percentile
 from jepa_engine.profiling.pytest_energy import add_energy_info, energy_info  # noqa: F401 (fixture)
 
 OURS = "jepa_engine"
+QUICK = os.environ.get("JEPA_BENCH_QUICK") == "1"
+QUICK_ROUNDS_S = 2.0
 
 
 def _versions() -> dict:
@@ -53,14 +59,15 @@ def _flush_l2() -> None:
 def run_bench():
     def _run(benchmark, fn: Callable[[], object], *, impl: str, group: str, flops: float | None = None,
              bytes: float | None = None, flush_l2: bool = False, device: str | None = None, energy: bool = False,
-             **info):
+             warmup: int = 3, **info):
         cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-        for _ in range(3):  # warm-up: compilation, autotuning, allocator
+        for _ in range(warmup):  # warm-up: compilation, autotuning, CUDA graph capture, allocator
             fn()
+        warmup_rounds = 1
         if cuda:
             torch.cuda.synchronize()
             if flush_l2:
-                calls = 1
+                calls, rounds = 1, 20
 
                 def setup():
                     _flush_l2()
@@ -74,23 +81,24 @@ def run_bench():
                 torch.cuda.synchronize()
                 calls = max(1, min(1000, int(1.0 / max(start.elapsed_time(end), 1e-3))))
                 setup = None
+                rounds, warmup_rounds = _rounds(calls * start.elapsed_time(end) / 1e3, 10, 10)
 
             def target():
                 for _ in range(calls):
                     fn()
                 torch.cuda.synchronize()
 
-            benchmark.pedantic(target, setup=setup, rounds=20 if flush_l2 else 10, iterations=1, warmup_rounds=1)
+            _pedantic(benchmark, target, setup=setup, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
         else:
             calls = 1
             t0 = time.perf_counter()
             fn()
             # about one second of rounds: 5 to 30 of them (CPU timings on shared cores are noisy)
-            rounds = max(5, min(30, int(1.0 / max(time.perf_counter() - t0, 1e-6))))
-            benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+            rounds, warmup_rounds = _rounds(time.perf_counter() - t0, 5, 30, target_s=1.0)
+            _pedantic(benchmark, fn, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
         benchmark.group = group
         benchmark.extra_info.update(
-            impl=impl, group=group, flops=flops, bytes=bytes, calls_per_round=calls,
+            impl=impl, group=group, flops=flops, bytes=bytes, calls_per_round=calls, quick=QUICK,
             device=device_name() if (cuda or device is None) else device, **_versions(), **info,
         )
         if energy:  # joules and watts per call, measured in windows of their own after the timing
@@ -99,9 +107,28 @@ def run_bench():
     return _run
 
 
+def _rounds(round_s: float, least: int, most: int, target_s: float = 0.0) -> tuple[int, int]:
+    """Timed rounds and warm-up rounds for rounds of ``round_s`` seconds: ``target_s`` of them within
+    [least, most] (``most`` when 0); under the report, about QUICK_ROUNDS_S of them (at least 3) and no
+    warm-up round for a slow function (its warm-up calls and the calibration call came before)."""
+    rounds = max(least, min(most, int(target_s / max(round_s, 1e-6)))) if target_s else most
+    if QUICK:
+        return max(3, min(rounds, int(QUICK_ROUNDS_S / max(round_s, 1e-6)))), int(round_s < 0.05)
+    return rounds, 1
+
+
+def _pedantic(benchmark, target, **kw) -> None:
+    try:
+        benchmark.pedantic(target, **kw)
+    except KeyboardInterrupt:   # cut off inside its rounds: keep the partial row out of the JSON
+        benchmark.has_error = True
+        raise
+
+
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     """Per-call statistics, throughput, roofline fraction, and speed-ups against same-group peers."""
     rows = output_json["benchmarks"]
+    benchmarks = [b for b in benchmarks if not getattr(b, "has_error", False)]   # the rows written, in order
     for bench, row in zip(benchmarks, rows):
         info = row["extra_info"]
         calls = info.get("calls_per_round") or 1

@@ -5,9 +5,11 @@ or runs out of time is recorded with its reason and the next one runs:
 
     install    pip install -e . without a registry (--install), then hypothesis / tqdm from wheels/ if missing
     facts      GPU name, driver, power limit, clocks (nvidia-smi, NVML, idle power); Python/torch/triton/CUDA
-    tests      the test suite on the device: JUnit XML and pass/fail per file (pytest-xdist when installed)
+    tests      the test suite on the device: JUnit XML and pass/fail per file (pytest-xdist when installed:
+               all CPUs but two, at most 12 workers, one file per worker, the slowest files first)
     selfcheck  `jepa-engine selfcheck`: every kernel against its reference, compiled (needs CUDA)
-    bench      benches/ file by file (a time share each, unused time passed on), one merged JSON + table
+    bench      benches/ file by file (a time share each, unused time passed on; never under xdist), one
+               merged JSON + table; a file cut off, failed or without readable JSON is reported as such
     profile    `jepa-engine profile --quick` at the LeWorldModel CEM budget too, with NVML energy (counter
                based, idle power measured before each window)
 
@@ -18,9 +20,9 @@ XML and benchmark JSON for what finished), SIGKILL 15 s later.
 
 Without CUDA (or with --short) it is a rehearsal: a few tests under the Triton interpreter, one small
 benchmark file, a seconds-long untrained profile without energy; the compiled self-check says
-"skipped: no CUDA". Stage limits: ``LIMITS``; the full list sums to 17 minutes, and each of the two
-parts (``PARTS``: tests, measure) that fit a 10-minute call to at most 9.5. Standard library only at import: this file also
-runs as a script (``python3 jepa_engine/gpu_report.py``) before the package is installed.
+"skipped: no CUDA". Stage limits: ``LIMITS``; the full list sums to 18 minutes, and each of the two
+parts (``PARTS``: tests, measure) that fit a 10-minute call to at most 9.5. Standard library only at
+import: this file also runs as a script (``python3 jepa_engine/gpu_report.py``) before the package is installed.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ from jepa_engine.gpu_report_stages import (MAX_BYTES, ORDER, PARTS, STAGES, TAIL
 # The report
 # ------------------------------------------------------------------------------------------------
 def run_report(out: str | Path, *, short: Optional[bool] = None, stages: Optional[list[Stage]] = None,
-               install: bool = False, test_workers: int = 6, date: Optional[str] = None) -> dict:
+               install: bool = False, test_workers: Optional[int] = None, date: Optional[str] = None) -> dict:
     """Run the stages (default: all of them), write the files into ``out`` and return the report.
     ``short=None``: the short rehearsal unless CUDA is found (by the facts stage, else a probe)."""
     out = Path(out)
@@ -162,7 +164,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="first pip install -e . without a registry (plus missing hypothesis/tqdm from wheels/)")
     ap.add_argument("--stages", default="all", help=f"a part ({', '.join(PARTS)}) or comma-separated stages "
                     f"from {','.join(ORDER)} (default all; a 10-minute call fits one part)")
-    ap.add_argument("--test-workers", type=int, default=6, help="pytest-xdist workers for the tests on CUDA (0: none)")
+    ap.add_argument("--test-workers", type=int, default=None,
+                    help="pytest-xdist workers for the tests on CUDA (0: none; default: CPUs - 2, at most 12)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -172,7 +175,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"gpu-report: --stages must be one of {', '.join(PARTS)} or a comma-separated list of "
               f"{','.join(ORDER)}, got {args.stages!r}", file=sys.stderr)
         return 2
-    if args.test_workers < 0:
+    if args.test_workers is not None and args.test_workers < 0:
         print(f"gpu-report: --test-workers must be >= 0, got {args.test_workers}", file=sys.stderr)
         return 2
     report = run_report(args.out, short=True if args.short else None, stages=default_stages(names),

@@ -233,16 +233,37 @@ def junit_markdown(s: dict, max_failures: int = 60) -> str:
 # ------------------------------------------------------------------------------------------------
 # Benchmark JSON files -> one
 # ------------------------------------------------------------------------------------------------
-def merge_bench_json(paths: list[Path], out: Path) -> int:
-    """One pytest-benchmark JSON holding the rows of every file (machine and commit info of the first);
-    returns the number of rows."""
+def read_bench_json(path: Path) -> tuple[dict | None, str]:
+    """A pytest-benchmark JSON file and ``""``, or ``None`` and what is wrong with it: missing (pytest
+    ended before writing it), empty (pytest-benchmark before 5.3 creates the file at start and writes it
+    only at the end of the session, and only when a benchmark finished), cut off or not that JSON."""
+    if not path.is_file():
+        return None, "no JSON written"
+    text = path.read_text(errors="replace")
+    if not text.strip():
+        return None, "empty JSON (no benchmark finished)"
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        return None, f"unreadable JSON ({len(text)} bytes, cut off?): {e}"
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+        return None, "not a pytest-benchmark JSON (no list of benchmarks)"
+    return data, ""
+
+
+def merge_bench_json(parts: list, out: Path) -> int:
+    """One pytest-benchmark JSON holding the rows of every part (a path or what ``read_bench_json``
+    returned; machine and commit info of the first); a part that cannot be read is left out. Returns
+    the number of rows (0: nothing written)."""
     merged: dict | None = None
-    for p in paths:
-        data = json.loads(p.read_text())
+    for part in parts:
+        data = read_bench_json(Path(part))[0] if isinstance(part, (str, Path)) else part
+        if not data:
+            continue
         if merged is None:
-            merged = data
+            merged = dict(data, benchmarks=list(data["benchmarks"]))
         else:
-            merged["benchmarks"].extend(data.get("benchmarks", []))
+            merged["benchmarks"].extend(data["benchmarks"])
     if merged is None:
         return 0
     out.write_text(json.dumps(merged, indent=1))

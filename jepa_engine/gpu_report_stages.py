@@ -24,15 +24,22 @@ from jepa_engine import gpu_report_results as results
 ROOT = Path(__file__).resolve().parents[1]
 MAX_FILES, MAX_BYTES = 8, 16 * 2**20
 ORDER = ("install", "facts", "tests", "selfcheck", "bench", "profile")
-# Seconds per stage: full (CUDA) and short (rehearsal). 17 minutes in all; each part <= 9 minutes.
-LIMITS = {"install": (60, 120), "facts": (30, 60), "tests": (360, 180), "selfcheck": (90, 120),
-          "bench": (300, 180), "profile": (180, 180)}
+# Seconds per stage: full (CUDA) and short (rehearsal). 18 minutes in all; each part 9.5 minutes (a
+# 10-minute call). On an H100 (2026-11-25) install took 6 s, facts 11 s, selfcheck 18 s, profile 134 s.
+LIMITS = {"install": (40, 120), "facts": (25, 60), "tests": (420, 180), "selfcheck": (85, 120),
+          "bench": (325, 180), "profile": (180, 180)}
 PARTS = {"all": ORDER, "tests": ("install", "facts", "tests", "selfcheck"),
          "measure": ("install", "facts", "bench", "profile")}
-# benches/ files in the order they run, with their share of the bench stage (unused time carries on).
-BENCH_FILES = (("bench_ema.py", 40), ("bench_plan.py", 80), ("bench_masked_attention.py", 100),
-               ("bench_latent_loss.py", 20), ("bench_train.py", 35), ("bench_planning.py", 10),
-               ("bench_accelerate.py", 15))
+# benches/ files in the order they run (the kernel families first, the whole-step suites last), with
+# their share in seconds of the bench stage (unused time carries on; they sum to its limit less
+# TABLE_S). The suites hold more than the stage's 5 minutes on an H100 (masked attention alone about
+# 2, compiling the torch.compile peers of train and accelerate about 1 each), so the last files keep
+# the groups that fit: a file cut off at its share gets SIGINT and writes the rows it finished.
+BENCH_FILES = (("bench_ema.py", 25), ("bench_masked_attention.py", 100), ("bench_plan.py", 65),
+               ("bench_latent_loss.py", 30), ("bench_planning.py", 15), ("bench_train.py", 42),
+               ("bench_accelerate.py", 40))
+# Under the report the benches time slow functions with fewer calls (benches/conftest.py).
+BENCH_ENV = {"JEPA_BENCH_QUICK": "1"}
 SHORT_BENCH = ("bench_planning.py", "1-jepa_engine or 1-eager_loop")
 SHORT_TESTS = ("tests/test_masks.py", "tests/test_package.py::test_import_is_light")
 PROFILE_ARGS = ("--quick", "--budgets", "cem:300x30,cem:64x5,mppi:32x3", "--budget-minutes", "1")
@@ -41,7 +48,11 @@ SHORT_PROFILE_ARGS = ("--quick", "--budget-minutes", "0", "--decisions", "1", "-
 OPTIONAL = {"hypothesis": "the property tests in three kernel test files cannot be collected",
             "tqdm": "the profile runs with a no-op progress bar put on its path"}
 TAIL_CHARS, ECHO_CHARS, GRACE_S = 64_000, 4_000_000, 15.0
-TABLE_S = 15.0   # of the bench stage's limit, kept for the markdown table of the merged JSON
+TABLE_S = 8.0    # of the bench stage's limit, kept for the markdown table of the merged JSON
+FILE_TAIL_CHARS = 3000   # of a bench file's output, kept in the report when it did not end well
+# Environment a stage must not inherit from a pytest it runs under (the rehearsal in an xdist worker):
+# with PYTEST_XDIST_WORKER set, pytest-benchmark disables itself and writes no JSON.
+NOT_INHERITED = ("PYTEST_XDIST_", "PYTEST_CURRENT_TEST")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,14 +128,14 @@ class Context:
     work: Path                        # scratch folder for what stages write before it is named
     short: bool
     install: bool = False
-    test_workers: int = 6
+    test_workers: Optional[int] = None   # None: default_test_workers()
     python: str = sys.executable
     cuda: Optional[bool] = None       # known after the facts stage
     facts: dict = field(default_factory=dict)
     artifacts: dict = field(default_factory=dict)   # "<what>.<ext>" -> path in `work`
 
     def env(self, interpret: bool = False, **extra: str) -> dict:
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith(NOT_INHERITED)}
         env.update(PYTHONUNBUFFERED="1", **extra)
         if self.short:   # on a busy 2-core machine torch's two threads mostly wait for each other
             env["OMP_NUM_THREADS"] = "1"
@@ -200,16 +211,63 @@ def stage_facts(ctx: Context, limit_s: float) -> Outcome:
                    r.output, data=ctx.facts)
 
 
-def stage_tests(ctx: Context, limit_s: float) -> Outcome:
-    xml = ctx.work / "tests.xml"
-    cmd = [ctx.python, "-m", "pytest", *(SHORT_TESTS if ctx.short else ("tests",)), "-q", "-rfE",
+def default_test_workers(cpus: Optional[int] = None) -> int:
+    """pytest-xdist workers for the tests on CUDA: all CPUs but two, at most 12 (one CUDA context each)."""
+    cpus = cpus or os.cpu_count() or 1
+    return max(1, min(12, cpus - 2))
+
+
+def test_files(root: Path = ROOT) -> list[str]:
+    """The suite's files, slowest first by the newest full run's JUnit XML in benches/results/ (files it
+    does not name after them, in name order): with ``--dist loadfile`` each file goes to one worker in
+    this order, so the long ones start first instead of last."""
+    files = sorted(str(f.relative_to(root)) for pattern in ("test_*.py", "bench_*.py")
+                   for f in (root / "tests").rglob(pattern)
+                   if not any(part.startswith((".", "__")) for part in f.relative_to(root).parts[:-1]))
+    seconds: dict[str, float] = {}
+    xmls = [x for x in (root / "benches" / "results").glob("*-tests*.xml") if "-short" not in x.name]
+    dated = [(m.group(0), x.name, x) for x in xmls if (m := re.search(r"\d{4}-\d{2}-\d{2}", x.name))]
+    if dated:
+        try:
+            seconds = {f["file"]: f["seconds"] for f in results.junit_summary(max(dated)[2], root)["files"]}
+        except Exception:   # an unreadable XML only costs the order
+            seconds = {}
+    return sorted(files, key=lambda f: -seconds.get(f, 0.0))
+
+
+def _xdist_version() -> tuple:
+    try:
+        import importlib.metadata
+
+        return tuple(int(x) for x in re.findall(r"\d+", importlib.metadata.version("pytest-xdist"))[:2])
+    except Exception:
+        return ()
+
+
+def tests_command(ctx: Context, xml: Path, workers: int) -> list[str]:
+    cmd = [ctx.python, "-m", "pytest", *(SHORT_TESTS if ctx.short else test_files()), "-q", "-rfE",
            f"--junitxml={xml}", "-o", "junit_family=xunit1", "--continue-on-collection-errors",
            "-p", "no:cacheprovider", "--durations=15"]
-    workers = 0 if ctx.short else ctx.test_workers
-    if workers > 0 and importlib.util.find_spec("xdist") is not None:
+    if workers > 0:
+        # loadfile: a file's module fixtures (the profile run, the rehearsal) are built once, on one
+        # worker. pytest-xdist 3.8 reorders files by test count unless told not to, which put the
+        # slowest file (5 tests, 4 minutes) last and ran the stage out of time.
         cmd += ["-n", str(workers), "--dist", "loadfile"]
-    r = run_command(cmd, limit_s, ctx.env(interpret=not ctx.cuda), "[tests] ")
-    how = f"{'compiled kernels on CUDA' if ctx.cuda else 'Triton interpreter'}, {workers or 'no'} xdist workers"
+        if _xdist_version() >= (3, 8):
+            cmd.append("--no-loadscope-reorder")
+    return cmd
+
+
+def stage_tests(ctx: Context, limit_s: float) -> Outcome:
+    xml = ctx.work / "tests.xml"
+    workers = 0 if ctx.short or importlib.util.find_spec("xdist") is None else (
+        default_test_workers() if ctx.test_workers is None else ctx.test_workers)
+    extra = {}
+    if workers > 0 and "OMP_NUM_THREADS" not in os.environ:   # workers x all CPUs' threads oversubscribe
+        extra["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    r = run_command(tests_command(ctx, xml, workers), limit_s, ctx.env(interpret=not ctx.cuda, **extra), "[tests] ")
+    how = (f"{'compiled kernels on CUDA' if ctx.cuda else 'Triton interpreter'}, "
+           + (f"{workers} xdist workers (loadfile, slowest files first)" if workers else "no xdist workers"))
     if not xml.is_file():
         return Outcome("failed" if not r.timed_out else "timeout", f"no JUnit XML written ({_ended(r, limit_s)}; "
                        f"{how})", log=r.output)
@@ -232,41 +290,88 @@ def stage_selfcheck(ctx: Context, limit_s: float) -> Outcome:
                    "```\n" + "\n".join(lines) + "\n```", r.output)
 
 
-def stage_bench(ctx: Context, limit_s: float) -> Outcome:
-    files = [(SHORT_BENCH[0], limit_s)] if ctx.short else BENCH_FILES
+def bench_command(ctx: Context, path: str, out: Path) -> list[str]:
+    """pytest on one benches/ file writing its JSON to ``out``. Never under pytest-xdist: with it,
+    pytest-benchmark disables itself and writes nothing."""
+    return ([ctx.python, "-m", "pytest", path, "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-rs",
+             f"--benchmark-json={out}"] + (["-k", SHORT_BENCH[1]] if ctx.short else []))
+
+
+def stage_bench(ctx: Context, limit_s: float, files: Optional[tuple] = None) -> Outcome:
+    """benches/ file by file, each under its share (``files``: (path under benches/ or absolute, share
+    in seconds); default BENCH_FILES, one small file when short). A file that fails, is cut off or
+    leaves no readable JSON is recorded with its output's tail; the other files' rows are merged."""
+    files = files or (((SHORT_BENCH[0], limit_s),) if ctx.short else BENCH_FILES)
     t_stop = time.monotonic() + limit_s
-    t_end, carry, jsons, runs, log = t_stop - TABLE_S, 0.0, [], [], ""
+    t_end, carry, parts, runs, log = t_stop - TABLE_S, 0.0, [], [], ""
     for name, share in files:
         left = t_end - time.monotonic()
         if left < 5:
-            runs.append({"file": name, "status": "not run", "how": f"the stage's {limit_s:.0f} s were used up"})
+            runs.append({"file": name, "status": "not run", "rows": 0,
+                         "how": f"the stage's {limit_s:.0f} s were used up"})
             continue
         budget = min(share + carry, left)
-        out = ctx.work / f"bench-{Path(name).stem}.json"
-        cmd = [ctx.python, "-m", "pytest", f"benches/{name}", "-q", "-p", "no:cacheprovider", "-rs",
-               f"--benchmark-json={out}"] + (["-k", SHORT_BENCH[1]] if ctx.short else [])
-        r = run_command(cmd, budget, ctx.env(), f"[bench {Path(name).stem}] ")
-        carry = max(budget - r.seconds, 0.0)
-        log += r.output[-TAIL_CHARS // len(files):]
-        n = len(json.loads(out.read_text()).get("benchmarks", [])) if out.is_file() else 0
-        if n:
-            jsons.append(out)
-        runs.append({"file": name, "status": _ran_status(r), "how": f"{_ended(r, budget)}, {r.seconds:.0f} of "
-                     f"{budget:.0f} s", "rows": n})
-    merged = ctx.work / "bench.json"
-    n_rows = results.merge_bench_json(jsons, merged)
-    details = "\n".join(["| file | status | rows |", "|---|---|---|"] +
-                        [f"| {r['file']} | {r['status']} ({r['how']}) | {r.get('rows', 0)} |" for r in runs])
+        try:
+            rec, data, output = _bench_file(ctx, name, budget)
+        except Exception as e:   # one file's trouble is that file's row; the others still run
+            rec, data, output = {"file": name, "status": "error", "rows": 0, "seconds": 0.0,
+                                 "how": f"{type(e).__name__}: {e}"}, None, ""
+        carry = max(budget - rec["seconds"], 0.0)
+        log += output[-TAIL_CHARS // len(files):]
+        if data:
+            parts.append(data)
+        runs.append(rec)
+    merged, n_rows, details = ctx.work / "bench.json", 0, _bench_files_markdown(runs)
+    try:
+        n_rows = results.merge_bench_json(parts, merged)
+    except Exception as e:
+        details += f"\n\n(merging the files' JSON failed: {type(e).__name__}: {e})"
     if n_rows:
         ctx.artifacts["bench.json"] = merged
         t = run_command([ctx.python, "-m", "benches.report", str(merged)], max(t_stop - time.monotonic(), 5), ctx.env())
         details += "\n\n" + (t.output if t.rc == 0 else f"(table failed: {t.output[-500:]})")
-    bad = [r for r in runs if r["status"] != "ok"]
-    status = "ok" if not bad else ("timeout" if all(r["status"] == "timeout" for r in bad) else "failed")
-    summary = f"{n_rows} rows from {len(jsons)} of {len(files)} files"
+    bad = [r for r in runs if r["status"] != "ok" or not r["rows"]]
+    status = "ok" if not bad else ("timeout" if all(r["status"] in ("timeout", "not run") for r in bad) else "failed")
+    summary = f"{n_rows} rows from {len(parts)} of {len(files)} files"
     if bad:
-        summary += "; " + ", ".join(f"{r['file']} {r['status']}" for r in bad)
+        summary += "; " + ", ".join(f"{r['file']} {_bench_problem(r)}" for r in bad)
     return Outcome(status, summary, details, log, data={"files": runs})
+
+
+def _bench_file(ctx: Context, name: str, budget: float) -> tuple[dict, Optional[dict], str]:
+    out = ctx.work / f"bench-{Path(name).stem}.json"
+    out.unlink(missing_ok=True)
+    path = name if Path(name).is_absolute() else f"benches/{name}"
+    r = run_command(bench_command(ctx, path, out), budget, ctx.env(**BENCH_ENV), f"[bench {Path(name).stem}] ")
+    data, problem = results.read_bench_json(out)
+    rows = len(data["benchmarks"]) if data else 0
+    rec = {"file": name, "status": _ran_status(r), "rows": rows, "seconds": r.seconds, "budget_s": budget,
+           "how": (f"cut off (SIGINT) after {r.seconds:.0f} s of its {budget:.0f} s" if r.timed_out else
+                   f"exit {r.rc} in {r.seconds:.0f} of {budget:.0f} s")}
+    if problem:
+        rec["json"] = problem
+    if rec["status"] != "ok" or not rows:
+        rec["log_tail"] = r.output[-FILE_TAIL_CHARS:]
+    return rec, (data if rows else None), r.output
+
+
+def _bench_problem(r: dict) -> str:
+    what = {"timeout": "cut off", "ok": "no rows"}.get(r["status"], r["status"])
+    if r["rows"]:
+        return f"{what} ({r['rows']} rows kept)"
+    return f"{what} ({r.get('json') or r['how']})" if r["status"] != "not run" else what
+
+
+def _bench_files_markdown(runs: list[dict]) -> str:
+    out = ["| file | status | rows | how | JSON |", "|---|---|---|---|---|"]
+    for r in runs:
+        flag = "ok" if r["status"] == "ok" and r["rows"] else f"**{_bench_problem(r).split(' (')[0].upper()}**"
+        out.append(f"| {r['file']} | {flag} | {r['rows']} | {r['how']} | {r.get('json', '') or '-'} |")
+    for r in runs:
+        if r.get("log_tail"):
+            tail = "\n".join(r["log_tail"].rstrip().splitlines()[-15:])
+            out += ["", f"Last lines of {r['file']}:", "", "```", tail, "```"]
+    return "\n".join(out)
 
 
 _TQDM_STANDIN = '''class tqdm:

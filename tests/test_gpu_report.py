@@ -141,6 +141,137 @@ def test_bench_files_merge_into_one(tmp_path):
     assert n == 4 and [b["n"] for b in merged["benchmarks"]] == [0, 9, 1, 9] and merged["machine_info"] == {"i": 0}
 
 
+def test_bench_json_problems_are_named(tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"machine_info": {}, "benchmarks": [{"n": 1}]}))
+    (tmp_path / "empty.json").write_text("")
+    (tmp_path / "cut.json").write_text(good.read_text()[:-7])
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert res.read_bench_json(good) == ({"machine_info": {}, "benchmarks": [{"n": 1}]}, "")
+    problems = {name: res.read_bench_json(tmp_path / f"{name}.json") for name in ("missing", "empty", "cut", "list")}
+    assert all(data is None for data, _ in problems.values())
+    assert problems["missing"][1] == "no JSON written"
+    assert problems["empty"][1].startswith("empty JSON")
+    assert problems["cut"][1].startswith("unreadable JSON (") and "cut off" in problems["cut"][1]
+    assert problems["list"][1].startswith("not a pytest-benchmark JSON")
+    # the merge leaves an unreadable file out instead of raising
+    n = res.merge_bench_json([tmp_path / "empty.json", good, tmp_path / "cut.json", good], tmp_path / "m.json")
+    assert n == 2 and len(json.loads((tmp_path / "m.json").read_text())["benchmarks"]) == 2
+
+
+def test_bench_stage_reports_broken_files_and_keeps_the_others(tmp_path, monkeypatch):
+    """Files whose pytest wrote rows, an empty JSON (pytest-benchmark < 5.3 cut off before a row), a
+    cut-off JSON, none at all: the stage names each, merges the rows it has, and never raises."""
+    row = lambda i: {"name": f"t{i}", "extra_info": {"impl": "jepa_engine", "group": f"g{i}"}}  # noqa: E731
+    plan = {"a": ("ok", json.dumps({"machine_info": {}, "benchmarks": [row(1), row(2)]})),
+            "b": ("timeout", ""), "c": ("failed", '{"benchmarks": [{"na'), "d": ("failed", None),
+            "e": ("timeout", json.dumps({"machine_info": {}, "benchmarks": [row(3)]}))}
+    seen = []
+
+    def fake_run(cmd, limit_s, env=None, prefix=""):
+        if "benches.report" in cmd:
+            return gs.Ran(0, False, 0.1, "| the table |")
+        name = Path(cmd[3]).stem
+        seen.append((cmd, limit_s, env))
+        status, text = plan[name]
+        if text is not None:
+            Path(next(a for a in cmd if a.startswith("--benchmark-json=")).split("=", 1)[1]).write_text(text)
+        out = f"[{name}] first line\n" + "".join(f"{name} line {i}\n" for i in range(30)) + f"{name} LAST\n"
+        return gs.Ran(None if status == "timeout" else int(status != "ok"), status == "timeout", 2.0, out)
+
+    monkeypatch.setattr(gs, "run_command", fake_run)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw3")
+    ctx = gs.Context(tmp_path, short=False)
+    o = gs.stage_bench(ctx, 200.0, files=tuple((f"{n}.py", 30) for n in plan))
+    assert [Path(c[3]).name for c, _, _ in seen] == [f"{n}.py" for n in plan]   # every file ran
+    for cmd, limit_s, env in seen:
+        assert cmd[cmd.index("no:xdist") - 1] == "-p" and env["JEPA_BENCH_QUICK"] == "1"
+        assert not any(k.startswith("PYTEST_XDIST") for k in env)
+    assert [round(b) for _, b, _ in seen] == [30, 58, 86, 114, 142]   # unused time carries on
+    by_file = {r["file"]: r for r in o.data["files"]}
+    assert [by_file[f"{n}.py"]["rows"] for n in plan] == [2, 0, 0, 0, 1]
+    assert by_file["b.py"]["json"].startswith("empty JSON") and by_file["c.py"]["json"].startswith("unreadable")
+    assert by_file["d.py"]["json"] == "no JSON written" and "json" not in by_file["a.py"]
+    assert "b LAST" in by_file["b.py"]["log_tail"] and "log_tail" not in by_file["a.py"]
+    assert o.status == "failed"
+    assert o.summary.startswith("3 rows from 2 of 5 files; b.py cut off (empty JSON")
+    assert "c.py failed (unreadable JSON" in o.summary and "d.py failed (no JSON written)" in o.summary
+    assert "e.py cut off (1 rows kept)" in o.summary
+    merged = json.loads(ctx.artifacts["bench.json"].read_text())["benchmarks"]
+    assert [r["name"] for r in merged] == ["t1", "t2", "t3"]
+    assert "Last lines of b.py:" in o.details and "d LAST" in o.details and "| the table |" in o.details
+    assert "| a.py | ok | 2 |" in o.details and "| b.py | **CUT OFF** | 0 |" in o.details
+
+
+PROBE = """
+import time
+import pytest
+
+CALLS = {"n": 0}
+
+
+@pytest.mark.parametrize("impl", ["jepa_engine", "eager_loop"])
+def test_fast(benchmark, run_bench, impl):
+    run_bench(benchmark, lambda: sum(range(100)), impl=impl, group="fast")
+
+
+def test_slow(benchmark, run_bench):
+    def fn():   # quick for the warm-up and calibration calls, then stuck inside the timed rounds
+        CALLS["n"] += 1
+        time.sleep(0 if CALLS["n"] <= 4 else 60)
+    run_bench(benchmark, fn, impl="jepa_engine", group="slow")
+"""
+
+
+def test_a_bench_file_cut_off_keeps_its_finished_rows(tmp_path, monkeypatch):
+    """A real pytest under benches/conftest.py, cut off inside a benchmark's rounds: SIGINT, its JSON
+    holds the finished group and not the partial row, also when the report itself runs in an xdist
+    worker (whose environment would make pytest-benchmark disable itself)."""
+    (tmp_path / "conftest.py").write_text((gs.ROOT / "benches" / "conftest.py").read_text())
+    (tmp_path / "bench_probe.py").write_text(PROBE)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    ctx = gs.Context(tmp_path / "work", short=False)
+    ctx.work.mkdir()
+    share = 14.0
+    o = gs.stage_bench(ctx, share + gs.TABLE_S, files=((str(tmp_path / "bench_probe.py"), share),))
+    (run,) = o.data["files"]
+    assert run["status"] == "timeout" and run["seconds"] < share + 1, run
+    assert "KeyboardInterrupt" in o.log
+    rows = json.loads(ctx.artifacts["bench.json"].read_text())["benchmarks"]
+    assert sorted(r["extra_info"]["impl"] for r in rows) == ["eager_loop", "jepa_engine"]
+    assert all(r["extra_info"]["group"] == "fast" and r["extra_info"]["quick"] for r in rows)
+    assert rows[0]["extra_info"]["speedup_vs"]["eager_loop"] > 0 or rows[1]["extra_info"]["speedup_vs"]
+    assert o.summary == "2 rows from 1 of 1 files; bench_probe.py cut off (2 rows kept)".replace(
+        "bench_probe.py", str(tmp_path / "bench_probe.py"))
+
+
+def test_worker_count_and_test_order(tmp_path, monkeypatch):
+    assert [gs.default_test_workers(n) for n in (1, 2, 4, 8, 16, 64)] == [1, 1, 2, 6, 12, 12]
+    root = tmp_path
+    for f in ("tests/test_a.py", "tests/test_b.py", "tests/kernels/test_c.py", "tests/test_d.py", "tests/helpers.py"):
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / f).write_text("")
+    (root / "benches" / "results").mkdir(parents=True)
+    xml = ('<testsuites><testsuite><testcase classname="tests.test_b" name="x" time="{}"/>'
+           '<testcase classname="tests.kernels.test_c" name="y" time="{}"/></testsuite></testsuites>')
+    (root / "benches" / "results" / "h100-2026-01-01-tests.xml").write_text(xml.format(5, 9))
+    (root / "benches" / "results" / "h100-2025-12-01-tests.xml").write_text(xml.format(50, 1))   # older
+    (root / "benches" / "results" / "cpu-2026-02-01-tests-short.xml").write_text(xml.format(99, 1))  # rehearsal
+    assert gs.test_files(root) == ["tests/kernels/test_c.py", "tests/test_b.py", "tests/test_a.py", "tests/test_d.py"]
+    ctx = gs.Context(tmp_path, short=False)
+    monkeypatch.setattr(gs, "_xdist_version", lambda: (3, 8))
+    cmd = gs.tests_command(ctx, tmp_path / "t.xml", 12)
+    assert cmd[cmd.index("-n") + 1] == "12" and cmd[cmd.index("--dist") + 1] == "loadfile"
+    assert "--no-loadscope-reorder" in cmd and "--durations=15" in cmd
+    assert cmd.index("tests/test_gpu_report.py") < cmd.index("-q")   # the files, named one by one
+    monkeypatch.setattr(gs, "_xdist_version", lambda: (3, 6))
+    assert "--no-loadscope-reorder" not in gs.tests_command(ctx, tmp_path / "t.xml", 12)
+    assert "-n" not in gs.tests_command(ctx, tmp_path / "t.xml", 0)
+    monkeypatch.setenv("PYTEST_XDIST_TESTRUNUID", "abc")
+    assert "PYTEST_XDIST_TESTRUNUID" not in ctx.env() and ctx.env(A="1")["A"] == "1"
+
+
 def test_run_command_stops_the_whole_process_group():
     t0 = time.monotonic()
     code = ("import subprocess, time; p = subprocess.Popen(['sleep', '30']); print('child', p.pid, flush=True); "
@@ -170,3 +301,6 @@ def test_cli_parses_gpu_report_and_rejects_bad_stages(capsys):
     assert "--stages must be one of all, tests, measure" in capsys.readouterr().err
     assert sum(gs.LIMITS[n][0] for n in gs.ORDER) <= 20 * 60
     assert all(sum(gs.LIMITS[n][0] for n in part) <= 9.5 * 60 for part in (gs.PARTS["tests"], gs.PARTS["measure"]))
+    # every benches/ file has a share, and the shares fit the stage less the table's time
+    assert sorted(f for f, _ in gs.BENCH_FILES) == sorted(p.name for p in (gs.ROOT / "benches").glob("bench_*.py"))
+    assert sum(s for _, s in gs.BENCH_FILES) <= gs.LIMITS["bench"][0] - gs.TABLE_S
