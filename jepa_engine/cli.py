@@ -191,6 +191,31 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from jepa_engine.runtime import resolved_device
+    from jepa_engine.training.checkpoint import CheckpointError
+
+    try:
+        from jepa_engine.integrations import swm_eval
+        swm_eval.require_swm()
+    except ImportError as e:
+        return _error("eval", f"needs stable-worldmodel ({e}); install it with `make envs`")
+    given = {k: getattr(args, k) for k in ("planner", "episodes", "goal_offset", "eval_budget", "horizon", "receding",
+                                           "action_block", "samples", "iterations", "elites", "batch_size", "seed")}
+    try:
+        cfg = swm_eval.EvalConfig(env=args.env, baselines=not args.no_baselines,
+                                  **{k: v for k, v in given.items() if v is not None})
+        report, paths = swm_eval.run_eval(args.checkpoint, cfg, data=args.data, out=args.out,
+                                          device=resolved_device(args.device or "cpu"))
+    except CheckpointError as e:
+        return _error("eval", f"argument --checkpoint: {e}")
+    except (ValueError, KeyError) as e:
+        return _error("eval", str(e).strip("'\""))
+    print(swm_eval.markdown(report), end="")
+    print(f"wrote {paths[0]} and {paths[1]}")
+    return 0
+
+
 def _gpu_report(args: argparse.Namespace) -> int:
     from jepa_engine import gpu_report
 
@@ -277,6 +302,27 @@ def build_parser() -> argparse.ArgumentParser:
                       help="measure success only for budgets with samples x iterations <= this "
                            "(default -1: auto = all on CUDA, 2000 on CPU)")
     prof.set_defaults(func=_profile)
+    ev = sub.add_parser("eval", help="LeWorldModel's protocol in a stable-worldmodel env (World.evaluate): success, "
+                        "plan latency, random and dataset-replay baselines")
+    ev.add_argument("--env", required=True, help="environment id: swm/TwoRoom-v1, swm/PushT-v1, swm/ReacherDMControl-v0")
+    ev.add_argument("--checkpoint", required=True, help="a world-model checkpoint (JSON file) or run folder")
+    ev.add_argument("--data", help="dataset folder written by `collect` (default: the one the model was trained on)")
+    ev.add_argument("--planner", choices=("cem", "mppi"), help="default cem")
+    ev.add_argument("--episodes", type=int_at_least(1), help="(start, goal) pairs from the dataset (default 50)")
+    ev.add_argument("--goal-offset", type=int_at_least(1), help="env steps from start to goal (default 25)")
+    ev.add_argument("--eval-budget", type=int_at_least(1), help="env steps to reach the goal (default 50)")
+    ev.add_argument("--horizon", type=int_at_least(1), help="model steps planned (default 5)")
+    ev.add_argument("--receding", type=int_at_least(1), help="model steps executed per plan (default 5)")
+    ev.add_argument("--action-block", type=int_at_least(1), help="env steps per model step (default: the checkpoint's)")
+    ev.add_argument("--samples", type=int_at_least(1), help="N candidates per iteration (default 300)")
+    ev.add_argument("--iterations", type=int_at_least(1), help="I iterations (default 30)")
+    ev.add_argument("--elites", type=int_at_least(1), help="K elites of CEM (default 30)")
+    ev.add_argument("--batch-size", type=int_at_least(1), help="environments planned at once (default: all)")
+    ev.add_argument("--seed", type=int_at_least(0), help="draws the (start, goal) pairs and the planner (default 42)")
+    ev.add_argument("--out", help="report folder (default: the run folder's eval/)")
+    ev.add_argument("--device", type=known_device, help="cpu (default), cuda, cuda:1")
+    ev.add_argument("--no-baselines", action="store_true", help="skip the random and dataset-replay rows")
+    ev.set_defaults(func=_eval)
     sub.add_parser("audit", help="compile every kernel for sm_90a/sm_80, print registers/spills/smem").set_defaults(
         func=_audit)
     sub.add_parser("selfcheck", help="each kernel against its PyTorch reference").set_defaults(func=_selfcheck)
