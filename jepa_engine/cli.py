@@ -36,8 +36,9 @@ def _error(command: str, message: str) -> int:
 def _is_input_error(e: BaseException) -> bool:
     """A bad config (unknown field, preset or file) or a missing / damaged checkpoint, from any command."""
     from jepa_engine.training.checkpoint import CheckpointError
+    from jepa_engine.training.trajectory_data import TrajectoryDatasetError
 
-    return isinstance(e, (ConfigError, CheckpointError))
+    return isinstance(e, (ConfigError, CheckpointError, TrajectoryDatasetError))
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -102,9 +103,24 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train_wm(args: argparse.Namespace) -> int:
     from jepa_engine import demo
+    from jepa_engine.training import trajectory_data
     from jepa_engine.training.world_model import WMTrainConfig, train_world_model
 
-    cfg = _run_config(args, WMTrainConfig, fallback="demo")
+    fallback = "demo"
+    if args.data is not None:       # --data: the env's preset unless --config, the dataset's shapes
+        try:
+            env_id = trajectory_data.read_manifest(args.data)["env_id"]
+        except trajectory_data.TrajectoryDatasetError as e:
+            return _error("train-wm", f"argument --data: {e}")
+        fallback = trajectory_data.preset_for_env(env_id)
+    cfg = _run_config(args, WMTrainConfig, fallback=fallback)
+    if args.data is not None:
+        try:
+            cfg = trajectory_data.config_for_dataset(cfg, args.data)
+        except trajectory_data.TrajectoryDatasetError as e:
+            return _error("train-wm", f"argument --data: {e}")
+    if cfg.data:
+        print(f"data: {trajectory_data.summary_line(trajectory_data.read_manifest(cfg.data))}", flush=True)
     try:
         summary = train_world_model(cfg, args.out, resume=args.resume)
     except KeyboardInterrupt:
@@ -112,8 +128,24 @@ def _train_wm(args: argparse.Namespace) -> int:
     resumed = f" (resumed at step {summary['resumed_from']})" if summary.get("resumed_from") is not None else ""
     print(f"trained {summary['steps']} steps{resumed} in {summary['seconds']:.0f} s; "
           f"checkpoint {summary['checkpoint']}")
-    if not args.no_report:
+    if not args.no_report and not cfg.data:     # the probes read the built-in world's states
         demo.physics_report(summary["model"], cfg.world_config())
+    return 0
+
+
+def _collect(args: argparse.Namespace) -> int:
+    try:
+        from jepa_engine.integrations import swm_data
+    except ImportError as e:
+        return _error("collect", f"needs stable-worldmodel ({e}); install it with `make envs`")
+    try:
+        swm_data.collect(args.env, args.policy, args.episodes, args.steps, args.out, size=args.size, seed=args.seed,
+                         num_envs=args.num_envs, shard_episodes=args.shard_episodes, progress=not args.no_progress)
+    except ImportError as e:
+        return _error("collect", f"needs stable-worldmodel ({e}); install it with `make envs`")
+    except swm_data.CollectError as e:
+        name, _, rest = str(e).partition(" ")          # "<argument> must be ..., got ..."
+        return _error("collect", f"argument --{name.replace('_', '-')}: {rest}")
     return 0
 
 
@@ -244,7 +276,25 @@ def build_parser() -> argparse.ArgumentParser:
     twm.add_argument("--device", type=known_device, help="override the device (cpu, cuda, cuda:1)")
     twm.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in --out")
     twm.add_argument("--no-report", action="store_true", help="skip the physics probe / surprise report")
+    twm.add_argument("--data", help="train on a dataset folder written by `collect` (streamed from disk; frame size "
+                     "and action dim from its manifest; default config: the env's preset) instead of the built-in "
+                     "world")
     twm.set_defaults(func=_train_wm)
+    col = sub.add_parser("collect", help="roll a policy in a stable-worldmodel env into an on-disk trajectory dataset")
+    col.add_argument("--env", required=True, help="environment id, e.g. swm/TwoRoom-v1, swm/PushT-v1, "
+                                                  "swm/ReacherDMControl-v0")
+    col.add_argument("--policy", default="random", help="expert (TwoRoom), weak (PushT) or random (default)")
+    col.add_argument("--episodes", type=int_at_least(1), required=True, help="episodes to collect")
+    col.add_argument("--steps", type=int_at_least(1), default=100,
+                     help="transitions per episode at most; an episode also ends when the env terminates (default 100)")
+    col.add_argument("--out", required=True, help="dataset folder (an interrupted collection resumes there)")
+    col.add_argument("--size", type=int_at_least(8), default=64, help="frame height and width (default 64)")
+    col.add_argument("--seed", type=int_at_least(0), default=0, help="episode e is reset with seed + e (default 0)")
+    col.add_argument("--num-envs", type=int_at_least(1), default=4, help="envs stepped together (default 4)")
+    col.add_argument("--shard-episodes", type=int_at_least(0), default=0,
+                     help="episodes per shard file set (default 0: about 256 MiB per shard)")
+    col.add_argument("--no-progress", action="store_true", help="no progress bar")
+    col.set_defaults(func=_collect)
     plan = sub.add_parser("plan", help="MPC in the built-in world with a trained world model")
     plan.add_argument("--checkpoint", required=True, help="a world-model checkpoint (JSON file) or run folder")
     plan.add_argument("--planner", default="cem", choices=("cem", "mppi", "gradient"))

@@ -169,6 +169,8 @@ class WMTrainConfig(RunConfig):
     world: str = "open"
     world_overrides: dict = field(default_factory=dict)
     policy: str = "mixed"                    # TrajectoryStream policy
+    data: str = ""                           # an on-disk trajectory dataset (``jepa-engine collect``); "" = the built-in world
+    action_block: int = 1                    # env steps per model step (their actions concatenated); with ``data`` only
     batch_size: int = 32                     # episodes per step
     rollout_steps: int = 4                   # R: open-loop steps of the multi-step loss
     rollout_weight: float = 0.5
@@ -187,7 +189,10 @@ class WMTrainConfig(RunConfig):
     max_minutes: float = 0.0                 # wall-clock budget; 0 = none
 
     def __post_init__(self) -> None:
-        self._check(ints=("batch_size", "rollout_steps", "steps", "checkpoint_every", "keep_last", "log_every"))
+        self._check(ints=("batch_size", "rollout_steps", "steps", "checkpoint_every", "keep_last", "log_every",
+                          "action_block"))
+        if not isinstance(self.data, str):
+            raise self._bad("data", "a dataset folder (str), or \"\" for the built-in world")
         if not (isinstance(self.episode_len, int) and self.episode_len >= 0):
             raise self._bad("episode_len", "an int >= 0")
         self._check(floats=("lr", "min_lr", "rollout_weight", "weight_decay", "grad_clip", "max_minutes"))
@@ -230,4 +235,68 @@ WM_TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # One GPU.
     "lewm": dict(model="lewm", batch_size=128, steps=20_000, lr=5e-4, warmup=1_000, checkpoint_every=2_000,
                  log_every=100),
+    # Collected datasets (``train-wm --data``; frame size, channels and action_dim come from the dataset's
+    # manifest, action_dim = the env's x action_block). LeWorldModel's protocol: 5 env steps per model step,
+    # history 1 where one frame holds the state (TwoRoom, PushT), 3 where it misses velocities (Reacher).
+    # "tworoom", "pusht", "reacher": 2 CPU cores, the 64x64 demo model; "-lewm": one GPU, the ~15M-parameter model.
+    "tworoom": dict(model="demo", model_overrides=dict(history=1), action_block=5, batch_size=32, steps=3_000,
+                    lr=2e-3, warmup=50, rollout_weight=1.0, checkpoint_every=500, log_every=50, max_minutes=20.0,
+                    device="auto"),
+    "pusht": dict(model="demo", model_overrides=dict(history=1), action_block=5, batch_size=32, steps=3_000,
+                  lr=2e-3, warmup=50, rollout_weight=1.0, checkpoint_every=500, log_every=50, max_minutes=20.0,
+                  device="auto"),
+    "reacher": dict(model="demo", model_overrides=dict(history=3), action_block=5, batch_size=32, steps=3_000,
+                    lr=2e-3, warmup=50, rollout_weight=1.0, checkpoint_every=500, log_every=50, max_minutes=20.0,
+                    device="auto"),
+    "tworoom-lewm": dict(model="lewm", model_overrides=dict(history=1), action_block=5, batch_size=128,
+                         steps=10_000, lr=5e-4, warmup=500, rollout_weight=1.0, checkpoint_every=1_000,
+                         log_every=100),
+    "pusht-lewm": dict(model="lewm", model_overrides=dict(history=1), action_block=5, batch_size=128,
+                       steps=30_000, lr=5e-4, warmup=1_000, rollout_weight=1.0, checkpoint_every=2_000,
+                       log_every=100),
+    "reacher-lewm": dict(model="lewm", model_overrides=dict(history=3), action_block=5, batch_size=128,
+                         steps=20_000, lr=5e-4, warmup=1_000, rollout_weight=1.0, checkpoint_every=2_000,
+                         log_every=100),
+    # Seconds: the dataset tests' model (32x32 frames).
+    "data-test": dict(model="test", model_overrides=dict(history=2), action_block=2, rollout_steps=2, batch_size=8,
+                      steps=20, lr=3e-3, warmup=2, checkpoint_every=1000, log_every=5, device="cpu"),
+}
+
+
+@dataclass(frozen=True)
+class BenchmarkPreset:
+    """One benchmark environment end to end: collection (env id, policy, episodes of ``steps`` env steps at
+    ``frame_size``), training (a :data:`WM_TRAIN_PRESETS` name for 2 CPU cores and one for a GPU; history and
+    action block are theirs), planning (CEM ``samples`` x ``iterations``, ``elites``, ``horizon`` model steps,
+    ``receding`` executed before replanning) and evaluation (start from a dataset frame, goal ``goal_offset``
+    env steps later, ``eval_budget`` env steps to reach it)."""
+    env_id: str
+    policy: str
+    episodes: int
+    steps: int
+    frame_size: int
+    train_cpu: str
+    train_gpu: str
+    history: int
+    action_block: int
+    samples: int = 300
+    iterations: int = 30
+    elites: int = 30
+    horizon: int = 5
+    receding: int = 5
+    goal_offset: int = 25
+    eval_budget: int = 50
+
+
+# LeWorldModel's planner budget (CEM 300 x 30, top 30, horizon 5, action block 5) everywhere; its collection
+# policies (TwoRoom: the noisy expert; PushT: the weak policy; Reacher: random, the SAC expert needing a
+# checkpoint) and its evaluation (goal 25 env steps ahead, 50 steps to reach it).
+BENCHMARK_PRESETS: dict[str, BenchmarkPreset] = {
+    "tworoom": BenchmarkPreset(env_id="swm/TwoRoom-v1", policy="expert", episodes=2_000, steps=100, frame_size=64,
+                               train_cpu="tworoom", train_gpu="tworoom-lewm", history=1, action_block=5),
+    "pusht": BenchmarkPreset(env_id="swm/PushT-v1", policy="weak", episodes=10_000, steps=100, frame_size=64,
+                             train_cpu="pusht", train_gpu="pusht-lewm", history=1, action_block=5),
+    "reacher": BenchmarkPreset(env_id="swm/ReacherDMControl-v0", policy="random", episodes=10_000, steps=100,
+                               frame_size=64, train_cpu="reacher", train_gpu="reacher-lewm", history=3,
+                               action_block=5),
 }

@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from jepa_engine.envs import TrajectoryBatches, TrajectoryStream
+from jepa_engine.envs import TrajectoryBatches
 from jepa_engine.models.world_model import WorldModel, WorldModelConfig, sigreg
 from jepa_engine.schedules import warmup_cosine
 
@@ -38,6 +38,7 @@ from .configs import WMTrainConfig
 from .ema import EMA
 from .interrupt import DeferredInterrupt
 from .run_folder import RunFolder, check_finite, restore_state, state_tensors
+from .trajectory_data import training_stream
 
 _METRIC_KEYS = ("step", "loss", "teacher", "rollout", "sigreg", "z_std")
 
@@ -117,8 +118,7 @@ class WorldModelTrainer:
         self.device = cfg.resolved_device()
         self.model, self.ema = build_world_model(cfg, self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.stream = iter(TrajectoryStream(cfg.world_config(), cfg.batch_size, cfg.resolved_episode_len(),
-                                            policy=cfg.policy, seed=cfg.seed, device=self.device))
+        self.stream = iter(training_stream(cfg, self.device))   # cfg.data's windows, or the built-in world
         self.step = 0
         self.history: list[tuple] = []    # (step, loss, teacher, rollout, sigreg, z_std) of the logged steps
         self.last_checkpoint: Optional[Path] = None
