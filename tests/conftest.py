@@ -13,3 +13,11 @@ def kernel_device() -> str:
     with the reason (the rule: :func:`tests.helpers.kernel_device_choice`). Session-scoped: the
     choice holds for the whole run (and hypothesis tests may take it)."""
     return require_kernel_device()
+
+
+@pytest.fixture
+def backend_device(backend: str, request) -> str:
+    """Where a test parametrized by ``backend`` runs: for ``"triton"``, :func:`kernel_device` (CUDA,
+    compiled, where a device is present; else CPU under the interpreter; else a skip), since a forced
+    Triton backend cannot run on plain CPU tensors; for ``"reference"``, CPU."""
+    return request.getfixturevalue("kernel_device") if backend == "triton" else "cpu"

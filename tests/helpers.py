@@ -8,8 +8,9 @@ devices see the same numbers.
 
 Precision each test expects: fp32 kernels are compared at fp32 tolerances (the interpreter is exact;
 compiled on the GPU, an fp32 ``tl.dot`` that a kernel runs as TF32 is compared at ``TF32_TOLERANCE``:
-``assert_close(..., tf32=True)`` names those results). fp16/bf16 kernels compute in fp32 and round
-on store, so their tolerance is a few units in the last place of the storage dtype.
+``assert_close(..., tf32=True)`` names those results, and ``grad=True`` with it names a gradient
+computed through chained TF32 dots, compared at ``TF32_GRAD_TOLERANCE``). fp16/bf16 kernels compute
+in fp32 and round on store, so their tolerance is a few units in the last place of the storage dtype.
 """
 from __future__ import annotations
 
@@ -30,7 +31,18 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float16: (2e-3, 2e-3),
     torch.bfloat16: (2e-2, 1.6e-2),
 }
+# One TF32 product: its inputs rounded to a 10-bit mantissa (unit roundoff 2**-11, about 4.9e-4).
 TF32_TOLERANCE = (2e-3, 2e-3)
+# A gradient through the attention backward's TF32 dots passes three chained TF32 products: dP = dO V^T,
+# then dS = P * (dP - rowsum(dO * O)) and dQ = dS K (dK = dS^T Q likewise). dP's rounding error, about
+# 2**-11 |dO| |V|, is not damped by the softmax: where a row's P is near one-hot, dP - rowsum(dO * O)
+# is the difference of two nearly equal numbers, one of them rounded, so dS and then dQ carry an error
+# of about 2**-11 |dO| |V| |K| scale whatever dQ's own size (an exact dQ of 1e-7 came back as 2e-3).
+# Measured compiled on an H100 against the reference (fp32, every mask kind, head dims 16 and 80, N up
+# to 79, 84 random draws): the worst dQ, dK or dV element needed atol = rtol = 5.9e-3 (dQ 1.4e-2
+# absolute on an entry near 2); the outputs needed 1e-6, at fp32's tolerance, since the forward is IEEE.
+# The forward's TF32 tolerance above stays as it is.
+TF32_GRAD_TOLERANCE = (1e-2, 1e-2)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -64,26 +76,30 @@ def uses_tf32(dtype: torch.dtype, device: torch.device | str, tf32: bool) -> boo
     return tf32 and dtype == torch.float32 and compiled_on(device)
 
 
-def tolerance(dtype: torch.dtype, device: torch.device | str = "cpu", tf32: bool = False) -> tuple[float, float]:
+def tolerance(dtype: torch.dtype, device: torch.device | str = "cpu", tf32: bool = False,
+              grad: bool = False) -> tuple[float, float]:
     """``(atol, rtol)`` for a kernel result of ``dtype`` computed on ``device`` (``tf32``: see
-    :func:`uses_tf32`)."""
-    return TF32_TOLERANCE if uses_tf32(dtype, device, tf32) else TOLERANCES[dtype]
+    :func:`uses_tf32`; ``grad``: the result is a gradient through the kernel's chained TF32 dots, which
+    takes ``TF32_GRAD_TOLERANCE`` where TF32 applies and changes nothing elsewhere)."""
+    if uses_tf32(dtype, device, tf32):
+        return TF32_GRAD_TOLERANCE if grad else TF32_TOLERANCE
+    return TOLERANCES[dtype]
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
-                 what: str = "", scale: float = 1.0, tf32: bool = False) -> None:
+                 what: str = "", scale: float = 1.0, tf32: bool = False, grad: bool = False) -> None:
     """``torch.testing.assert_close`` at :func:`tolerance` for ``dtype`` on ``actual``'s device
     (times ``scale``), with the max and mean absolute difference in the failure message. The two
     tensors are compared on CPU, so a CUDA result may be checked against a CPU expectation."""
     dtype = dtype or expected.dtype
-    atol, rtol = tolerance(dtype, actual.device, tf32)
+    atol, rtol = tolerance(dtype, actual.device, tf32, grad)
     a, e = actual.detach().float().cpu(), expected.detach().float().cpu()
     diff = (a - e).abs()
     finite = torch.isfinite(diff)
     msg = (f"{what}: max abs diff {diff[finite].max().item() if finite.any() else float('nan'):.3e}, "
            f"mean abs diff {diff[finite].mean().item() if finite.any() else float('nan'):.3e}, "
            f"non-finite {int((~finite).sum())}, dtype {dtype}, shape {tuple(a.shape)}, "
-           f"{'TF32 ' if uses_tf32(dtype, actual.device, tf32) else ''}tolerance "
+           f"{('TF32 gradient ' if grad else 'TF32 ') if uses_tf32(dtype, actual.device, tf32) else ''}tolerance "
            f"({atol * scale:.1e}, {rtol * scale:.1e}) on {actual.device}")
     torch.testing.assert_close(a, e, atol=atol * scale, rtol=rtol * scale, msg=lambda m: f"{msg}\n{m}")
 

@@ -1,6 +1,10 @@
 """accelerate / restore: patched models against the unpatched ones (outputs and every gradient), for a
 real timm ViT, an I-JEPA-style attention tree and an SDPA-calling module; masks, fallbacks, restore,
-idempotence, the report, the timm EMA helper, torch.compile(fullgraph=True) and torch.export on CPU."""
+idempotence, the report, the timm EMA helper, torch.compile(fullgraph=True) and torch.export on CPU.
+
+A test parametrized by ``backend`` runs on the ``backend_device`` fixture (tests/conftest.py): the
+Triton backend on the kernel device (CUDA compiled where present, else CPU under the interpreter),
+the reference on CPU; the unpatched model runs on the same device."""
 from __future__ import annotations
 
 import contextlib
@@ -132,26 +136,37 @@ class ManualAttention(nn.Module):
 # --------------------------------------------------------------------------------------------------
 def _run(model, inputs, *args):
     """Output and the gradients of every parameter and of the input (sum of the output times a fixed
-    random cotangent)."""
+    random cotangent, drawn on CPU)."""
     x = inputs.detach().clone().requires_grad_(True)
     model.zero_grad(set_to_none=True)
     out = model(x, *args)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
     (out * g).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out.detach(), x.grad.clone(), grads
 
 
-def _compare(patched, plain, inputs, *args, backend="reference"):
+def _compare(patched, plain, inputs, *args, backend="reference", device):
+    """The patched model under ``backend`` against the unpatched one, both moved to ``device`` (in
+    place) with ``inputs`` and the tensor ``args``: output, input gradient, every parameter gradient.
+
+    Compiled on CUDA, the attention backward's fp32 dots run as TF32 (``BWD_ALLOWS_TF32``): the
+    gradients of the Triton backend are compared at the TF32 gradient tolerance there (tests/helpers.py),
+    at fp32's elsewhere; the forward is IEEE fp32 everywhere."""
+    patched.to(device)
+    plain.to(device)
+    inputs = inputs.to(device)
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
     ctx = use_backend(backend) if backend else contextlib.nullcontext()
     with ctx:
         out, gx, grads = _run(patched, inputs, *args)
     ref_out, ref_gx, ref_grads = _run(plain, inputs, *args)
+    tf32 = backend == "triton"
     assert_close(out, ref_out, what="output")
-    assert_close(gx, ref_gx, what="input grad", scale=GRAD_SCALE)
+    assert_close(gx, ref_gx, what="input grad", scale=GRAD_SCALE, tf32=tf32, grad=True)
     assert grads.keys() == ref_grads.keys()
     for n in grads:
-        assert_close(grads[n], ref_grads[n], what=f"grad {n}", scale=GRAD_SCALE)
+        assert_close(grads[n], ref_grads[n], what=f"grad {n}", scale=GRAD_SCALE, tf32=tf32, grad=True)
 
 
 def _key_padding(B, N, seed=0):
@@ -164,18 +179,18 @@ def _key_padding(B, N, seed=0):
 # timm ViT
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_timm_vit_matches_unpatched(backend):
+def test_timm_vit_matches_unpatched(backend, backend_device):
     plain = tiny_timm_vit()
     model = copy.deepcopy(plain)
     report = jepa_engine.accelerate(model)
     assert [e.name for e in report.patched] == ["blocks.0.attn", "blocks.1.attn"]
     assert {e.kind for e in report.patched} == {"timm"}
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    _compare(model, plain, x, backend=backend)
+    _compare(model, plain, x, backend=backend, device=backend_device)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_timm_attention_key_padding_masks(backend):
+def test_timm_attention_key_padding_masks(backend, backend_device):
     """timm's attn_mask in SDPA form (bool [B, 1, 1, N], additive) and our [B, N] key padding."""
     plain = tiny_timm_vit().blocks[0].attn
     attn = copy.deepcopy(plain)
@@ -184,8 +199,9 @@ def test_timm_attention_key_padding_masks(backend):
     x = torch.randn(B, N, 64, generator=torch.Generator().manual_seed(2))
     kp = _key_padding(B, N)
     additive = torch.zeros(B, 1, 1, N).masked_fill(~kp[:, None, None, :], float("-inf"))
-    _compare(attn, plain, x, kp[:, None, None, :], backend=backend)
-    _compare(attn, plain, x, additive, backend=backend)
+    _compare(attn, plain, x, kp[:, None, None, :], backend=backend, device=backend_device)
+    _compare(attn, plain, x, additive, backend=backend, device=backend_device)
+    x, kp = x.to(backend_device), kp.to(backend_device)
     with use_backend(backend):
         out = attn(x, kp)  # [B, N] key padding: our user format
     assert_close(out, plain(x, kp[:, None, None, :]), what="[B, N] key padding")
@@ -211,14 +227,14 @@ def test_timm_fallbacks_keep_results():
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("masked", [False, True])
-def test_ijepa_tree_matches_unpatched(backend, masked):
+def test_ijepa_tree_matches_unpatched(backend, masked, backend_device):
     plain = Tree(IJepaAttention)
     model = copy.deepcopy(plain)
     report = jepa_engine.accelerate(model)
     assert [(e.name, e.kind) for e in report.patched] == [("blocks.0.attn", "ijepa"), ("blocks.1.attn", "ijepa")]
     x = torch.randn(2, 19, 64, generator=torch.Generator().manual_seed(4))
     args = (_key_padding(2, 19),) if masked else ()
-    _compare(model, plain, x, *args, backend=backend)
+    _compare(model, plain, x, *args, backend=backend, device=backend_device)
 
 
 def test_ijepa_attention_weights():
@@ -251,7 +267,7 @@ def test_index_list_masks():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mask", ["none", "bool", "bool_full", "additive", "not_key_padding"])
-def test_sdpa_module_matches_unpatched(backend, mask):
+def test_sdpa_module_matches_unpatched(backend, mask, backend_device):
     plain = Tree(SdpaAttention)
     model = copy.deepcopy(plain)
     report = jepa_engine.accelerate(model)
@@ -267,7 +283,7 @@ def test_sdpa_module_matches_unpatched(backend, mask):
     }
     x = torch.randn(B, N, 64, generator=torch.Generator().manual_seed(6))
     args = () if masks[mask] is None else (masks[mask],)
-    _compare(model, plain, x, *args, backend=backend)
+    _compare(model, plain, x, *args, backend=backend, device=backend_device)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -76,14 +76,14 @@ class ACStylePredictor(nn.Module):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("N", [18, 14])  # whole frames, and a last frame cut short
-def test_ac_predictor_frame_causal_mask_fuses_every_call(backend, N):
+def test_ac_predictor_frame_causal_mask_fuses_every_call(backend, N, backend_device):
     plain = ACStylePredictor()
     model = copy.deepcopy(plain)
     report = jepa_engine.accelerate(model)
     assert [(e.name, e.kind) for e in report.patched] == [("blocks.0", "sdpa"), ("blocks.1", "sdpa")]
     x = torch.randn(2, N, 48, generator=torch.Generator().manual_seed(3))
-    _compare(model, plain, x, backend=backend)
-    _compare(model, plain, x, backend=backend)
+    _compare(model, plain, x, backend=backend, device=backend_device)
+    _compare(model, plain, x, backend=backend, device=backend_device)
     st = stats(model)
     assert st.fallen_back == 0, str(st)
     assert st.fused == 4 and all(m.fused == 2 for m in st.modules.values())
@@ -133,13 +133,13 @@ def test_is_causal_runs_frame_causal_with_one_token_frames():
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("head_dim", [80, 88, 104])
-def test_flagship_head_dims_fuse_and_match(backend, head_dim):
+def test_flagship_head_dims_fuse_and_match(backend, head_dim, backend_device):
     plain = Tree(lambda dim: IJepaAttention(dim, num_heads=2), dim=2 * head_dim, depth=1)
     model = copy.deepcopy(plain)
     report = jepa_engine.accelerate(model)
     assert [e.kind for e in report.patched] == ["ijepa"] and not report.skipped
     x = torch.randn(2, 11, 2 * head_dim, generator=torch.Generator().manual_seed(5))
-    _compare(model, plain, x, _key_padding(2, 11), backend=backend)
+    _compare(model, plain, x, _key_padding(2, 11), backend=backend, device=backend_device)
     assert stats(model).fused == 1 and stats(model).fallen_back == 0
 
 
@@ -147,7 +147,7 @@ def test_flagship_head_dims_fuse_and_match(backend, head_dim):
 # Masks: finfo.min (timm NaFlex), key-only [B, 1, 1, N]
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_finfo_min_masks_are_masks(backend):
+def test_finfo_min_masks_are_masks(backend, backend_device):
     plain = tiny_timm_vit().blocks[0].attn
     attn = copy.deepcopy(plain)
     jepa_engine.accelerate(attn)
@@ -157,11 +157,12 @@ def test_finfo_min_masks_are_masks(backend):
     lowest = torch.finfo(torch.float32).min
     key_only = torch.zeros(B, 1, 1, N).masked_fill(~kp[:, None, None, :], lowest)
     full = torch.zeros(B, 1, N, N).masked_fill(~kp[:, None, None, :], lowest)
-    _compare(attn, plain, x, key_only, backend=backend)
-    _compare(attn, plain, x, full, backend=backend)
+    _compare(attn, plain, x, key_only, backend=backend, device=backend_device)
+    _compare(attn, plain, x, full, backend=backend, device=backend_device)
     st = stats(attn)
     assert st.fallen_back == 0 and st.fused == 2, str(st)
-    bias = torch.zeros(B, 1, 1, N).masked_fill(~kp[:, None, None, :], -1e4)  # a bias: falls back
+    x, kp = x.to(backend_device), kp.to(backend_device)  # _compare moved the modules there
+    bias = torch.zeros(B, 1, 1, N, device=backend_device).masked_fill(~kp[:, None, None, :], -1e4)  # falls back
     assert_close(attn(x, bias), plain(x, bias), what="bias")
     reasons = stats(attn).reasons()
     assert len(reasons) == 1 and "a bias, not a mask" in next(iter(reasons)), reasons
@@ -182,13 +183,13 @@ class FullPathSdpa(nn.Module):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_full_path_sdpa_is_rerouted(backend):
+def test_full_path_sdpa_is_rerouted(backend, backend_device):
     plain = FullPathSdpa()
     model = copy.deepcopy(plain)
     report = jepa_engine.accelerate(model)
     assert [(e.name, e.kind) for e in report.patched] == [("", "sdpa")]
     x = torch.randn(2, 13, 64, generator=torch.Generator().manual_seed(8))
-    _compare(model, plain, x, _key_padding(2, 13)[:, None, None, :], backend=backend)
+    _compare(model, plain, x, _key_padding(2, 13)[:, None, None, :], backend=backend, device=backend_device)
     assert stats(model).fused == 1 and stats(model).fallen_back == 0
     jepa_engine.restore(model)
     assert "forward" not in model.__dict__

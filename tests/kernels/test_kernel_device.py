@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from jepa_engine.kernels import _launch, latent_loss, latent_loss_reference, use_backend
-from tests.helpers import (TF32_TOLERANCE, TOLERANCES, kernel_device_choice, require_kernel_device, tolerance,
-                           uses_tf32)
+from tests.helpers import (TF32_GRAD_TOLERANCE, TF32_TOLERANCE, TOLERANCES, kernel_device_choice,
+                           require_kernel_device, tolerance, uses_tf32)
 
 
 def _machine(monkeypatch, cuda: bool, interpret: str | None, triton: bool = True) -> None:
@@ -71,8 +71,15 @@ def test_tf32_tolerance_only_compiled_on_cuda(monkeypatch):
     assert tolerance(torch.float32, "cpu", tf32=True) == TOLERANCES[torch.float32]
     assert tolerance(torch.float16, "cuda", tf32=True) == TOLERANCES[torch.float16]
     assert tolerance(torch.bfloat16, torch.device("cuda", 0), tf32=True) == TOLERANCES[torch.bfloat16]
+    # A gradient through chained TF32 dots: its own, wider entry, only where TF32 applies.
+    assert tolerance(torch.float32, "cuda", tf32=True, grad=True) == TF32_GRAD_TOLERANCE
+    assert TF32_GRAD_TOLERANCE > TF32_TOLERANCE
+    assert tolerance(torch.float32, "cuda", tf32=False, grad=True) == TOLERANCES[torch.float32]
+    assert tolerance(torch.float32, "cpu", tf32=True, grad=True) == TOLERANCES[torch.float32]
+    assert tolerance(torch.float16, "cuda", tf32=True, grad=True) == TOLERANCES[torch.float16]
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter computes fp32 dots exactly
     assert tolerance(torch.float32, "cuda", tf32=True) == TOLERANCES[torch.float32]
+    assert tolerance(torch.float32, "cuda", tf32=True, grad=True) == TOLERANCES[torch.float32]
     assert not uses_tf32(torch.float32, "cuda", tf32=True)
 
 
