@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-swm = pytest.importorskip("stable_worldmodel", reason="stable-worldmodel is not installed (`make envs`)")
+swm = pytest.importorskip("stable_worldmodel", reason="stable-worldmodel is not importable (`make envs` installs it)",
+                          exc_type=ImportError)
 
 from jepa_engine.integrations.stable_worldmodel import (  # noqa: E402
     CACHE_KEY, CEMSolver, MPPISolver, WorldModelCost, frames_for_model,
