@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("--seed", type=int_at_least(0), default=0, help="episode e is reset with seed + e (default 0)")
     col.add_argument("--num-envs", type=int_at_least(1), default=4, help="envs stepped together (default 4)")
     col.add_argument("--shard-episodes", type=int_at_least(0), default=0,
-                     help="episodes per shard file set (default 0: about 256 MiB per shard)")
+                     help="episodes per shard (default 0: about 128 MiB of frames per shard)")
     col.add_argument("--no-progress", action="store_true", help="no progress bar")
     col.set_defaults(func=_collect)
     plan = sub.add_parser("plan", help="MPC in the built-in world with a trained world model")

@@ -67,7 +67,7 @@ POLICIES: dict[str, dict[str, str]] = {
 # on its arguments only), and images other than the frame (e.g. PushT's goal image: the goal of an
 # evaluation is a later frame of the dataset).
 _SKIP_COLUMNS = ("render_time", "id")
-DEFAULT_SHARD_BYTES = 256 * 2**20
+DEFAULT_SHARD_BYTES = 128 * 2**20     # a shard is assembled in memory before it is written
 
 
 class CollectError(ValueError):
@@ -209,7 +209,7 @@ def collect(env_id: str, policy: str, episodes: int, steps: int, out, size: int 
 
     Episode ``e`` is reset with seed ``seed + e``; ``num_envs`` run at once (the policies draw their noise
     for all of them at once: the data depends on it, and a resume must keep it). Shards of ``shard_episodes``
-    episodes (0: about 256 MiB each) are written one at a time, each complete or absent, the manifest
+    episodes (0: about 128 MiB each) are written one at a time, each complete or absent, the manifest
     last: rerunning an interrupted collection with the same arguments keeps its shards and collects the
     rest, and gives the dataset an uninterrupted run would have. A complete dataset with the same
     arguments is returned as it is; a folder holding another collection is an error.
@@ -220,8 +220,6 @@ def collect(env_id: str, policy: str, episodes: int, steps: int, out, size: int 
             raise _bad(name, f"an int >= {lo}", v)
     check_env_id(env_id)
     _check_policy(env_id, policy)
-    import stable_worldmodel as swm
-
     out = Path(out)
     args = {"format": FORMAT, "version": VERSION, "env_id": env_id, "policy": policy, "episodes": episodes,
             "steps": steps, "size": size, "seed": seed, "num_envs": min(num_envs, episodes)}
@@ -244,6 +242,21 @@ def collect(env_id: str, policy: str, episodes: int, steps: int, out, size: int 
         shard_episodes = saved["shard_episodes"]
     elif any(out.iterdir()):
         raise _bad("out", "an empty folder or one of an interrupted collection", f"{out} (holds other files)")
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # the envs render small frames with torch: one thread is fastest
+    try:
+        return _collect(out, args, env_id, policy, episodes, steps, size, seed, num_envs, shard_episodes, progress,
+                        log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _collect(out: Path, args: dict, env_id: str, policy: str, episodes: int, steps: int, size: int, seed: int,
+             num_envs: int, shard_episodes: int, progress: bool, log) -> dict[str, Any]:
+    import stable_worldmodel as swm
 
     policy_obj = _make_policy(env_id, policy)
     world = swm.World(env_id, num_envs=min(num_envs, episodes), image_shape=(size, size),
