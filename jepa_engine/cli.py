@@ -142,7 +142,8 @@ def _collect(args: argparse.Namespace) -> int:
         swm_data.collect(args.env, args.policy, args.episodes, args.steps, args.out, size=args.size, seed=args.seed,
                          num_envs=args.num_envs, shard_episodes=args.shard_episodes, progress=not args.no_progress)
     except ImportError as e:
-        return _error("collect", f"needs stable-worldmodel ({e}); install it with `make envs`")
+        return _error("collect", f"{args.env} needs a package that is not installed ({e}); `make envs` installs "
+                                 f"stable-worldmodel and its environments' dependencies")
     except swm_data.CollectError as e:
         name, _, rest = str(e).partition(" ")          # "<argument> must be ..., got ..."
         return _error("collect", f"argument --{name.replace('_', '-')}: {rest}")

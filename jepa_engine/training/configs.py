@@ -219,7 +219,8 @@ class WMTrainConfig(RunConfig):
 
     @classmethod
     def presets(cls) -> dict[str, dict[str, Any]]:
-        """:data:`WM_TRAIN_PRESETS`: "demo", "test", "lewm"."""
+        """:data:`WM_TRAIN_PRESETS`: "demo", "test", "lewm", and for collected datasets "tworoom", "pusht",
+        "reacher" (CPU), "tworoom-lewm", "pusht-lewm", "reacher-lewm" (GPU), "data-test"."""
         return WM_TRAIN_PRESETS
 
 
