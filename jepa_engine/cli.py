@@ -140,7 +140,8 @@ def _collect(args: argparse.Namespace) -> int:
         return _error("collect", f"needs stable-worldmodel ({e}); install it with `make envs`")
     try:
         swm_data.collect(args.env, args.policy, args.episodes, args.steps, args.out, size=args.size, seed=args.seed,
-                         num_envs=args.num_envs, shard_episodes=args.shard_episodes, progress=not args.no_progress)
+                         num_envs=args.num_envs, shard_episodes=args.shard_episodes, workers=args.workers,
+                         progress=not args.no_progress)
     except ImportError as e:
         return _error("collect", f"{args.env} needs a package that is not installed ({e}); `make envs` installs "
                                  f"stable-worldmodel and its environments' dependencies")
@@ -294,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("--num-envs", type=int_at_least(1), default=4, help="envs stepped together (default 4)")
     col.add_argument("--shard-episodes", type=int_at_least(0), default=0,
                      help="episodes per shard (default 0: about 128 MiB of frames per shard)")
+    col.add_argument("--workers", type=int_at_least(1), default=1,
+                     help="shards collected at once in worker processes (the same data; default 1)")
     col.add_argument("--no-progress", action="store_true", help="no progress bar")
     col.set_defaults(func=_collect)
     plan = sub.add_parser("plan", help="MPC in the built-in world with a trained world model")

@@ -264,6 +264,18 @@ def test_collect_resumes_an_interrupted_collection_exactly(tworoom, tmp_path, ca
     assert "argument --out: must be an empty folder or one holding this collection" in capsys.readouterr().err
 
 
+def test_collect_with_worker_processes_gives_the_same_data(tworoom, tmp_path):
+    from jepa_engine.cli import main
+
+    assert main(["collect", *COLLECT, "--workers", "2", "--out", str(tmp_path / "w")]) == 0
+    a, b = TrajectoryDataset(tworoom), TrajectoryDataset(tmp_path / "w")
+    assert a.lengths.tolist() == b.lengths.tolist() and a.columns == b.columns
+    for e in range(4):
+        ea, eb = a.episode(e), b.episode(e)
+        for c in a.columns:
+            assert np.array_equal(ea[c], eb[c], equal_nan=ea[c].dtype.kind == "f"), (e, c)
+
+
 def test_collect_bad_env_and_policy(swm, tmp_path, capsys):
     from jepa_engine.cli import main
 

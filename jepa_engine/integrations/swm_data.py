@@ -201,7 +201,7 @@ def _shard_info(folder: Path) -> Optional[dict[str, Any]]:
 
 
 def collect(env_id: str, policy: str, episodes: int, steps: int, out, size: int = 64, seed: int = 0,
-            num_envs: int = 4, shard_episodes: int = 0, progress: bool = False,
+            num_envs: int = 4, shard_episodes: int = 0, workers: int = 1, progress: bool = False,
             log: Optional[Callable[[str], None]] = print) -> dict[str, Any]:
     """Roll ``policy`` in ``env_id`` for ``episodes`` episodes of at most ``steps`` transitions (an episode
     ends early when the env terminates), frames rendered at ``size`` x ``size``, and write the dataset to
@@ -212,10 +212,12 @@ def collect(env_id: str, policy: str, episodes: int, steps: int, out, size: int 
     episodes (0: about 128 MiB each) are written one at a time, each complete or absent, the manifest
     last: rerunning an interrupted collection with the same arguments keeps its shards and collects the
     rest, and gives the dataset an uninterrupted run would have. A complete dataset with the same
-    arguments is returned as it is; a folder holding another collection is an error.
+    arguments is returned as it is; a folder holding another collection is an error. ``workers`` > 1
+    collects that many shards at once in worker processes (the same data: each shard is seeded by its
+    index).
     """
     for name, v, lo in (("episodes", episodes, 1), ("steps", steps, 1), ("size", size, 8), ("num_envs", num_envs, 1),
-                        ("shard_episodes", shard_episodes, 0), ("seed", seed, 0)):
+                        ("shard_episodes", shard_episodes, 0), ("seed", seed, 0), ("workers", workers, 1)):
         if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
             raise _bad(name, f"an int >= {lo}", v)
     check_env_id(env_id)
@@ -248,14 +250,14 @@ def collect(env_id: str, policy: str, episodes: int, steps: int, out, size: int 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)          # the envs render small frames with torch: one thread is fastest
     try:
-        return _collect(out, args, env_id, policy, episodes, steps, size, seed, num_envs, shard_episodes, progress,
-                        log)
+        return _collect(out, args, env_id, policy, episodes, steps, size, seed, num_envs, shard_episodes, workers,
+                        progress, log)
     finally:
         torch.set_num_threads(threads)
 
 
 def _collect(out: Path, args: dict, env_id: str, policy: str, episodes: int, steps: int, size: int, seed: int,
-             num_envs: int, shard_episodes: int, progress: bool, log) -> dict[str, Any]:
+             num_envs: int, shard_episodes: int, workers: int, progress: bool, log) -> dict[str, Any]:
     import stable_worldmodel as swm
 
     policy_obj = _make_policy(env_id, policy)
@@ -271,13 +273,9 @@ def _collect(out: Path, args: dict, env_id: str, policy: str, episodes: int, ste
         if not (out / COLLECT).is_file():
             atomic_write_text(out / COLLECT, json.dumps({**args, "shard_episodes": shard_episodes}, indent=1) + "\n")
         num_shards = -(-episodes // shard_episodes)
-        shards, done = [], 0
-        for k in range(num_shards):
-            info = _shard_info(out / shard_name(k)) if (out / shard_name(k)).is_dir() else None
-            if info is None:
-                break
-            shards.append(info)
-            done += info["episodes"]
+        written = {k: _shard_info(out / shard_name(k)) for k in range(num_shards) if (out / shard_name(k)).is_dir()}
+        shards = {k: info for k, info in written.items() if info is not None}
+        done = sum(info["episodes"] for info in shards.values())
         for stale in out.glob("shard-*.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         if shards and log:
@@ -288,13 +286,25 @@ def _collect(out: Path, args: dict, env_id: str, policy: str, episodes: int, ste
 
             bar = tqdm(total=episodes, initial=done, desc="collect", unit="ep")
         t0, new_rows = time.perf_counter(), 0
-        for k in range(len(shards), num_shards):
-            count = min(shard_episodes, episodes - k * shard_episodes)
-            _seed_policy(policy_obj, seed * 100_003 + k)
-            eps = _collect_shard(world, policy_obj, k * shard_episodes, count, steps, seed, action_dim,
-                                 bar.update if bar else None)
-            shards.append(_write_shard(out, k, eps))
-            new_rows += shards[-1]["rows"]
+        jobs = [(str(out), env_id, policy, k, k * shard_episodes, min(shard_episodes, episodes - k * shard_episodes),
+                 steps, size, seed, world.num_envs) for k in range(num_shards) if k not in shards]
+        if workers > 1 and len(jobs) > 1:
+            import multiprocessing
+
+            with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+                for job, info in zip(jobs, pool.imap(_shard_job, jobs)):
+                    shards[job[3]] = info
+                    new_rows += info["rows"]
+                    if bar:
+                        bar.update(info["episodes"])
+        else:
+            for (_, _, _, k, first, count, *_rest) in jobs:
+                _seed_policy(policy_obj, seed * 100_003 + k)
+                eps = _collect_shard(world, policy_obj, first, count, steps, seed, action_dim,
+                                     bar.update if bar else None)
+                shards[k] = _write_shard(out, k, eps)
+                new_rows += shards[k]["rows"]
+        shards = [shards[k] for k in sorted(shards)]
         seconds = time.perf_counter() - t0
         if bar:
             bar.close()
@@ -306,6 +316,26 @@ def _collect(out: Path, args: dict, env_id: str, policy: str, episodes: int, ste
         "env_id": env_id, "policy": policy, "seed": seed, "steps": steps, "action_low": low.tolist(),
         "action_high": high.tolist(), "shard_episodes": shard_episodes, "seconds": round(seconds, 3),
         "steps_per_second": round(new_rows / seconds, 1) if seconds > 0 else None, "collect": args}, log)
+
+
+def _shard_job(job: tuple) -> dict[str, Any]:
+    """One shard in a worker process: its own World and policy, seeded as the serial path seeds them, so
+    the shard holds the same data."""
+    out, env_id, policy, k, first, count, steps, size, seed, num_envs = job
+    import stable_worldmodel as swm
+    import torch
+
+    torch.set_num_threads(1)
+    policy_obj = _make_policy(env_id, policy)
+    world = swm.World(env_id, num_envs=num_envs, image_shape=(size, size), max_episode_steps=steps + 1)
+    try:
+        world.set_policy(policy_obj)
+        action_dim = int(np.prod(world.envs.single_action_space.shape))
+        _seed_policy(policy_obj, seed * 100_003 + k)
+        return _write_shard(Path(out), k, _collect_shard(world, policy_obj, first, count, steps, seed, action_dim,
+                                                         None))
+    finally:
+        world.close()
 
 
 def _finish(out: Path, shards: list[dict], info: dict[str, Any], log: Optional[Callable[[str], None]]) -> dict:
