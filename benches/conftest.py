@@ -19,7 +19,9 @@ of timed rounds (3 at least; no warm-up round beyond the warm-up calls), and its
 from __future__ import annotations
 
 import os
+import signal
 import statistics
+import threading
 import time
 from typing import Callable
 
@@ -123,6 +125,16 @@ def _pedantic(benchmark, target, **kw) -> None:
     except KeyboardInterrupt:   # cut off inside its rounds: keep the partial row out of the JSON
         benchmark.has_error = True
         raise
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """SIGINT is ignored from here on: the JSON is written now (pytest-benchmark's machine info alone
+    takes a second or more), and a run cut off at its time share (SIGINT, SIGKILL later) must not lose
+    it to a SIGINT that arrives after the last test."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    yield
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):

@@ -168,7 +168,7 @@ def test_bench_stage_reports_broken_files_and_keeps_the_others(tmp_path, monkeyp
             "e": ("timeout", json.dumps({"machine_info": {}, "benchmarks": [row(3)]}))}
     seen = []
 
-    def fake_run(cmd, limit_s, env=None, prefix=""):
+    def fake_run(cmd, limit_s, env=None, prefix="", **kw):
         if "benches.report" in cmd:
             return gs.Ran(0, False, 0.1, "| the table |")
         name = Path(cmd[3]).stem
@@ -203,6 +203,37 @@ def test_bench_stage_reports_broken_files_and_keeps_the_others(tmp_path, monkeyp
     assert "| a.py | ok | 2 |" in o.details and "| b.py | **CUT OFF** | 0 |" in o.details
 
 
+def test_pytest_summary_line_is_recognised():
+    done = re.compile(gs.PYTEST_SUMMARY)
+    for line in ("60 passed in 11.15s", "3 passed, 16 warnings in 58.69s", "1 warning in 11.36s",
+                 "1 failed, 2 passed, 17 warnings in 90.23s (0:01:30)", "no tests ran in 0.01s",
+                 "========= 79 passed, 15 skipped, 15 warnings in 89.87s (0:01:29) =========="):
+        assert done.search(line), line
+    for line in (".....s.....s [ 61%]", "Wrote benchmark data in: /tmp/x.json", "test_a[1] 3.1 (1.0) 2.2",
+                 "(to show a full traceback on KeyboardInterrupt use --full-trace)"):
+        assert not done.search(line), line
+
+
+# Appended to the probes' copy of benches/conftest.py: the SIGINT of a share's end arriving while
+# pytest-benchmark collects its machine info for the JSON (where it landed on an H100). DONE's exit
+# hangs after its last line (as torch's compile-worker pool's can).
+PROBE_CONFTEST = """
+
+def pytest_benchmark_generate_machine_info(config):
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.3)
+    return {"probe": True}
+"""
+DONE = """
+import atexit
+import time
+
+atexit.register(time.sleep, 60)
+
+
+def test_one(benchmark, run_bench):
+    run_bench(benchmark, lambda: sum(range(100)), impl="jepa_engine", group="done")
+"""
 PROBE = """
 import time
 import pytest
@@ -223,27 +254,36 @@ def test_slow(benchmark, run_bench):
 """
 
 
-def test_a_bench_file_cut_off_keeps_its_finished_rows(tmp_path, monkeypatch):
-    """A real pytest under benches/conftest.py, cut off inside a benchmark's rounds: SIGINT, its JSON
-    holds the finished group and not the partial row, also when the report itself runs in an xdist
-    worker (whose environment would make pytest-benchmark disable itself)."""
-    (tmp_path / "conftest.py").write_text((gs.ROOT / "benches" / "conftest.py").read_text())
+def test_bench_files_cut_off_or_hanging_at_exit_keep_their_rows(tmp_path, monkeypatch):
+    """Real pytest runs under benches/conftest.py, with the report itself in an xdist worker (whose
+    environment would make pytest-benchmark disable itself). One is cut off inside a benchmark's
+    rounds: SIGINT, and its JSON holds the finished group, not the partial row. One finishes and then
+    hangs in its exit: stopped soon after its last line, reported ok. In both a second SIGINT while
+    the JSON is written is ignored."""
+    (tmp_path / "conftest.py").write_text((gs.ROOT / "benches" / "conftest.py").read_text() + PROBE_CONFTEST)
     (tmp_path / "bench_probe.py").write_text(PROBE)
+    (tmp_path / "bench_done.py").write_text(DONE)
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
     monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    monkeypatch.setattr(gs, "BENCH_EXIT_S", 1.0)
     ctx = gs.Context(tmp_path / "work", short=False)
     ctx.work.mkdir()
     share = 14.0
-    o = gs.stage_bench(ctx, share + gs.TABLE_S, files=((str(tmp_path / "bench_probe.py"), share),))
-    (run,) = o.data["files"]
-    assert run["status"] == "timeout" and run["seconds"] < share + 1, run
+    files = ((str(tmp_path / "bench_probe.py"), share), (str(tmp_path / "bench_done.py"), 30.0))
+    o = gs.stage_bench(ctx, share + 30 + gs.TABLE_S, files=files)
+    cut, done = o.data["files"]
+    assert cut["status"] == "timeout" and cut["rows"] == 2 and cut["seconds"] < share + 1, cut
     assert "KeyboardInterrupt" in o.log
+    assert done["status"] == "ok" and done["rows"] == 1 and done["seconds"] < 25, done
+    assert done["how"].startswith("1 passed in ") and "its exit hung" in done["how"]
     rows = json.loads(ctx.artifacts["bench.json"].read_text())["benchmarks"]
-    assert sorted(r["extra_info"]["impl"] for r in rows) == ["eager_loop", "jepa_engine"]
-    assert all(r["extra_info"]["group"] == "fast" and r["extra_info"]["quick"] for r in rows)
-    assert rows[0]["extra_info"]["speedup_vs"]["eager_loop"] > 0 or rows[1]["extra_info"]["speedup_vs"]
-    assert o.summary == "2 rows from 1 of 1 files; bench_probe.py cut off (2 rows kept)".replace(
-        "bench_probe.py", str(tmp_path / "bench_probe.py"))
+    assert sorted(r["extra_info"]["impl"] for r in rows) == ["eager_loop", "jepa_engine", "jepa_engine"]
+    assert [r["extra_info"]["group"] for r in rows] == ["fast", "fast", "done"]
+    assert all(r["extra_info"]["quick"] for r in rows)
+    ours = next(r["extra_info"] for r in rows if r["extra_info"]["impl"] == "jepa_engine")
+    assert ours["speedup_vs"]["eager_loop"] > 0
+    assert o.status == "timeout"
+    assert o.summary == f"3 rows from 2 of 2 files; {files[0][0]} cut off (2 rows kept)"
 
 
 def test_worker_count_and_test_order(tmp_path, monkeypatch):
