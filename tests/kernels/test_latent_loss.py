@@ -125,3 +125,14 @@ def test_bad_kind_and_beta():
 def test_cpu_cuda_mix_rejected():
     with pytest.raises(ValueError, match="target must be on cuda"):
         latent_loss(torch.randn(4, 8, device="cuda"), torch.randn(4, 8))
+
+
+def test_cuda_default_is_the_reference_unless_the_kernels_are_forced():
+    """The measured dispatch (the kernels lost on an H100 at the benched shapes): CUDA tensors take the
+    reference ops by default, the kernels inside ``use_backend("triton")``; other devices are untouched."""
+    from jepa_engine.kernels.latent_loss import _reference_wins
+
+    assert _reference_wins(torch.device("cuda"))
+    assert not _reference_wins(torch.device("cpu"))
+    with use_backend("triton"):
+        assert not _reference_wins(torch.device("cuda"))
