@@ -15,6 +15,7 @@ TIMM   ?= timm==1.0.31 torchvision==0.28.0 pillow
 # stable-worldmodel for the TwoRoom / PushT benchmarks (`make envs`): the `envs` extra of pyproject.toml,
 # then stable-worldmodel itself without its declared dependencies (they would pull a CUDA torch), every
 # package already in the venv pinned to its installed version (torch, triton and numpy stay as they are).
+# Reacher's MuJoCo renders headless through EGL or OSMesa: Mesa's EGL is installed when neither is there.
 SWM       ?= stable-worldmodel==0.1.1
 ENVS_STAMP := $(VENV)/.envs-installed
 
@@ -38,6 +39,9 @@ $(ENVS_STAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -c $(VENV)/envs-constraints.txt -r $(VENV)/envs-requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps "$(SWM)"
 	$(PY) -c "import stable_worldmodel.world, stable_worldmodel.envs.two_room, stable_worldmodel.envs.pusht.env"
+	$(PY) -c "import stable_worldmodel.envs.dmcontrol.reacher"
+	ldconfig -p | grep -q -e libEGL.so.1 -e libOSMesa || apt-get install -y -q libegl1 libegl-mesa0 libgl1-mesa-dri \
+		|| echo "make envs: no libEGL or libOSMesa, and apt-get could not install them: MuJoCo envs (Reacher) will not render"
 	touch $(ENVS_STAMP)
 
 # The whole suite, Triton kernels under the interpreter (no GPU needed); the stable-worldmodel tests

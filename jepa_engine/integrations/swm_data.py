@@ -29,6 +29,7 @@ Public API:
     export(path, out, format="lance"|"folder"|"hdf5")   the dataset in one of stable-worldmodel's formats
     write_dataset(out, episodes, env_id, ...)   trajectories from elsewhere, written in this format
     POLICIES                       {env id: {policy name: description}}
+    world_kwargs(env_id, (H, W))   the World arguments an env needs (MuJoCo: headless GL, plain frames, task)
 
 stable_worldmodel is imported inside the functions that need it: the reader works without it.
 """
@@ -51,7 +52,7 @@ from jepa_engine.training.trajectory_data import (
 
 __all__ = ["collect", "TrajectoryDataset", "DiskTrajectoryStream", "TrajectoryDatasetError", "swm_dataset",
            "export", "write_dataset", "read_manifest", "frames_to_obs", "summary_line", "POLICIES", "CollectError",
-           "check_env_id"]
+           "check_env_id", "world_kwargs", "mujoco_gl", "MUJOCO_ENVS"]
 
 # Collection policies by env id: LeWorldModel's (TwoRoom: the scripted expert with action noise 2.0;
 # PushT: the weak policy, pushes sampled near the block) and uniform random actions everywhere.
@@ -68,6 +69,13 @@ POLICIES: dict[str, dict[str, str]] = {
 # evaluation is a later frame of the dataset).
 _SKIP_COLUMNS = ("render_time", "id")
 DEFAULT_SHARD_BYTES = 128 * 2**20     # a shard is assembled in memory before it is written
+
+
+# MuJoCo (dm-control) envs: rendered headless (:func:`mujoco_gl`), at the frame size with shadows and MSAA
+# off (:class:`MujocoFrames`). Reacher runs its "qpos_match" task, whose `terminated` is the joints within
+# 0.05 rad of a target set by `set_target_qpos` (the evaluation's goal); its physics and frames are those
+# of the default task (the target is not drawn).
+MUJOCO_ENVS: dict[str, dict[str, Any]] = {"swm/ReacherDMControl-v0": {"task": "qpos_match"}}
 
 
 class CollectError(ValueError):
@@ -90,6 +98,69 @@ def check_env_id(env_id: str) -> None:
         hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
         raise CollectError(f"env must be a registered stable-worldmodel environment id such as {sorted(POLICIES)}, "
                            f"got {env_id!r}{hint}")
+
+
+def mujoco_gl() -> str:
+    """MuJoCo's OpenGL backend for headless rendering, chosen before dm_control is imported: ``MUJOCO_GL``
+    when set, else ``egl`` where libEGL loads (a GPU's, or Mesa's software one), else ``osmesa`` where
+    libOSMesa loads, else ``glfw`` (needs a display). Sets ``MUJOCO_GL`` (and ``PYOPENGL_PLATFORM`` with
+    it) and returns the backend."""
+    import ctypes.util
+
+    gl = os.environ.get("MUJOCO_GL")
+    if not gl:
+        gl = next((name for name, lib in (("egl", "EGL"), ("osmesa", "OSMesa")) if ctypes.util.find_library(lib)),
+                  "glfw")
+        os.environ["MUJOCO_GL"] = gl
+    if gl in ("egl", "osmesa"):
+        os.environ.setdefault("PYOPENGL_PLATFORM", gl)
+    return gl
+
+
+def _mujoco_frames_class():
+    import gymnasium as gym
+
+    class MujocoFrames(gym.Wrapper):
+        """A dm-control env's frames rendered at ``(height, width)`` with shadows and MSAA off: its own
+        render draws 224 x 224 with a 2048-px shadow map and 4x MSAA, about 10x slower on a software GL and
+        resized down anyway. Each new physics (a reset may recompile the model) is set before it is first
+        drawn."""
+
+        def __init__(self, env, height: int, width: int):
+            super().__init__(env)
+            self.height, self.width = int(height), int(width)
+            self._physics = None
+
+        def _plain(self) -> None:
+            physics = self.env.unwrapped.env.physics
+            if physics is not self._physics:
+                quality = physics.model.vis.quality
+                quality.shadowsize, quality.offsamples = 0, 0
+                self._physics = physics
+
+        def reset(self, **kwargs):
+            out = self.env.reset(**kwargs)
+            self._plain()
+            return out
+
+        def render(self):
+            self._plain()
+            return self.env.unwrapped.render(width=self.width, height=self.height)
+
+    return MujocoFrames
+
+
+def world_kwargs(env_id: str, frame_size) -> dict[str, Any]:
+    """Extra ``stable_worldmodel.World`` arguments for ``env_id`` at ``frame_size`` ``(H, W)`` (the same in
+    collection and evaluation): for a MuJoCo env, the headless backend (set here), :class:`MujocoFrames`
+    and its task (:data:`MUJOCO_ENVS`); nothing for the others."""
+    if env_id not in MUJOCO_ENVS:
+        return {}
+    from functools import partial
+
+    mujoco_gl()
+    H, W = frame_size
+    return {"pre_wrappers": [partial(_mujoco_frames_class(), height=H, width=W)], **MUJOCO_ENVS[env_id]}
 
 
 def _check_policy(env_id: str, policy: str) -> None:
@@ -262,7 +333,7 @@ def _collect(out: Path, args: dict, env_id: str, policy: str, episodes: int, ste
 
     policy_obj = _make_policy(env_id, policy)
     world = swm.World(env_id, num_envs=min(num_envs, episodes), image_shape=(size, size),
-                      max_episode_steps=steps + 1)
+                      max_episode_steps=steps + 1, **world_kwargs(env_id, (size, size)))
     try:
         world.set_policy(policy_obj)
         space = world.envs.single_action_space
@@ -327,7 +398,8 @@ def _shard_job(job: tuple) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     policy_obj = _make_policy(env_id, policy)
-    world = swm.World(env_id, num_envs=num_envs, image_shape=(size, size), max_episode_steps=steps + 1)
+    world = swm.World(env_id, num_envs=num_envs, image_shape=(size, size), max_episode_steps=steps + 1,
+                      **world_kwargs(env_id, (size, size)))
     try:
         world.set_policy(policy_obj)
         action_dim = int(np.prod(world.envs.single_action_space.shape))

@@ -126,7 +126,7 @@ def _replay_policy(actions: np.ndarray):
 def evaluate(model, data_path, cfg: EvalConfig, device="cpu", log=print) -> dict[str, Any]:
     """Run the protocol (module docstring) for ``model`` on the dataset at ``data_path``; returns the report."""
     swm = require_swm()
-    from .swm_data import TrajectoryDataset, check_env_id, swm_dataset
+    from .swm_data import TrajectoryDataset, check_env_id, swm_dataset, world_kwargs
 
     check_env_id(cfg.env)
     if cfg.env not in ENV_SETUP:
@@ -151,7 +151,8 @@ def evaluate(model, data_path, cfg: EvalConfig, device="cpu", log=print) -> dict
     eps, starts = sample_starts(data.lengths, cfg.goal_offset, cfg.episodes, cfg.seed)
     H, W = data.frame_size
     n = cfg.episodes
-    world = swm.World(cfg.env, num_envs=n, image_shape=(H, W), max_episode_steps=2 * cfg.eval_budget)
+    world = swm.World(cfg.env, num_envs=n, image_shape=(H, W), max_episode_steps=2 * cfg.eval_budget,
+                      **world_kwargs(cfg.env, (H, W)))
     dataset = swm_dataset(data_path)
     kwargs = dict(dataset=dataset, episodes_idx=eps.tolist(), start_steps=starts.tolist(),
                   goal_offset=cfg.goal_offset, eval_budget=cfg.eval_budget, callables=ENV_SETUP[cfg.env])
