@@ -19,9 +19,27 @@ TIMM   ?= timm==1.0.31 torchvision==0.28.0 pillow
 SWM       ?= stable-worldmodel==0.1.1
 ENVS_STAMP := $(VENV)/.envs-installed
 
-.PHONY: install test demo bench audit clean envs
+.PHONY: install test demo bench audit clean envs native
 
-install: $(STAMP)
+install: $(STAMP) native
+
+# The native operator library jepa_engine/_C.so (CMakeLists.txt, csrc/) against the venv's libtorch; an
+# incremental rebuild. Without cmake or a C++ compiler, or if the build fails, it says why and the
+# package runs its Python path (`jepa-engine selfcheck` lists each op's path). CXX=clang++ picks the compiler.
+NATIVE_BUILD ?= build/native
+native: $(STAMP)
+	@mkdir -p $(NATIVE_BUILD); if ! command -v cmake >/dev/null 2>&1; then \
+		echo "native: cmake not found; jepa_engine/_C.so is not built and every op runs its Python path"; \
+	elif ! command -v $(CXX) >/dev/null 2>&1; then \
+		echo "native: no C++ compiler ($(CXX)) found; jepa_engine/_C.so is not built and every op runs its Python path"; \
+	elif CXX=$(CXX) cmake -S . -B $(NATIVE_BUILD) -DCMAKE_BUILD_TYPE=Release \
+			-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" >$(NATIVE_BUILD).log 2>&1 \
+		&& cmake --build $(NATIVE_BUILD) -j2 >>$(NATIVE_BUILD).log 2>&1; then \
+		echo "native: jepa_engine/_C.so is up to date"; \
+	else \
+		rm -f jepa_engine/_C.so; tail -n 20 $(NATIVE_BUILD).log; \
+		echo "native: the build failed (log: $(NATIVE_BUILD).log); every op runs its Python path"; \
+	fi
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -46,10 +64,10 @@ $(ENVS_STAMP): $(STAMP) pyproject.toml
 
 # The whole suite, Triton kernels under the interpreter (no GPU needed); the stable-worldmodel tests
 # need `make envs` (installed first).
-test: $(STAMP) $(ENVS_STAMP)
+test: $(STAMP) native $(ENVS_STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
 
-demo: $(STAMP)
+demo: $(STAMP) native
 	$(PY) -m jepa_engine demo
 
 audit: $(STAMP)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _launch
+from . import _launch, _native
 from ._launch import tl, triton
 from ._registry import KernelSpec, LaunchConfig, register_kernel, signature
 
@@ -195,6 +195,20 @@ def elite_refit(costs: torch.Tensor, samples: torch.Tensor, mean: torch.Tensor, 
     Returns:
         ``(new_mean [E, P], new_std [E, P], best_cost [E], best_index [E] int64)``.
     """
+    _check(costs, samples, mean, std, mode, k, temperature, momentum)
+    dev = samples.device
+    if _launch.backend_for(OP, dev) == "reference":
+        if _NATIVE and dev.type == "cpu" and _launch.forced_backend() != "reference":
+            return torch.ops.jepa_engine.elite_refit.default(costs, samples, mean, std, mode, int(k),
+                                                             float(temperature), float(momentum), float(min_std))
+        return elite_refit_reference(costs, samples, mean, std, mode=mode, k=k, temperature=temperature,
+                                     momentum=momentum, min_std=min_std)
+    return elite_refit_forward(costs.contiguous(), samples.contiguous(), mean.contiguous(), std.contiguous(),
+                               mode, int(k), float(temperature), float(momentum), float(min_std))
+
+
+def _check(costs, samples, mean, std, mode, k, temperature, momentum) -> None:
+    """The argument checks (the C++ kernel makes the same ones, with the same messages)."""
     check = _launch.check_tensor
     check(OP, "samples", samples, ndim=3, dtypes=_launch.FLOAT_DTYPES)
     E, N, P = samples.shape
@@ -212,8 +226,24 @@ def elite_refit(costs: torch.Tensor, samples: torch.Tensor, mean: torch.Tensor, 
         raise ValueError(f"{OP}: temperature must be > 0, got {temperature}")
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"{OP}: momentum must be in [0, 1], got {momentum}")
-    if _launch.backend_for(OP, dev) == "reference":
-        return elite_refit_reference(costs, samples, mean, std, mode=mode, k=k, temperature=temperature,
-                                     momentum=momentum, min_std=min_std)
-    return elite_refit_forward(costs.contiguous(), samples.contiguous(), mean.contiguous(), std.contiguous(),
-                               mode, int(k), float(temperature), float(momentum), float(min_std))
+
+
+# --------------------------------------------------------------------------------------------------
+# The native op: jepa_engine::elite_refit, defined in C++ (csrc/ops.cpp) with its CPU kernel when the
+# native library is loaded; the CUDA kernel (Triton) and the fake kernel are registered from here.
+# --------------------------------------------------------------------------------------------------
+_NATIVE = _native.schema(OP) is not None
+
+if _NATIVE:
+    @torch.library.register_fake("jepa_engine::elite_refit")
+    def _elite_refit_fake(costs, samples, mean, std, mode="cem", k=1, temperature=1.0, momentum=0.0, min_std=0.0):
+        E, _, P = samples.shape
+        f32 = dict(device=samples.device, dtype=torch.float32)
+        return (samples.new_empty((E, P), **f32), samples.new_empty((E, P), **f32), samples.new_empty((E,), **f32),
+                samples.new_empty((E,), device=samples.device, dtype=torch.int64))
+
+    @torch.library.register_kernel("jepa_engine::elite_refit", "cuda")
+    def _elite_refit_cuda(costs, samples, mean, std, mode="cem", k=1, temperature=1.0, momentum=0.0, min_std=0.0):
+        _check(costs, samples, mean, std, mode, k, temperature, momentum)
+        return elite_refit_forward(costs.contiguous(), samples.contiguous(), mean.contiguous(), std.contiguous(),
+                                   mode, int(k), float(temperature), float(momentum), float(min_std))

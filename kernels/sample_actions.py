@@ -9,9 +9,10 @@ For E environments, each with a diagonal Gaussian over P = horizon * action_dim 
 ``offset + (e * N + n) * P + p`` under the 64-bit key ``seed``; its first two 32-bit outputs become
 two uniforms ``u = ((x >> 8) + 0.5) / 2^24`` in (0, 1) and ``z = sqrt(-2 ln u1) cos(2 pi u2)``
 (Box-Muller). The reference computes the same Philox stream with integer torch ops, so both backends
-draw the same samples for the same seed (to float rounding of log/cos). ``seed`` and ``offset`` are
-read from an int64 device tensor ``rng = [seed, offset]`` so a planning loop can advance the stream on
-the device (``rng[1] += E * N * P``) and be captured in a CUDA graph.
+draw the same samples for the same seed (to float rounding of log/cos); the C++ CPU kernel of the
+native library (csrc/planning_kernels.cpp) draws the reference's samples bit for bit. ``seed`` and
+``offset`` are read from an int64 device tensor ``rng = [seed, offset]`` so a planning loop can advance
+the stream on the device (``rng[1] += E * N * P``) and be captured in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from . import _launch
+from . import _launch, _native
 from ._launch import tl, triton
 from ._registry import KernelSpec, LaunchConfig, register_kernel, signature
 
@@ -184,6 +185,18 @@ def sample_actions(mean: torch.Tensor, std: torch.Tensor, low: torch.Tensor, hig
     Returns:
         fp32 ``[E, n, P]``.
     """
+    _check(mean, std, low, high, rng, n)
+    dev = mean.device
+    if _launch.backend_for(OP, dev) == "reference":
+        if _NATIVE and dev.type == "cpu" and _launch.forced_backend() != "reference":
+            return torch.ops.jepa_engine.sample_actions.default(mean, std, low, high, rng, n, include_mean)
+        return sample_actions_reference(mean, std, low, high, rng, n, include_mean)
+    return sample_actions_forward(mean.contiguous(), std.contiguous(), low.contiguous(), high.contiguous(), rng, n,
+                                  include_mean)
+
+
+def _check(mean, std, low, high, rng, n) -> None:
+    """The argument checks (the C++ kernel makes the same ones, with the same messages)."""
     check = _launch.check_tensor
     check(OP, "mean", mean, ndim=2, dtypes=(torch.float32,))
     dev = mean.device
@@ -198,7 +211,21 @@ def sample_actions(mean: torch.Tensor, std: torch.Tensor, low: torch.Tensor, hig
     _launch.check_shape(OP, "rng", rng, (2,), "[seed, offset]")
     if not (isinstance(n, int) and n >= 1):
         raise ValueError(f"{OP}: n must be an int >= 1, got {n!r}")
-    if _launch.backend_for(OP, dev) == "reference":
-        return sample_actions_reference(mean, std, low, high, rng, n, include_mean)
-    return sample_actions_forward(mean.contiguous(), std.contiguous(), low.contiguous(), high.contiguous(), rng, n,
-                                  include_mean)
+
+
+# --------------------------------------------------------------------------------------------------
+# The native op: jepa_engine::sample_actions, defined in C++ (csrc/ops.cpp) with its CPU kernel when the
+# native library is loaded; the CUDA kernel (Triton) and the fake kernel are registered from here.
+# --------------------------------------------------------------------------------------------------
+_NATIVE = _native.schema(OP) is not None
+
+if _NATIVE:
+    @torch.library.register_fake("jepa_engine::sample_actions")
+    def _sample_actions_fake(mean, std, low, high, rng, n, include_mean=True):
+        return mean.new_empty((mean.shape[0], n, mean.shape[1]))
+
+    @torch.library.register_kernel("jepa_engine::sample_actions", "cuda")
+    def _sample_actions_cuda(mean, std, low, high, rng, n, include_mean=True):
+        _check(mean, std, low, high, rng, n)
+        return sample_actions_forward(mean.contiguous(), std.contiguous(), low.contiguous(), high.contiguous(), rng,
+                                      n, include_mean)

@@ -1,0 +1,243 @@
+// CPU kernels of the planning ops; the specification is each op's PyTorch reference in kernels/.
+//
+// sample_actions draws the reference's Philox-4x32-10 stream bit for bit: the counters, the rounds and
+// the uniforms are integer / exactly rounded float arithmetic done here in plain loops, while log, sqrt
+// and cos go through the same ATen kernels the reference calls, on a tensor of the same size, so they
+// round the same way (ATen may hand them to MKL's vector math, whose sqrt is not always the correctly
+// rounded one std::sqrt gives). This file is built with -ffp-contract=off: a fused
+// multiply-add would round mean + std * z once where the reference rounds twice.
+#include "checks.h"
+#include "planning.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/cos.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/log.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sqrt.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+namespace jepa_engine {
+namespace {
+
+constexpr uint32_t kPhiloxKey0 = 0x9E3779B9u, kPhiloxKey1 = 0xBB67AE85u;
+constexpr uint32_t kPhiloxRound0 = 0xD2511F53u, kPhiloxRound1 = 0xCD9E8D57u;
+
+constexpr int kLanes = 16;  // counters per block: a fixed trip count the compiler vectorizes
+
+// Philox-4x32-10 of the counters offset + [i, i + kLanes) under the key seed, then the uniforms u1, u2
+// in (0, 1) from its first two outputs, ((x >> 8) + 0.5) / 2^24 in float like the reference; u2 is
+// stored premultiplied by 2 pi (in float, as the reference's `2 * math.pi * u2` is), ready for cos.
+// Cloned per instruction set: the 32 x 32 -> 64-bit products become vpmuludq on AVX2 / AVX-512.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void philox_block(uint64_t seed, uint64_t first, float* u1, float* w2) {
+  uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
+  for (int j = 0; j < kLanes; ++j) {
+    const uint64_t counter = first + static_cast<uint64_t>(j);
+    c0[j] = static_cast<uint32_t>(counter);
+    c1[j] = static_cast<uint32_t>(counter >> 32);
+    c2[j] = 0;
+    c3[j] = 0;
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    for (int j = 0; j < kLanes; ++j) {
+      const uint64_t pb = static_cast<uint64_t>(kPhiloxRound1) * c2[j];
+      const uint64_t pa = static_cast<uint64_t>(kPhiloxRound0) * c0[j];
+      const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1[j] ^ k0;
+      const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3[j] ^ k1;
+      c1[j] = static_cast<uint32_t>(pb);
+      c3[j] = static_cast<uint32_t>(pa);
+      c0[j] = n0;
+      c2[j] = n2;
+    }
+    k0 += kPhiloxKey0;
+    k1 += kPhiloxKey1;
+  }
+  const float two_pi = static_cast<float>(6.283185307179586);
+  for (int j = 0; j < kLanes; ++j) {
+    u1[j] = (static_cast<float>(static_cast<int32_t>(c0[j] >> 8)) + 0.5f) / 16777216.0f;
+    w2[j] = two_pi * ((static_cast<float>(static_cast<int32_t>(c1[j] >> 8)) + 0.5f) / 16777216.0f);
+  }
+}
+
+void philox_uniforms(uint64_t seed, uint64_t offset, int64_t begin, int64_t end, float* u1, float* w2) {
+  float t1[kLanes], t2[kLanes];
+  for (int64_t i = begin; i < end; i += kLanes) {
+    const int64_t m = std::min<int64_t>(kLanes, end - i);
+    if (m == kLanes) {
+      philox_block(seed, offset + static_cast<uint64_t>(i), u1 + i, w2 + i);
+    } else {                    // the tail: a full block into scratch, the first m values kept
+      philox_block(seed, offset + static_cast<uint64_t>(i), t1, t2);
+      std::copy(t1, t1 + m, u1 + i);
+      std::copy(t2, t2 + m, w2 + i);
+    }
+  }
+}
+
+// torch.maximum / torch.minimum: NaN in either argument gives NaN.
+inline float nan_max(float a, float b) { return (std::isnan(a) || std::isnan(b)) ? a + b : (a < b ? b : a); }
+inline float nan_min(float a, float b) { return (std::isnan(a) || std::isnan(b)) ? a + b : (b < a ? b : a); }
+
+constexpr int64_t kGrain = 1 << 15;  // elements per thread below which a loop stays on one thread
+
+}  // namespace
+
+at::Tensor sample_actions_cpu(const at::Tensor& mean, const at::Tensor& std, const at::Tensor& low,
+                              const at::Tensor& high, const at::Tensor& rng, int64_t n, bool include_mean) {
+  const char* op = "sample_actions";
+  check_tensor(op, "mean", mean, 2, {at::kFloat}, c10::nullopt);
+  const c10::Device dev = mean.device();
+  check_tensor(op, "std", std, 2, {at::kFloat}, dev);
+  check_shape(op, "std", std, mean.sizes(), "mean.shape");
+  check_tensor(op, "low", low, 1, {at::kFloat}, dev);
+  check_tensor(op, "high", high, 1, {at::kFloat}, dev);
+  check_shape(op, "high", high, low.sizes(), "low.shape");
+  const int64_t E = mean.size(0), P = mean.size(1), A = low.numel();
+  TORCH_CHECK_VALUE(P % A == 0, op, ": the action dim A = len(low) = ", A, " must divide P = ", P);
+  check_tensor(op, "rng", rng, 1, {at::kLong}, dev);
+  check_shape(op, "rng", rng, {2}, "[seed, offset]");
+  TORCH_CHECK_VALUE(n >= 1, op, ": n must be an int >= 1, got ", n);
+
+  const at::Tensor m = mean.contiguous(), s = std.contiguous(), lo = low.contiguous(), hi = high.contiguous();
+  const int64_t* r = rng.contiguous().const_data_ptr<int64_t>();
+  const uint64_t seed = static_cast<uint64_t>(r[0]), offset = static_cast<uint64_t>(r[1]);
+  const int64_t total = E * n * P;
+  auto opts = mean.options();
+  at::Tensor u1 = at::empty({total}, opts), w2 = at::empty({total}, opts);
+  float* pu1 = u1.mutable_data_ptr<float>();
+  float* pw2 = w2.mutable_data_ptr<float>();
+  at::parallel_for(0, total, kGrain, [&](int64_t b, int64_t e) { philox_uniforms(seed, offset, b, e, pu1, pw2); });
+  // the reference's torch.sqrt(-2.0 * torch.log(u1)) and torch.cos(2 * pi * u2), in place on
+  // contiguous tensors of the reference's size
+  at::sqrt_(at::log_(u1).mul_(-2.0));
+  at::cos_(w2);
+
+  at::Tensor out = at::empty({E, n, P}, opts);
+  float* po = out.mutable_data_ptr<float>();
+  const float* pm = m.const_data_ptr<float>();
+  const float* ps = s.const_data_ptr<float>();
+  const float* plo = lo.const_data_ptr<float>();
+  const float* phi = hi.const_data_ptr<float>();
+  const float* pl = pu1;
+  const float* pc = pw2;
+  at::parallel_for(0, E * n, std::max<int64_t>(1, kGrain / P), [&](int64_t b, int64_t e) {
+    for (int64_t row = b; row < e; ++row) {
+      const int64_t env = row / n, cand = row - env * n;
+      const float* me = pm + env * P;
+      const float* se = ps + env * P;
+      for (int64_t p = 0, a = 0; p < P; ++p, a = (a + 1 == A) ? 0 : a + 1) {   // a = p % A
+        const int64_t i = row * P + p;
+        float x;
+        if (include_mean && cand == 0) {
+          x = me[p];
+        } else {
+          const float z = pl[i] * pc[i];
+          const float t = se[p] * z;
+          x = me[p] + t;
+        }
+        po[i] = nan_min(nan_max(x, plo[a]), phi[a]);
+      }
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> elite_refit_cpu(
+    const at::Tensor& costs, const at::Tensor& samples, const at::Tensor& mean, const at::Tensor& std,
+    c10::string_view mode, int64_t k, double temperature, double momentum, double min_std) {
+  const char* op = "elite_refit";
+  check_tensor(op, "samples", samples, 3, {at::kFloat, at::kHalf, at::kBFloat16}, c10::nullopt);
+  const int64_t E = samples.size(0), N = samples.size(1), P = samples.size(2);
+  const c10::Device dev = samples.device();
+  check_tensor(op, "costs", costs, 2, {at::kFloat}, dev);
+  check_shape(op, "costs", costs, {E, N}, "[E, N]");
+  check_tensor(op, "mean", mean, 2, {at::kFloat}, dev);
+  check_shape(op, "mean", mean, {E, P}, "[E, P]");
+  check_tensor(op, "std", std, 2, {at::kFloat}, dev);
+  check_shape(op, "std", std, {E, P}, "[E, P]");
+  const bool mppi = mode == "mppi";
+  TORCH_CHECK_VALUE(mppi || mode == "cem", op, ": mode must be one of ('cem', 'mppi'), got '", mode, "'");
+  TORCH_CHECK_VALUE(mppi || (1 <= k && k <= N), op, ": k must be in [1, N] = [1, ", N, "], got ", k);
+  TORCH_CHECK_VALUE(temperature > 0, op, ": temperature must be > 0, got ", py_float(temperature));
+  TORCH_CHECK_VALUE(0.0 <= momentum && momentum <= 1.0, op, ": momentum must be in [0, 1], got ",
+                    py_float(momentum));
+
+  const at::Tensor c = costs.contiguous(), x = samples.contiguous(), m = mean.contiguous(), s = std.contiguous();
+  auto f32 = mean.options();
+  at::Tensor new_mean = at::empty({E, P}, f32), new_std = at::empty({E, P}, f32);
+  at::Tensor best_cost = at::empty({E}, f32), best_index = at::empty({E}, f32.dtype(at::kLong));
+  const float mom = static_cast<float>(momentum), rest = static_cast<float>(1.0 - momentum);
+  const float floor_std = static_cast<float>(min_std), temp = static_cast<float>(temperature);
+  const float inv_k = static_cast<float>(1.0 / static_cast<double>(k));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "elite_refit_cpu", [&] {
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    at::parallel_for(0, E, 1, [&](int64_t b, int64_t e_end) {
+      std::vector<float> cc(N), w(N);
+      std::vector<int64_t> order(mppi ? 0 : N);
+      std::vector<double> s1(P), s2(P);
+      for (int64_t e = b; e < e_end; ++e) {
+        const float* ce = c.const_data_ptr<float>() + e * N;
+        // the lowest cost (NaN counts as +inf) and its first index
+        float best = std::numeric_limits<float>::infinity();
+        int64_t best_i = 0;
+        for (int64_t i = 0; i < N; ++i) {
+          cc[i] = std::isnan(ce[i]) ? std::numeric_limits<float>::infinity() : ce[i];
+          if (cc[i] < best) best = cc[i], best_i = i;
+        }
+        best_cost.mutable_data_ptr<float>()[e] = best;
+        best_index.mutable_data_ptr<int64_t>()[e] = best_i;
+        if (mppi) {  // softmax((best - cost) / temperature)
+          double z = 0.0;
+          for (int64_t i = 0; i < N; ++i) z += (w[i] = std::exp((best - cc[i]) / temp));
+          for (int64_t i = 0; i < N; ++i) w[i] = static_cast<float>(w[i] / z);
+        } else {     // the k lowest costs, ties to the lower index (a stable sort)
+          std::iota(order.begin(), order.end(), int64_t{0});
+          std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t bb) {
+            return cc[a] < cc[bb] || (cc[a] == cc[bb] && a < bb);
+          });
+          std::fill(w.begin(), w.end(), 0.0f);
+          for (int64_t j = 0; j < k; ++j) w[order[j]] = inv_k;
+        }
+        std::fill(s1.begin(), s1.end(), 0.0);
+        std::fill(s2.begin(), s2.end(), 0.0);
+        const scalar_t* xe = px + e * N * P;
+        for (int64_t i = 0; i < N; ++i) {
+          const double wi = w[i];
+          const scalar_t* xi = xe + i * P;
+          for (int64_t p = 0; p < P; ++p) {
+            const double v = static_cast<float>(xi[p]);
+            s1[p] += wi * v;
+            s2[p] += wi * v * v;
+          }
+        }
+        const float* me = m.const_data_ptr<float>() + e * P;
+        const float* se = s.const_data_ptr<float>() + e * P;
+        float* nm = new_mean.mutable_data_ptr<float>() + e * P;
+        float* ns = new_std.mutable_data_ptr<float>() + e * P;
+        for (int64_t p = 0; p < P; ++p) {
+          const float mu = static_cast<float>(s1[p]);
+          nm[p] = mom * me[p] + rest * mu;
+          if (mppi) {
+            ns[p] = se[p];
+          } else {
+            const float var = static_cast<float>(s2[p] - s1[p] * s1[p]);
+            const float sigma = std::sqrt(var > 0.0f ? var : 0.0f);
+            ns[p] = nan_max(mom * se[p] + rest * sigma, floor_std);
+          }
+        }
+      }
+    });
+  });
+  return {new_mean, new_std, best_cost, best_index};
+}
+
+}  // namespace jepa_engine
