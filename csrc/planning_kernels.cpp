@@ -14,15 +14,20 @@
 #include <ATen/ops/cos.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/log.h>
-#include <ATen/ops/mul.h>
 #include <ATen/ops/sqrt.h>
+#include <c10/util/ParallelGuard.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <numeric>
+#include <optional>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace jepa_engine {
 namespace {
@@ -30,13 +35,13 @@ namespace {
 constexpr uint32_t kPhiloxKey0 = 0x9E3779B9u, kPhiloxKey1 = 0xBB67AE85u;
 constexpr uint32_t kPhiloxRound0 = 0xD2511F53u, kPhiloxRound1 = 0xCD9E8D57u;
 
-constexpr int kLanes = 16;  // counters per block: a fixed trip count the compiler vectorizes
+constexpr int kLanes = 32;  // counters per block: a fixed trip count the compiler vectorizes
 
 // Philox-4x32-10 of the counters offset + [i, i + kLanes) under the key seed, then the uniforms u1, u2
 // in (0, 1) from its first two outputs, ((x >> 8) + 0.5) / 2^24 in float like the reference; u2 is
 // stored premultiplied by 2 pi (in float, as the reference's `2 * math.pi * u2` is), ready for cos.
-// Cloned per instruction set: the 32 x 32 -> 64-bit products become vpmuludq on AVX2 / AVX-512.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+// Cloned for AVX2, where the compiler vectorizes it; philox_block_avx512 below is the same by hand.
+__attribute__((target_clones("avx2", "default")))
 void philox_block(uint64_t seed, uint64_t first, float* u1, float* w2) {
   uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
   for (int j = 0; j < kLanes; ++j) {
@@ -68,14 +73,69 @@ void philox_block(uint64_t seed, uint64_t first, float* u1, float* w2) {
   }
 }
 
+#if defined(__x86_64__)
+// philox_block with AVX-512 intrinsics: 32 counters in four vectors of eight 64-bit lanes, of which
+// only the low 32 bits matter (vpmuludq reads only those, and >> 32 of its product is exact), so a round
+// is two multiplies, two shifts and two three-way XORs per eight counters; the four vectors are
+// independent chains, which hides the multiplies' latency.
+__attribute__((target("avx512f")))
+void philox_block_avx512(uint64_t seed, uint64_t first, float* u1, float* w2) {
+  constexpr int V = kLanes / 8;
+  const __m512i ra = _mm512_set1_epi64(kPhiloxRound0), rb = _mm512_set1_epi64(kPhiloxRound1);
+  const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  __m512i c0[V], c1[V], c2[V], c3[V];
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) {
+    c0[v] = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(first + 8 * v)), lane);
+    c1[v] = _mm512_srli_epi64(c0[v], 32);
+    c2[v] = _mm512_setzero_si512();
+    c3[v] = c2[v];
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    const __m512i key0 = _mm512_set1_epi64(k0), key1 = _mm512_set1_epi64(k1);
+  #pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) {
+      const __m512i pb = _mm512_mul_epu32(c2[v], rb), pa = _mm512_mul_epu32(c0[v], ra);
+      c0[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb, 32), c1[v], key0, 0x96);
+      c2[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa, 32), c3[v], key1, 0x96);
+      c1[v] = pb;
+      c3[v] = pa;
+    }
+    k0 += kPhiloxKey0;
+    k1 += kPhiloxKey1;
+  }
+  // the low 32 bits of each lane, >> 8, to float exactly, then ((x >> 8) + 0.5) / 2^24 as the reference
+  const __m256 half = _mm256_set1_ps(0.5f), scale = _mm256_set1_ps(1.0f / 16777216.0f);
+  const __m256 two_pi = _mm256_set1_ps(static_cast<float>(6.283185307179586));
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) {
+    const __m256i x0 = _mm256_srli_epi32(_mm512_cvtepi64_epi32(c0[v]), 8);
+    const __m256i x1 = _mm256_srli_epi32(_mm512_cvtepi64_epi32(c1[v]), 8);
+    _mm256_storeu_ps(u1 + 8 * v, _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(x0), half), scale));
+    _mm256_storeu_ps(w2 + 8 * v, _mm256_mul_ps(two_pi, _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(x1), half),
+                                                                     scale)));
+  }
+}
+
+const bool kHaveAvx512 = __builtin_cpu_supports("avx512f");
+#endif
+
+void philox_block_best(uint64_t seed, uint64_t first, float* u1, float* w2) {
+#if defined(__x86_64__)
+  if (kHaveAvx512) return philox_block_avx512(seed, first, u1, w2);
+#endif
+  philox_block(seed, first, u1, w2);
+}
+
 void philox_uniforms(uint64_t seed, uint64_t offset, int64_t begin, int64_t end, float* u1, float* w2) {
   float t1[kLanes], t2[kLanes];
   for (int64_t i = begin; i < end; i += kLanes) {
     const int64_t m = std::min<int64_t>(kLanes, end - i);
     if (m == kLanes) {
-      philox_block(seed, offset + static_cast<uint64_t>(i), u1 + i, w2 + i);
+      philox_block_best(seed, offset + static_cast<uint64_t>(i), u1 + i, w2 + i);
     } else {                    // the tail: a full block into scratch, the first m values kept
-      philox_block(seed, offset + static_cast<uint64_t>(i), t1, t2);
+      philox_block_best(seed, offset + static_cast<uint64_t>(i), t1, t2);
       std::copy(t1, t1 + m, u1 + i);
       std::copy(t2, t2 + m, w2 + i);
     }
@@ -114,36 +174,53 @@ at::Tensor sample_actions_cpu(const at::Tensor& mean, const at::Tensor& std, con
   at::Tensor u1 = at::empty({total}, opts), w2 = at::empty({total}, opts);
   float* pu1 = u1.mutable_data_ptr<float>();
   float* pw2 = w2.mutable_data_ptr<float>();
+  // Below kGrain values one thread does it all, the ATen calls included: waking a second thread costs
+  // more than it saves there. (ATen's log / sqrt / cos give each value the same result whatever the
+  // split of the tensor between threads, so this changes no bit.)
+  std::optional<c10::ParallelGuard> one_thread;
+  if (total < kGrain) one_thread.emplace(true);
   at::parallel_for(0, total, kGrain, [&](int64_t b, int64_t e) { philox_uniforms(seed, offset, b, e, pu1, pw2); });
   // the reference's torch.sqrt(-2.0 * torch.log(u1)) and torch.cos(2 * pi * u2), in place on
-  // contiguous tensors of the reference's size
-  at::sqrt_(at::log_(u1).mul_(-2.0));
+  // contiguous tensors of the reference's size (the product by -2 is exact: done here)
+  at::log_(u1);
+  at::parallel_for(0, total, kGrain, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) pu1[i] = -2.0f * pu1[i];
+  });
+  at::sqrt_(u1);
   at::cos_(w2);
 
   at::Tensor out = at::empty({E, n, P}, opts);
   float* po = out.mutable_data_ptr<float>();
   const float* pm = m.const_data_ptr<float>();
   const float* ps = s.const_data_ptr<float>();
-  const float* plo = lo.const_data_ptr<float>();
-  const float* phi = hi.const_data_ptr<float>();
-  const float* pl = pu1;
-  const float* pc = pw2;
+  // the bounds of every parameter p (low[p % A], high[p % A]); NaN bounds take the NaN-propagating path
+  std::vector<float> lop(P), hip(P);
+  bool nan_bounds = false;
+  for (int64_t p = 0; p < P; ++p) {
+    lop[p] = lo.const_data_ptr<float>()[p % A];
+    hip[p] = hi.const_data_ptr<float>()[p % A];
+    nan_bounds |= std::isnan(lop[p]) || std::isnan(hip[p]);
+  }
+  const float* pz = pu1;   // sqrt(-2 ln u1)
+  const float* pc = pw2;   // cos(2 pi u2)
   at::parallel_for(0, E * n, std::max<int64_t>(1, kGrain / P), [&](int64_t b, int64_t e) {
     for (int64_t row = b; row < e; ++row) {
       const int64_t env = row / n, cand = row - env * n;
       const float* me = pm + env * P;
       const float* se = ps + env * P;
-      for (int64_t p = 0, a = 0; p < P; ++p, a = (a + 1 == A) ? 0 : a + 1) {   // a = p % A
-        const int64_t i = row * P + p;
-        float x;
-        if (include_mean && cand == 0) {
-          x = me[p];
-        } else {
-          const float z = pl[i] * pc[i];
-          const float t = se[p] * z;
-          x = me[p] + t;
+      float* o = po + row * P;
+      const float* zr = pz + row * P;
+      const float* cr = pc + row * P;
+      if (include_mean && cand == 0) {
+        for (int64_t p = 0; p < P; ++p) o[p] = nan_min(nan_max(me[p], lop[p]), hip[p]);
+      } else if (nan_bounds) {
+        for (int64_t p = 0; p < P; ++p) o[p] = nan_min(nan_max(me[p] + se[p] * (zr[p] * cr[p]), lop[p]), hip[p]);
+      } else {   // x NaN stays NaN, as torch.maximum / torch.minimum keep it
+        for (int64_t p = 0; p < P; ++p) {
+          const float x = me[p] + se[p] * (zr[p] * cr[p]);
+          const float y = x < lop[p] ? lop[p] : x;
+          o[p] = y > hip[p] ? hip[p] : y;
         }
-        po[i] = nan_min(nan_max(x, plo[a]), phi[a]);
       }
     }
   });

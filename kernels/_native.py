@@ -61,6 +61,16 @@ def status() -> str:
     return _reason
 
 
+def cpu_kernel_runs(*tensors) -> bool:
+    """Whether an op given these arguments runs its C++ CPU kernel: all are CPU tensors, and neither
+    the Triton interpreter (``TRITON_INTERPRET=1``) nor ``use_backend`` claims the call (``"reference"``
+    forces the Python reference, the specification the C++ kernels are tested against)."""
+    from ._launch import forced_backend, interpreting
+
+    return (all(type(t) is torch.Tensor and t.is_cpu for t in tensors) and forced_backend() is None
+            and not interpreting())
+
+
 def schema(op: str) -> Optional[str]:
     """The qualified name ``jepa_engine::<op>`` when the native library defines ``op``, else None."""
     return f"jepa_engine::{op}" if _loaded and op in NATIVE_OPS else None

@@ -195,12 +195,14 @@ def elite_refit(costs: torch.Tensor, samples: torch.Tensor, mean: torch.Tensor, 
     Returns:
         ``(new_mean [E, P], new_std [E, P], best_cost [E], best_index [E] int64)``.
     """
+    if (_NATIVE and _native_runs(costs, samples, mean, std) and isinstance(mode, str) and isinstance(k, int)
+            and all(isinstance(v, (int, float)) for v in (temperature, momentum, min_std))):
+        # the C++ kernel makes the checks below itself, with the same messages
+        return torch.ops.jepa_engine.elite_refit.default(costs, samples, mean, std, mode, k, float(temperature),
+                                                         float(momentum), float(min_std))
     _check(costs, samples, mean, std, mode, k, temperature, momentum)
     dev = samples.device
     if _launch.backend_for(OP, dev) == "reference":
-        if _NATIVE and dev.type == "cpu" and _launch.forced_backend() != "reference":
-            return torch.ops.jepa_engine.elite_refit.default(costs, samples, mean, std, mode, int(k),
-                                                             float(temperature), float(momentum), float(min_std))
         return elite_refit_reference(costs, samples, mean, std, mode=mode, k=k, temperature=temperature,
                                      momentum=momentum, min_std=min_std)
     return elite_refit_forward(costs.contiguous(), samples.contiguous(), mean.contiguous(), std.contiguous(),
@@ -233,6 +235,7 @@ def _check(costs, samples, mean, std, mode, k, temperature, momentum) -> None:
 # native library is loaded; the CUDA kernel (Triton) and the fake kernel are registered from here.
 # --------------------------------------------------------------------------------------------------
 _NATIVE = _native.schema(OP) is not None
+_native_runs = _native.cpu_kernel_runs
 
 if _NATIVE:
     @torch.library.register_fake("jepa_engine::elite_refit")

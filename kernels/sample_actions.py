@@ -185,11 +185,12 @@ def sample_actions(mean: torch.Tensor, std: torch.Tensor, low: torch.Tensor, hig
     Returns:
         fp32 ``[E, n, P]``.
     """
+    if _NATIVE and _native_runs(mean, std, low, high, rng) and isinstance(n, int):
+        # the C++ kernel makes the checks below itself, with the same messages
+        return torch.ops.jepa_engine.sample_actions.default(mean, std, low, high, rng, n, include_mean)
     _check(mean, std, low, high, rng, n)
     dev = mean.device
     if _launch.backend_for(OP, dev) == "reference":
-        if _NATIVE and dev.type == "cpu" and _launch.forced_backend() != "reference":
-            return torch.ops.jepa_engine.sample_actions.default(mean, std, low, high, rng, n, include_mean)
         return sample_actions_reference(mean, std, low, high, rng, n, include_mean)
     return sample_actions_forward(mean.contiguous(), std.contiguous(), low.contiguous(), high.contiguous(), rng, n,
                                   include_mean)
@@ -218,6 +219,7 @@ def _check(mean, std, low, high, rng, n) -> None:
 # native library is loaded; the CUDA kernel (Triton) and the fake kernel are registered from here.
 # --------------------------------------------------------------------------------------------------
 _NATIVE = _native.schema(OP) is not None
+_native_runs = _native.cpu_kernel_runs
 
 if _NATIVE:
     @torch.library.register_fake("jepa_engine::sample_actions")
