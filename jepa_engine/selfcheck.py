@@ -6,6 +6,11 @@ present (compiled kernels), else CPU tensors under the Triton interpreter. On a 
 defined); without triton it reports that no kernel can run. Each case reports the largest absolute
 difference over its outputs and gradients against a tolerance chosen for its precision (fp16
 tensor-core dots compiled on the GPU; exact fp32 under the interpreter).
+
+First it lists which path each op takes in this process (:func:`op_paths`): where its schema is
+defined (C++ ``TORCH_LIBRARY`` in the native library ``jepa_engine/_C.so``, a Python
+``torch.library.custom_op``, or none: a plain function), and what runs on CUDA tensors and on CPU
+tensors (native C++, Triton compiled or interpreted, or the Python reference).
 """
 from __future__ import annotations
 
@@ -125,6 +130,85 @@ def _fused_linear(device: str) -> float:
     return _both(run)
 
 
+# op -> where its schema is defined when the native library is not loaded ("" for a plain function)
+OPS: dict[str, str] = {
+    "masked_attention": "Python custom_op", "latent_loss": "Python custom_op", "latent_cost": "Python custom_op",
+    "fused_linear": "Python custom_op", "linear_goal_cost": "Python custom_op", "ema_update_": "",
+    "sample_actions": "", "elite_refit": "",
+}
+_CHILD = "JEPA_ENGINE_SELFCHECK_INTERPRETED"   # set in the re-run under the interpreter
+
+
+def op_paths() -> list[tuple[str, str, str, str]]:
+    """``(op, schema, CUDA tensors, CPU tensors)`` for every op, as this process dispatches them."""
+    import torch
+
+    from jepa_engine.kernels import _native
+    from jepa_engine.kernels._launch import interpreting, triton_available
+
+    rows = []
+    for op, python_schema in OPS.items():
+        native = _native.schema(op) is not None
+        schema = "C++ TORCH_LIBRARY" if native else (python_schema or "none (plain function)")
+        if not triton_available():
+            cuda = "Python reference (no triton)"
+        else:
+            cuda = "Triton, compiled" if torch.cuda.is_available() else "Triton, compiled (no CUDA device here)"
+        if interpreting() and triton_available():
+            cpu = "Triton interpreter (TRITON_INTERPRET=1)"
+        elif native:
+            cpu = "native C++"
+        else:
+            cpu = "Python reference"
+        rows.append((op, schema, cuda, cpu))
+    return rows
+
+
+def print_op_paths() -> None:
+    from jepa_engine.kernels import _native
+
+    print(f"Op paths (native library: {_native.status()})")
+    print(f"  {'op':18s} {'schema':24s} {'CUDA tensors':40s} CPU tensors")
+    for op, schema, cuda, cpu in op_paths():
+        print(f"  {op:18s} {schema:24s} {cuda:40s} {cpu}")
+    print(flush=True)
+
+
+def native_vs_reference() -> tuple[int, int, float]:
+    """The native C++ kernels against the Python references on the planner case: the number of
+    sampled values that differ (0: the same stream bit for bit), out of how many, and the largest
+    elite-refit difference (CEM and MPPI outputs)."""
+    import torch
+
+    from jepa_engine.kernels import elite_refit_reference, sample_actions_reference
+
+    g = _gen(5)
+    mean, std = torch.randn(3, 10, generator=g), torch.rand(3, 10, generator=g) + 0.2
+    low, high, rng = torch.full((2,), -1.0), torch.full((2,), 1.0), torch.tensor([7, 123], dtype=torch.int64)
+    x = torch.ops.jepa_engine.sample_actions(mean, std, low, high, rng, 300, True)
+    differ = int((x != sample_actions_reference(mean, std, low, high, rng, 300, True)).sum())
+    costs = x.square().sum(-1)
+    worst = 0.0
+    for mode, k in (("cem", 30), ("mppi", 1)):
+        a = torch.ops.jepa_engine.elite_refit(costs, x, mean, std, mode, k, 0.5, 0.1, 0.05)
+        b = elite_refit_reference(costs, x, mean, std, mode=mode, k=k, temperature=0.5, momentum=0.1, min_std=0.05)
+        worst = max([worst] + [(p.float() - q.float()).abs().max().item() for p, q in zip(a, b)])
+    return differ, x.numel(), worst
+
+
+def _print_native_check() -> int:
+    from jepa_engine.kernels import _native
+
+    if not _native.available():
+        return 0
+    differ, total, worst = native_vs_reference()
+    ok = differ == 0 and worst <= 1e-5
+    print("Native C++ vs reference (CPU):")
+    print(f"  sample_actions: {differ} of {total} values differ (bit-identical expected)   "
+          f"elite_refit: {worst:.2e} (tolerance 1e-05)  {'ok' if ok else 'MISMATCH'}", flush=True)
+    return 0 if ok else 1
+
+
 # name -> (case, tolerance compiled on the GPU, tolerance under the interpreter)
 CHECKS: dict[str, tuple[Callable[[str], float], float, float]] = {
     "latent_loss (fwd, bwd)": (_latent_loss, 1e-4, 1e-5),
@@ -140,15 +224,20 @@ def run() -> int:
 
     from jepa_engine.kernels._launch import interpreting, kernel_test_device, triton_available
 
+    native_failed = 0
+    if not os.environ.get(_CHILD):
+        print_op_paths()
+        native_failed = _print_native_check()
     device, reason = kernel_test_device()
     if device is None:
         if triton_available() and not interpreting():   # a CPU machine: the same check, interpreted
             print("self-check: no CUDA device; running it under the Triton interpreter (TRITON_INTERPRET=1)",
                   flush=True)
-            env = dict(os.environ, TRITON_INTERPRET="1")
-            return subprocess.run([sys.executable, "-m", "jepa_engine", "selfcheck"], env=env).returncode
+            env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD: "1"})
+            rc = subprocess.run([sys.executable, "-m", "jepa_engine", "selfcheck"], env=env).returncode
+            return rc or native_failed
         print(f"self-check: no kernel can run here ({reason})")
-        return 0
+        return native_failed
     compiled = device == "cuda" and not interpreting()
     where = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
     mode = f"compiled on {where}" if compiled else f"Triton interpreter on {where}"
@@ -160,4 +249,4 @@ def run() -> int:
         ok = diff <= tol
         failed += not ok
         print(f"  {name:40s} {diff:.2e}  (tolerance {tol:.0e})  {'ok' if ok else 'MISMATCH'}", flush=True)
-    return 1 if failed else 0
+    return 1 if failed or native_failed else 0

@@ -241,3 +241,14 @@ def test_ops_own_tests_pass_with_and_without_the_library(loaded):
     tail = (run.stdout + run.stderr)[-2000:]
     assert run.returncode == 0, tail
     assert " passed" in tail and "failed" not in tail
+
+
+def test_selfcheck_names_each_ops_path(plain_cpu):
+    from jepa_engine import selfcheck
+
+    paths = {op: (schema, cpu) for op, schema, _, cpu in selfcheck.op_paths()}
+    assert paths["sample_actions"] == ("C++ TORCH_LIBRARY", "native C++")
+    assert paths["elite_refit"] == ("C++ TORCH_LIBRARY", "native C++")
+    assert paths["masked_attention"] == ("Python custom_op", "Python reference")
+    differ, total, worst = selfcheck.native_vs_reference()
+    assert differ == 0 and total == 9000 and worst <= 1e-5
