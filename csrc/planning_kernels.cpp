@@ -257,7 +257,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> elite_refit_cpu(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "elite_refit_cpu", [&] {
     const scalar_t* px = x.const_data_ptr<scalar_t>();
-    at::parallel_for(0, E, 1, [&](int64_t b, int64_t e_end) {
+    // environments in parallel only when each thread gets kGrain values or more
+    at::parallel_for(0, E, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, N * P)), [&](int64_t b, int64_t e_end) {
       std::vector<float> cc(N), w(N);
       std::vector<int64_t> order(mppi ? 0 : N);
       std::vector<double> s1(P), s2(P);

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jepa_engine.kernels import _native, elite_refit, elite_refit_reference, sample_actions, sample_actions_reference
 from jepa_engine.kernels import use_backend
@@ -252,3 +254,12 @@ def test_selfcheck_names_each_ops_path(plain_cpu):
     assert paths["masked_attention"] == ("Python custom_op", "Python reference")
     differ, total, worst = selfcheck.native_vs_reference()
     assert differ == 0 and total == 9000 and worst <= 1e-5
+
+
+@settings(max_examples=12, deadline=None)
+@given(E=st.integers(1, 3), N=st.integers(1, 70), steps=st.integers(1, 6), A=st.integers(1, 4),
+       seed=st.integers(-(2 ** 63), 2 ** 63 - 1), offset=st.integers(0, 2 ** 48), include_mean=st.booleans())
+def test_sampling_bit_identical_fuzz(E, N, steps, A, seed, offset, include_mean):
+    args = sampling_args(E, steps * A, A, seed, offset)
+    assert torch.equal(torch.ops.jepa_engine.sample_actions(*args, N, include_mean),
+                       sample_actions_reference(*args, N, include_mean))
