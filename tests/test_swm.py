@@ -286,6 +286,7 @@ def test_collect_train_eval_cli(dataset, tmp_path, capsys):
     assert lat["plans"] >= 1 and 0 < lat["median"] <= lat["p90"]
     assert report["budget"] == {"planner": "cem", "samples": 8, "iterations": 2, "elites": 2, "horizon": 5,
                                 "receding": 5, "action_block": 2, "candidate_rollouts_per_plan": 16}
+    assert report["protocol"]["history"] == 2, "the data-test preset's model is planned from its 2 frames"
     assert "| dataset replay | 3/3 = 100% |" in (run / "eval" / "eval-TwoRoom-v1-cem.md").read_text()
     assert "dataset replay" in out
     assert main(["eval", "--env", "swm/Nope-v1", "--checkpoint", str(run), "--episodes", "2"]) == 2

@@ -24,6 +24,15 @@ Two adapters, each usable on its own:
   ``from jepa_engine.integrations.stable_worldmodel import CEMSolver`` is the whole change. Candidates
   stay inside the action space's bounds (stable-worldmodel's own solvers leave them unbounded).
 
+- :class:`HistoryWorldModelPolicy` is stable-worldmodel's ``WorldModelPolicy`` that also hands the solver
+  each environment's recent past, for a model trained on a history of h > 1 frames: ``WorldModelPolicy``
+  passes only the current observation, and ``PlanConfig.history_len`` is a field it never reads. This
+  policy reads it: the last ``history_len`` frames ``action_block`` env steps apart (``pixels [B, T, ...]``)
+  and the blocks of env actions taken between them (:data:`PAST_ACTION_KEY`, ``[B, T-1, A]``), fewer at
+  the start of an episode (:data:`HISTORY_KEY` ``[B, 1]``: the real frames per environment, the rest
+  left padding), as :class:`jepa_engine.evaluation.mpc.MPC` and the training windows build them. With
+  ``history_len = 1`` it is ``WorldModelPolicy`` itself.
+
 Shapes: B environments of a solve, S candidates (``num_samples``), H = ``PlanConfig.horizon`` steps,
 A = env action dim x ``PlanConfig.action_block`` (one model action is a block of env actions).
 stable_worldmodel is imported where it is used, so importing this module needs only torch.
@@ -42,9 +51,14 @@ from jepa_engine.planning import PlannerConfig
 from jepa_engine.planning.latent_cost import COSTS, REDUCTIONS, latent_cost
 from jepa_engine.planning.sampling import CEMPlanner, MPPIPlanner
 
-__all__ = ["CACHE_KEY", "CEMSolver", "MPPISolver", "WorldModelCost", "frames_for_model", "require_swm"]
+# HistoryWorldModelPolicy subclasses stable-worldmodel's policy: built on first access (module __getattr__),
+# so it stays out of __all__ and importing this module needs only torch.
+__all__ = ["CACHE_KEY", "HISTORY_KEY", "PAST_ACTION_KEY", "CEMSolver", "FrameHistory", "MPPISolver",
+           "WorldModelCost", "frames_for_model", "require_swm"]
 
 CACHE_KEY = "_jepa_latents"     # info_dict key of the per-solve embeddings and cost function
+HISTORY_KEY = "history_len"     # info_dict key: [B, 1] the real (trailing) frames of each row's pixels
+PAST_ACTION_KEY = "past_action"  # info_dict key: [B, T-1, A] the model actions between the history's frames
 SWM_VERSION = "0.1.1"
 
 
@@ -94,17 +108,23 @@ def _first_sample(v: torch.Tensor, name: str, B: int) -> torch.Tensor:
 class WorldModelCost:
     """A jepa_engine :class:`WorldModel` as a stable-worldmodel ``Costable`` (see the module docstring).
 
+    The history of a row is the last ``t = min(T, history_len, model history)`` of its ``T`` frames
+    (``history_len``: ``info_dict[HISTORY_KEY]`` where given, else T) with the ``t - 1`` model actions
+    between them (the last ones of ``info_dict[action_key]``); rows of different ``t`` (environments at
+    different points of their episodes) are rolled out in one group per ``t``.
+
     Args:
         model: the world model (put in eval mode, its parameters frozen while planning).
         cost, reduce: the latent distance (``"l1"`` / ``"l2"``) and where it is read (``"final"``: the
             last predicted step; ``"sum"``: every step), as :func:`jepa_engine.planning.latent_cost`.
         pixels_key, goal_key, action_key: the info_dict keys of the observed frames, the goal frame and
-            the actions that led to each observed frame (read only for a history of 2+ frames).
+            the model actions between the observed frames (read only for a history of 2+ frames; default
+            :data:`PAST_ACTION_KEY`, which :class:`HistoryWorldModelPolicy` writes).
         preprocess: ``frames [N, ...] -> [N, in_chans, img, img]``; default :func:`frames_for_model`.
     """
 
     def __init__(self, model: WorldModel, cost: str = "l2", reduce: str = "final", pixels_key: str = "pixels",
-                 goal_key: str = "goal", action_key: str = "action",
+                 goal_key: str = "goal", action_key: str = PAST_ACTION_KEY,
                  preprocess: Optional[Callable[[torch.Tensor, WorldModel], torch.Tensor]] = None):
         if not isinstance(model, WorldModel):
             raise TypeError(f"WorldModelCost: model must be a jepa_engine WorldModel, got {type(model).__name__}")
@@ -132,38 +152,73 @@ class WorldModelCost:
         return self.model.parameters()
 
     # ---------------------------------------------------------------------------------------------
+    def _history_lengths(self, info_dict: dict, B: int, T: int) -> torch.Tensor:
+        """``t [B]``: the history frames of each row (module docstring), at least 1."""
+        cap = min(T, self.model.cfg.history)
+        if HISTORY_KEY not in info_dict:
+            return torch.full((B,), cap, dtype=torch.int64)
+        n = _first_sample(info_dict[HISTORY_KEY], HISTORY_KEY, B).reshape(B, -1)[:, -1].to("cpu", torch.int64)
+        if bool((n < 1).any()):
+            raise ValueError(f"WorldModelCost: info_dict[{HISTORY_KEY!r}] must be >= 1 (real frames per row), got "
+                             f"{n.tolist()}")
+        return n.clamp(max=cap)
+
     def latents(self, info_dict: dict, B: int) -> dict:
-        """``{"z_hist" [B, t, D], "past" [B, t-1, A], "z_goal" [B, D], "cost_fn"}`` for this solve:
-        computed on the first call and kept in ``info_dict[CACHE_KEY]``."""
+        """``{"groups": [(rows, z_hist [b, t, D], past [b, t-1, A])], "z_goal" [B, D], "cost_fn"}`` for this
+        solve (one group per history length t; ``rows`` None when one group holds every row, then also
+        ``"z_hist"`` and ``"past"``): computed on the first call and kept in ``info_dict[CACHE_KEY]``."""
         cached = info_dict.get(CACHE_KEY)
         if cached is not None and cached["z_goal"].shape[0] == B:
             return cached
-        m, dev = self.model, self.device
+        m, dev, A = self.model, self.device, self.action_dim
         for key in (self.pixels_key, self.goal_key):
             if key not in info_dict:
                 raise KeyError(f"WorldModelCost: info_dict has no {key!r} (keys: {sorted(info_dict)})")
         pixels = _first_sample(info_dict[self.pixels_key], self.pixels_key, B)            # [B, T, ...]
         goal = _first_sample(info_dict[self.goal_key], self.goal_key, B)[:, -1]           # [B, ...]
-        t = min(pixels.shape[1], m.cfg.history)
-        pixels = pixels[:, -t:]
-        with torch.no_grad():
-            frames = torch.cat([pixels.flatten(0, 1), goal], 0).to(dev)
-            z = m.encode(self.preprocess(frames, m)).float()
-        self.encodes += 1
-        z_hist, z_goal = z[:B * t].view(B, t, -1), z[B * t:]
-        A = self.action_dim
-        if t > 1:      # the action between frames j and j+1 led to frame j+1
+        T = pixels.shape[1]
+        lengths = self._history_lengths(info_dict, B, T)
+        ts = sorted(set(lengths.tolist()))
+        groups = [(torch.nonzero(lengths == t).flatten(), t) for t in ts]
+        actions = None
+        if ts[-1] > 1:      # the model action between frames j and j+1 led to frame j+1
             if self.action_key not in info_dict:
-                raise KeyError(f"WorldModelCost: a history of {t} frames needs info_dict[{self.action_key!r}]")
-            past = _first_sample(info_dict[self.action_key], self.action_key, B)[:, -(t - 1):]
-            if past.shape[-1] != A:
-                raise ValueError(f"WorldModelCost: info_dict[{self.action_key!r}] must hold actions of the model's "
-                                 f"action_dim = {A}, got {past.shape[-1]}")
-            past = past.to(dev, torch.float32)
+                raise KeyError(f"WorldModelCost: a history of {ts[-1]} frames needs info_dict[{self.action_key!r}] "
+                               f"(the model actions between the frames; keys: {sorted(info_dict)})")
+            actions = _first_sample(info_dict[self.action_key], self.action_key, B)
+            if actions.dim() != 3 or actions.shape[-1] != A or actions.shape[1] < ts[-1] - 1:
+                raise ValueError(f"WorldModelCost: info_dict[{self.action_key!r}] must be [B, S, >= {ts[-1] - 1}, A] "
+                                 f"with A = the model's action_dim = {A}, got sample 0 of shape {list(actions.shape)}")
+        pick = (lambda v, rows: v) if len(groups) == 1 else (lambda v, rows: v[rows])   # noqa: E731
+        with torch.no_grad():
+            frames = [pick(pixels, rows)[:, T - t:].flatten(0, 1) for rows, t in groups] + [goal]
+            z = m.encode(self.preprocess(torch.cat(frames, 0).to(dev), m)).float()
+        self.encodes += 1
+        z_goal, cached, at = z[-B:], {"groups": []}, 0
+        fns = []
+        for rows, t in groups:
+            z_hist = z[at:at + len(rows) * t].view(len(rows), t, -1)
+            at += len(rows) * t
+            if t > 1:
+                past = pick(actions, rows)[:, actions.shape[1] - (t - 1):].to(dev, torch.float32)
+            else:
+                past = torch.zeros(len(rows), 0, A, device=dev)
+            whole = len(groups) == 1
+            rows_dev = None if whole else rows.to(dev)
+            cached["groups"].append((rows_dev, z_hist, past))
+            fns.append((rows_dev, latent_cost(m, z_hist, past, z_goal if whole else z_goal[rows_dev], self.cost,
+                                              self.reduce)))
+            if whole:
+                cached.update(z_hist=z_hist, past=past)
+        if len(fns) == 1:
+            cost_fn = fns[0][1]
         else:
-            past = torch.zeros(B, 0, A, device=dev)
-        cached = {"z_hist": z_hist, "past": past, "z_goal": z_goal,
-                  "cost_fn": latent_cost(m, z_hist, past, z_goal, self.cost, self.reduce)}
+            def cost_fn(c: torch.Tensor) -> torch.Tensor:
+                out = torch.empty(c.shape[:2], device=c.device, dtype=torch.float32)
+                for rows, fn in fns:
+                    out[rows] = fn(c[rows]).float()
+                return out
+        cached.update(z_goal=z_goal, lengths=lengths, cost_fn=cost_fn)
         info_dict[CACHE_KEY] = cached
         return cached
 
@@ -359,3 +414,177 @@ def latency_ms(timings: Sequence[tuple[float, int]]) -> dict:
     q = lambda f: t[min(len(t) - 1, int(f * (len(t) - 1) + 0.5))]  # noqa: E731
     return {"median": q(0.5), "p90": q(0.9), "plans": len(t),
             "envs_per_plan": sum(e for _, e in timings) / len(timings)}
+
+
+# --------------------------------------------------------------------------------------------------
+# History: the past frames and actions of each environment, for models trained on h > 1 frames
+# --------------------------------------------------------------------------------------------------
+def _numpy(v) -> np.ndarray:
+    return v.detach().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)
+
+
+class FrameHistory:
+    """The recent past of ``n_envs`` environments, as a world model of ``history`` frames ``action_block``
+    env steps apart was trained on (:class:`~jepa_engine.training.trajectory_data.DiskTrajectoryStream`'s
+    windows)::
+
+        observe(frames [n, ...])       the frame each environment shows now (env step s)
+        record(actions [n, a])         the env action each one takes from it
+        stacked() -> pixels [n, T, ...]   frames s - (t-1) k, ..., s - k, s         (k = action_block)
+                     past   [n, T-1, k a] the k env actions after each of them but the last, concatenated
+                     lengths [n]          t = min(history, s // k + 1): fewer frames early in an episode
+
+    Rows with ``t < T`` are padded on the left (the earliest frame repeated, zero actions); ``lengths``
+    says how many trailing entries are real. ``reset(mask)`` starts new episodes; an environment observed
+    twice without an action recorded between starts a new one too.
+    """
+
+    def __init__(self, n_envs: int, history: int, action_block: int = 1, action_dim: Optional[int] = None):
+        for name, v in (("n_envs", n_envs), ("history", history), ("action_block", action_block)):
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ValueError(f"FrameHistory: {name} must be an int >= 1, got {v!r}")
+        self.n, self.h, self.k, self.action_dim = n_envs, history, action_block, action_dim
+        self.span = (history - 1) * action_block      # env steps from the oldest frame kept to the newest
+        self.frames: list[list[np.ndarray]] = [[] for _ in range(n_envs)]
+        self.actions: list[list[np.ndarray]] = [[] for _ in range(n_envs)]   # actions[i][p] leaves frames[i][p]
+
+    def reset(self, mask=None) -> None:
+        rows = range(self.n) if mask is None else np.flatnonzero(np.asarray(mask, dtype=bool).reshape(-1))
+        for i in rows:
+            self.frames[i].clear()
+            self.actions[i].clear()
+
+    def observe(self, frames) -> None:
+        frames = _numpy(frames)
+        if len(frames) != self.n:
+            raise ValueError(f"FrameHistory.observe: frames must hold n_envs = {self.n} rows, got {len(frames)}")
+        for i in range(self.n):
+            f, a = self.frames[i], self.actions[i]
+            if len(a) != len(f):                 # no action recorded after the last frame: start afresh
+                f.clear()
+                a.clear()
+            f.append(frames[i].copy())
+            del f[:max(0, len(f) - (self.span + 1))]
+            del a[:max(0, len(a) - (len(f) - 1))]
+
+    def record(self, actions) -> None:
+        actions = _numpy(actions).reshape(self.n, -1).astype(np.float32)
+        if self.action_dim is None:
+            self.action_dim = actions.shape[1]
+        elif actions.shape[1] != self.action_dim:
+            raise ValueError(f"FrameHistory.record: actions must be [{self.n}, {self.action_dim}], got "
+                             f"{list(actions.shape)}")
+        for i in range(self.n):
+            if len(self.actions[i]) < len(self.frames[i]):
+                self.actions[i].append(actions[i].copy())
+
+    def lengths(self) -> np.ndarray:
+        """``t [n]``: the frames each environment's history has now (0 before its first frame)."""
+        return np.array([min(self.h, (len(f) - 1) // self.k + 1) if f else 0 for f in self.frames], np.int64)
+
+    def stacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        lengths = self.lengths()
+        if (lengths < 1).any():
+            raise RuntimeError(f"FrameHistory.stacked: environments {np.flatnonzero(lengths < 1).tolist()} have no "
+                               f"frame yet (observe() first)")
+        T, k = int(lengths.max()), self.k
+        first = self.frames[0][-1]
+        pixels = np.empty((self.n, T, *first.shape), first.dtype)
+        past = np.zeros((self.n, T - 1, k * (self.action_dim or 0)), np.float32)
+        for i, t in enumerate(lengths.tolist()):
+            f, acts = self.frames[i], self.actions[i]
+            idx = [len(f) - 1 - (t - 1 - j) * k for j in range(t)]     # positions of the t frames
+            pixels[i, T - t:] = np.stack([f[p] for p in idx])
+            pixels[i, :T - t] = f[idx[0]]
+            for j in range(t - 1):
+                past[i, T - t + j] = np.concatenate(acts[idx[j]:idx[j] + k])
+        return pixels, past, lengths
+
+
+def _history_policy_class():
+    """``HistoryWorldModelPolicy``, built on first use (it subclasses stable-worldmodel's policy)."""
+    global _HISTORY_POLICY
+    if _HISTORY_POLICY is not None:
+        return _HISTORY_POLICY
+    swm = require_swm()
+
+    class HistoryWorldModelPolicy(swm.policy.WorldModelPolicy):
+        """stable-worldmodel's ``WorldModelPolicy`` planning from the last ``config.history_len`` frames
+        (module docstring; ``config.action_block`` env steps apart) and the actions between them.
+
+        Episode starts: ``set_env`` (``World.set_policy``) clears every environment's history, and one
+        environment's is cleared when its episode ``id`` changes (a reset) or ``World`` flags it in a new
+        ``_needs_flush`` (World leaves the old flags in its info dict). ``World.evaluate(dataset=...)`` writes the dataset's columns into the first
+        observation only, so an id change after an episode's first frame keeps that frame. With
+        ``history_len = 1`` every call is ``WorldModelPolicy.get_action`` itself.
+        """
+
+        def __init__(self, solver, config, **kwargs):
+            h = getattr(config, "history_len", 1)
+            if not (isinstance(h, int) and not isinstance(h, bool) and h >= 1):
+                raise ValueError(f"HistoryWorldModelPolicy: config.history_len must be an int >= 1, got {h!r}")
+            super().__init__(solver=solver, config=config, **kwargs)
+            self.type = "world_model_history"
+            self.history: Optional[FrameHistory] = None
+            self._ids: Optional[np.ndarray] = None
+            self._flush = None
+
+        @property
+        def history_len(self) -> int:
+            return self.cfg.history_len
+
+        def set_env(self, env: Any) -> None:
+            super().set_env(env)
+            self.history = FrameHistory(getattr(env, "num_envs", 1), self.history_len, self.cfg.action_block,
+                                        int(np.prod(env.single_action_space.shape)))
+            self._ids, self._flush = None, None
+
+        def _new_episodes(self, info_dict: dict) -> None:
+            hist, n = self.history, self.history.n
+            flush = info_dict.get("_needs_flush")
+            if flush is not None and flush is not self._flush:      # World leaves it in place after use
+                self._flush = flush
+                hist.reset(flush)
+            ids = info_dict.get("id")
+            if ids is None:
+                return
+            ids = _numpy(ids).reshape(n, -1)[:, -1].copy()
+            if self._ids is not None:
+                changed = ids != self._ids
+                fresh = np.array([len(f) <= 1 for f in hist.frames])   # the dataset's first frame
+                hist.reset(changed & ~fresh)
+            self._ids = ids
+
+        def get_action(self, info_dict: dict, **kwargs: Any) -> np.ndarray:
+            if self.history_len == 1:
+                return super().get_action(info_dict, **kwargs)
+            n = self.env.num_envs
+            self._new_episodes(info_dict)
+            self.history.observe(_numpy(info_dict["pixels"])[:, -1])
+            info = dict(info_dict)
+            terminated = info_dict.get("terminated")
+            dead = (np.zeros(n, bool) if terminated is None
+                    else _numpy(terminated).astype(bool).reshape(n, -1)[:, -1])
+            flush = info_dict.get("_needs_flush")
+            flushed = np.zeros(n, bool) if flush is None else _numpy(flush).astype(bool).reshape(-1)
+            if any((len(self._action_buffer[i]) == 0 or flushed[i]) and not dead[i] for i in range(n)):
+                pixels, past, lengths = self.history.stacked()          # only when a solve follows
+                info.update({"pixels": pixels, PAST_ACTION_KEY: past, HISTORY_KEY: lengths[:, None]})
+            action = super().get_action(info, **kwargs)
+            planned = action
+            if "action" in self.process:        # back to the planner's units, as the model was given them
+                planned = self.process["action"].transform(np.asarray(action).reshape(n, -1))
+            self.history.record(np.asarray(planned).reshape(n, -1))
+            return action
+
+    _HISTORY_POLICY = HistoryWorldModelPolicy
+    return _HISTORY_POLICY
+
+
+_HISTORY_POLICY = None
+
+
+def __getattr__(name: str):
+    if name == "HistoryWorldModelPolicy":
+        return _history_policy_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

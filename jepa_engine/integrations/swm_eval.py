@@ -9,8 +9,10 @@ a frame ``goal_offset`` env steps later in its episode), all run at once in one 
 
 through ``World.evaluate(dataset=..., goal_offset=..., eval_budget=...)``, the same pairs for three
 policies: the world model planned by :class:`~jepa_engine.integrations.stable_worldmodel.CEMSolver` /
-``MPPISolver`` inside ``WorldModelPolicy`` (``horizon`` model steps of ``action_block`` env steps,
-``receding`` of them executed before replanning), uniform random actions, and the dataset's own
+``MPPISolver`` inside ``HistoryWorldModelPolicy`` (``WorldModelPolicy`` given the model's own history:
+its last ``history`` frames ``action_block`` env steps apart and the actions between them, fewer at the
+start of an episode; ``horizon`` model steps of ``action_block`` env steps, ``receding`` of them executed
+before replanning), uniform random actions, and the dataset's own
 actions replayed from the start row (what a perfect model of that trajectory could reach). Reported:
 success rate, plan latency (median and p90 per planned batch and per environment), the planner budget;
 written as JSON and markdown (atomically) into the run folder's ``eval/``.
@@ -30,7 +32,7 @@ import torch
 from jepa_engine.training.checkpoint import atomic_write_text
 from jepa_engine.training.world_model import load_world_model
 
-from .stable_worldmodel import CEMSolver, MPPISolver, WorldModelCost, latency_ms, require_swm
+from .stable_worldmodel import CEMSolver, MPPISolver, WorldModelCost, _history_policy_class, latency_ms, require_swm
 
 __all__ = ["EvalConfig", "ENV_SETUP", "evaluate", "run_eval", "write_report", "sample_starts"]
 
@@ -177,10 +179,11 @@ def evaluate(model, data_path, cfg: EvalConfig, device="cpu", log=print) -> dict
         solver = Solver(cost, batch_size=cfg.batch_size, num_samples=cfg.samples, var_scale=cfg.var_scale,
                         n_steps=cfg.iterations, topk=cfg.elites, temperature=cfg.temperature, device=device,
                         seed=cfg.seed)
-        plan = swm.PlanConfig(horizon=cfg.horizon, receding_horizon=cfg.receding, action_block=block)
+        plan = swm.PlanConfig(horizon=cfg.horizon, receding_horizon=cfg.receding, action_block=block,
+                              history_len=model.cfg.history)
         with torch.no_grad():
             row = run(f"jepa {cfg.planner} {cfg.samples}x{cfg.iterations}",
-                      swm.policy.WorldModelPolicy(solver=solver, config=plan))
+                      _history_policy_class()(solver=solver, config=plan))
         lat = latency_ms(solver.timings)
         row["plan_ms"] = lat
         row["plan_ms_per_env"] = {k: (lat[k] / lat["envs_per_plan"] if lat["plans"] else float("nan"))
@@ -197,7 +200,8 @@ def evaluate(model, data_path, cfg: EvalConfig, device="cpu", log=print) -> dict
     return {
         "env": cfg.env, "dataset": str(Path(data_path).resolve()), "config": asdict(cfg), "action_block": block,
         "protocol": {"episodes": n, "goal_offset": cfg.goal_offset, "eval_budget": cfg.eval_budget,
-                     "frame_size": [H, W], "starts": [[int(e), int(s)] for e, s in zip(eps, starts)]},
+                     "frame_size": [H, W], "history": model.cfg.history,
+                     "starts": [[int(e), int(s)] for e, s in zip(eps, starts)]},
         "budget": {"planner": cfg.planner, "samples": cfg.samples, "iterations": cfg.iterations,
                    "elites": cfg.elites, "horizon": cfg.horizon, "receding": cfg.receding, "action_block": block,
                    "candidate_rollouts_per_plan": cfg.samples * cfg.iterations},
@@ -217,7 +221,8 @@ def markdown(report: dict) -> str:
              f"Goal {report['protocol']['goal_offset']} env steps ahead of a dataset frame, "
              f"{report['protocol']['eval_budget']} steps to reach it; dataset `{report['dataset']}`.", "",
              f"Planner budget: {b['planner'].upper()} {b['samples']} x {b['iterations']} (K = {b['elites']}), horizon "
-             f"{b['horizon']} model steps of {b['action_block']} env steps, {b['receding']} executed per plan.", "",
+             f"{b['horizon']} model steps of {b['action_block']} env steps, {b['receding']} executed per plan; "
+             f"planned from the last {report['protocol'].get('history', 1)} frame(s).", "",
              "| policy | success | plan latency median / p90 (ms per plan) | per environment (ms) | envs per plan |",
              "|---|---|---|---|---|"]
     for r in report["rows"]:
