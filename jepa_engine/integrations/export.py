@@ -1,0 +1,226 @@
+"""A trained world model's decision step as an AOTInductor package: plan in a process with no Python.
+
+:class:`DecisionStep` is one receding-horizon decision of :class:`jepa_engine.evaluation.mpc.MPC` as an
+``nn.Module`` of fixed shapes::
+
+    frames [E, T, C, S, S]   the last T observed frames (T = the model's history)
+    past   [E, T-1, A]       the actions taken between them
+    goal   [E, C, S, S]      the goal frame
+    prev   [E, H*A]          the previous decision's mean (zeros: a cold start)
+    -> action [E, A], plan [E, H, A], cost [E], mean [E, H*A]
+
+It encodes the frames and the goal, then runs the planner's ``I`` iterations (CEM or MPPI) unrolled:
+``jepa_engine::sample_actions`` draws the candidates (the planner's Philox stream for the same seed),
+the fused rollout scores them (the reference ops: plain aten, which AOTInductor compiles), and
+``jepa_engine::elite_refit`` refits the Gaussian. The two planning ops stay in the graph as calls of
+the native library's C++ kernels (csrc/), so a C++ program that loads ``jepa_engine/_C.so`` runs them.
+``prev`` is shifted by one step as :meth:`Planner.initial` shifts a warm start, so a cold start is
+zeros and a warm start is the last decision's ``mean``.
+
+:func:`export_decision` exports it with ``torch.export`` and compiles it with
+``torch._inductor.aoti_compile_and_package`` for the CPU; ``cpp/jepa_plan.cpp`` (and the one-header
+API ``cpp/include/jepa_engine/planner.h``) loads the package with ``torch::inductor::AOTIModelPackageLoader``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from torch._higher_order_ops.while_loop import while_loop
+
+from jepa_engine.kernels import _native, use_backend
+from jepa_engine.kernels.masked_attention import masked_attention_reference
+from jepa_engine.models.world_model import WorldModel
+from jepa_engine.planning import PlannerConfig
+from jepa_engine.planning.latent_cost import COSTS, REDUCTIONS
+from jepa_engine.planning.rollout import FusedRollout
+
+__all__ = ["DecisionStep", "ExportError", "ExportReport", "decision_inputs", "export_decision", "MODES"]
+
+MODES = ("cem", "mppi")
+
+
+class ExportError(ValueError):
+    """A bad argument of the export (names the argument, what was expected and what was given)."""
+
+
+class _ExportRollout(FusedRollout):
+    """The fused rollout whose observed tokens and shared prefixes, computed at the first call, are
+    reused as they are by every later call (one history per decision): the loop body reads them and
+    writes no state (a traced loop body may not)."""
+
+    _fixed = None
+
+    def __init__(self, model: WorldModel):
+        super().__init__(model)
+        for b in self.blocks:        # no two inputs of a loop body may share memory: copy the slices
+            b.w_q, b.b_q, b.w_kv, b.b_kv = (t.clone() for t in (b.w_q, b.b_q, b.w_kv, b.b_kv))
+
+    def _observed(self, lin, z_hist, past_actions):
+        if self._fixed is None:
+            self._fixed = super()._observed(lin, z_hist, past_actions)
+        return self._fixed
+
+
+class DecisionStep(nn.Module):
+    """``DecisionStep(model, config, mode="cem", num_envs=1)``: see the module docstring."""
+
+    def __init__(self, model: WorldModel, config: PlannerConfig, mode: str = "cem", num_envs: int = 1,
+                 cost: str = "l2", reduce: str = "final", loop: bool = True):
+        super().__init__()
+        if mode not in MODES:
+            raise ExportError(f"DecisionStep: mode must be one of {MODES}, got {mode!r}")
+        if cost not in COSTS:
+            raise ExportError(f"DecisionStep: cost must be one of {COSTS}, got {cost!r}")
+        if reduce not in REDUCTIONS:
+            raise ExportError(f"DecisionStep: reduce must be one of {REDUCTIONS}, got {reduce!r}")
+        if config.action_dim != model.cfg.action_dim:
+            raise ExportError(f"DecisionStep: config.action_dim must be the model's {model.cfg.action_dim}, "
+                              f"got {config.action_dim}")
+        if not (isinstance(num_envs, int) and num_envs >= 1):
+            raise ExportError(f"DecisionStep: num_envs must be an int >= 1, got {num_envs!r}")
+        self.model, self.config, self.mode, self.num_envs = model.eval(), config, mode, num_envs
+        self.cost, self.reduce = cost, reduce
+        c = config
+        E, P = num_envs, c.horizon * c.action_dim
+        step = E * c.samples * P
+        # rng = [seed, offset]; each iteration advances the offset by E*N*P, as the planner does.
+        self.register_buffer("rng0", torch.tensor([c.seed, 0], dtype=torch.int64), persistent=False)
+        self.register_buffer("advance", torch.tensor([0, step], dtype=torch.int64), persistent=False)
+        self.end = c.iterations * step
+        self.loop = loop
+        self.register_buffer("low", torch.full((c.action_dim,), c.low), persistent=False)
+        self.register_buffer("high", torch.full((c.action_dim,), c.high), persistent=False)
+
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        return decision_inputs(self.model, self.config, self.num_envs)
+
+    def forward(self, frames: torch.Tensor, past: torch.Tensor, goal: torch.Tensor, prev: torch.Tensor):
+        c, m = self.config, self.model
+        E, H, A, N = self.num_envs, c.horizon, c.action_dim, c.samples
+        with torch.no_grad():
+            z_hist = m.encode_frames(frames)                       # [E, T, D]
+            z_goal = m.encode(goal)                                # [E, D]
+            # Planner.initial with a warm start: drop the executed first action, repeat the last one.
+            mean = torch.cat([prev[:, A:], prev[:, -A:]], dim=1)
+            std = torch.full_like(mean, c.init_std)
+            best = mean.new_zeros(E)
+
+            rollout = _ExportRollout(m)
+
+            def body(rng, mean, std, best):
+                samples = torch.ops.jepa_engine.sample_actions.default(mean, std, self.low, self.high, rng, N, True)
+                costs = rollout.cost(z_hist, past, samples.view(E, N, H, A), z_goal, self.cost, self.reduce)
+                mean, std, best, _ = torch.ops.jepa_engine.elite_refit.default(
+                    costs.float(), samples, mean, std, self.mode, c.elites, float(c.temperature), float(c.momentum),
+                    float(c.min_std))
+                return rng + self.advance, mean, std, best
+
+            # A call whose costs are never read fills the rollout's observed tokens, shared prefixes and
+            # masks (what the loop body reads); the export drops its dead rest. The I iterations are one
+            # loop body: the compile time of one iteration.
+            rollout.cost(z_hist, past, mean.new_zeros(E, N, H, A), z_goal, self.cost, self.reduce)
+            if self.loop:
+                _, mean, std, best = while_loop(lambda rng, *_: rng[1] < self.end, body,
+                                                (self.rng0.clone(), mean, std, best))
+            else:
+                rng = self.rng0
+                for _ in range(c.iterations):
+                    rng, mean, std, best = body(rng, mean, std, best)
+            plan = torch.minimum(torch.maximum(mean.view(E, H, A), self.low), self.high)
+        return plan[:, 0], plan, best, mean
+
+
+def decision_inputs(model: WorldModel, config: PlannerConfig, num_envs: int = 1,
+                    generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, ...]:
+    """Random inputs of the decision step's shapes: ``(frames, past, goal, prev)`` (prev = zeros)."""
+    mc, E = model.cfg, num_envs
+    T, C, S, A = mc.history, mc.in_chans, mc.img_size, mc.action_dim
+    frames = torch.rand(E, T, C, S, S, generator=generator)
+    past = torch.rand(E, T - 1, A, generator=generator) * 2 - 1
+    goal = torch.rand(E, C, S, S, generator=generator)
+    prev = torch.zeros(E, config.horizon * A)
+    return frames, past, goal, prev
+
+
+def _attention_reference(q, k, v, key_padding, cu_seqlens, keep_index, frame_len, scale, max_seqlen):
+    """``jepa_engine::masked_attention`` (a Python-only op) as the aten ops of the reference the eager
+    model runs on the CPU; its second output (the log-sum-exp the backward reads) is never read here."""
+    out = masked_attention_reference(q, k, v, key_padding=key_padding, cu_seqlens=cu_seqlens,
+                                     frame_size=frame_len or None, keep_index=keep_index, scale=scale)
+    stat = (q.shape[1], q.shape[0]) if cu_seqlens is not None else tuple(q.shape[:3])
+    return out, q.new_zeros(stat, dtype=torch.float32)
+
+
+def export_program(step: DecisionStep, example: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
+    """``torch.export`` of the decision step with the reference backend; the ops that exist only in Python
+    (the encoder's masked attention, kept as a custom op when traced) decomposed into their reference's
+    aten ops, so the graph holds aten ops and the native library's two planning ops only."""
+    with use_backend("reference"), torch.no_grad():
+        ep = torch.export.export(step, example, strict=False)
+        table = torch.export.default_decompositions()
+        table[torch.ops.jepa_engine.masked_attention.default] = _attention_reference
+        ep = ep.run_decompositions(table)
+    python_only = sorted({str(n.target) for n in ep.graph.nodes if n.op == "call_function"
+                          and str(n.target).startswith("jepa_engine.")
+                          and str(n.target).split(".")[1] not in _native.NATIVE_OPS})
+    if python_only:
+        raise ExportError(f"export: the graph still calls ops with no C++ schema: {python_only}")
+    return ep
+
+
+def package_metadata(step: DecisionStep) -> dict[str, str]:
+    """What the C++ planner reads from the package (strings): the shape of each input
+    (``jepa_engine.input.<name>``: comma-separated sizes, in call order), the output names and the
+    planning budget."""
+    mc, c, E = step.model.cfg, step.config, step.num_envs
+    shapes = {"frames": [E, mc.history, mc.in_chans, mc.img_size, mc.img_size], "past": [E, mc.history - 1, mc.action_dim],
+              "goal": [E, mc.in_chans, mc.img_size, mc.img_size], "prev": [E, c.horizon * mc.action_dim]}
+    meta = {f"jepa_engine.input.{k}": ",".join(map(str, v)) for k, v in shapes.items()}
+    meta.update({"jepa_engine.inputs": ",".join(shapes), "jepa_engine.outputs": "action,plan,cost,mean",
+                 "jepa_engine.planner": step.mode, "jepa_engine.cost": step.cost, "jepa_engine.reduce": step.reduce,
+                 "jepa_engine.config": json.dumps(c.to_dict(), sort_keys=True)})
+    return meta
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    export_s: float
+    compile_s: float
+    meta: dict
+
+
+def export_decision(model: WorldModel, config: PlannerConfig, out: Union[str, os.PathLike], mode: str = "cem",
+                    num_envs: int = 1, cost: str = "l2", reduce: str = "final") -> ExportReport:
+    """Export :class:`DecisionStep` and compile it with AOTInductor for the CPU into the package ``out``
+    (a ``.pt2`` file, written atomically). The package's metadata (:func:`package_metadata`) gives the
+    shapes of the inputs, which the C++ planner (cpp/include/jepa_engine/planner.h) checks."""
+    if not _native.available():
+        raise ExportError(f"export: the planning ops need the native library jepa_engine/_C.so in the graph; "
+                          f"{_native.status()}")
+    out = Path(out)
+    if out.suffix != ".pt2":
+        raise ExportError(f"export: out must be a .pt2 file name, got {str(out)!r}")
+    step = DecisionStep(model.cpu(), config, mode, num_envs, cost, reduce)
+    example = step.example_inputs()
+    t0 = time.perf_counter()
+    ep = export_program(step, example)
+    t1 = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = package_metadata(step)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.pt2")
+    try:
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp),
+                                                 inductor_configs={"aot_inductor.metadata": meta})
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    t2 = time.perf_counter()
+    return ExportReport(out, t1 - t0, t2 - t1, meta)
