@@ -193,6 +193,36 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from jepa_engine.evaluation.mpc import default_elites
+    from jepa_engine.integrations.export import ExportError, export_decision
+    from jepa_engine.planning import PlannerConfig
+    from jepa_engine.training.checkpoint import CheckpointError
+    from jepa_engine.training.world_model import load_world_model
+
+    elites = args.elites if args.elites is not None else default_elites(args.samples)
+    if elites > args.samples:
+        return _error("export", f"argument --elites: must be <= --samples = {args.samples}, got {elites}")
+    if not args.out.endswith(".pt2"):
+        return _error("export", f"argument --out: must be a .pt2 file name, got {args.out!r}")
+    try:
+        model, _ = load_world_model(args.checkpoint, device="cpu")
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        return _error("export", f"argument --checkpoint: {e}")
+    config = PlannerConfig(horizon=args.horizon, action_dim=model.cfg.action_dim, samples=args.samples,
+                           iterations=args.iterations, elites=elites, seed=args.seed)
+    print(f"exporting the decision step: {args.planner} N={args.samples} x I={args.iterations} (K={elites}), "
+          f"horizon {args.horizon}, {args.num_envs} env(s), seed {args.seed}; AOTInductor for the CPU", flush=True)
+    try:
+        report = export_decision(model, config, args.out, mode=args.planner, num_envs=args.num_envs, cost=args.cost,
+                                 reduce=args.reduce)
+    except ExportError as e:
+        return _error("export", str(e))
+    shapes = ", ".join(f"{k.rsplit('.', 1)[1]} [{v}]" for k, v in report.meta.items() if k.startswith("jepa_engine.input."))
+    print(f"wrote {report.path}: export {report.export_s:.1f} s, compile {report.compile_s:.1f} s; inputs {shapes}")
+    return 0
+
+
 def _profile(args: argparse.Namespace) -> int:
     from jepa_engine.comparison import ProfileConfig, run_profile, summary_lines
 
@@ -322,6 +352,21 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--device", type=known_device, help="cpu, cuda, cuda:1 (default: cuda if available)")
     plan.add_argument("--no-progress", action="store_true", help="no progress bar")
     plan.set_defaults(func=_plan)
+    exp = sub.add_parser("export", help="a world model's decision step (encode, plan) as an AOTInductor package "
+                                        "for the C++ runner jepa_plan")
+    exp.add_argument("--checkpoint", required=True, help="a world-model checkpoint (JSON file) or run folder")
+    exp.add_argument("--out", required=True, help="the package to write (.pt2)")
+    exp.add_argument("--planner", default="cem", choices=("cem", "mppi"))
+    exp.add_argument("--samples", type=int_at_least(1), default=300, help="N candidates per iteration (default 300)")
+    exp.add_argument("--iterations", type=int_at_least(1), default=30, help="I iterations (default 30)")
+    exp.add_argument("--horizon", type=int_at_least(1), default=5)
+    exp.add_argument("--elites", type=int_at_least(1), help="K elites of CEM (default: 10%% of --samples, "
+                                                             "at least 2, at most --samples)")
+    exp.add_argument("--cost", default="l2", choices=("l1", "l2"))
+    exp.add_argument("--reduce", default="final", choices=("final", "sum"))
+    exp.add_argument("--num-envs", type=int_at_least(1), default=1, help="environments per decision (default 1)")
+    exp.add_argument("--seed", type=int_at_least(0), default=0, help="the planner's sampling seed (default 0)")
+    exp.set_defaults(func=_export)
     prof = sub.add_parser("profile", help="JEPA planner vs token-by-token decoding: latency, energy, FLOPs, success")
     prof.add_argument("--quick", action="store_true",
                       help="a short run (well under a minute on 2 CPU cores with trained checkpoints): budgets "

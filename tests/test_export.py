@@ -1,0 +1,176 @@
+"""The decision step exported with AOTInductor and run by the C++ runner: the same plan as the Python
+planner for the same seed, and clear errors for bad input.
+
+One package (the test-sized world model, CEM 16 x 3, horizon 3: about 40 s of export and compile on
+2 cores) serves the C++ tests; the runner comes from ``make native`` (build/native/jepa_plan) or is
+built here into a temporary folder. Both planners and the warm start are also checked on the eager
+decision step (the module that is exported, its iterations a Python loop), against the Python planners.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from jepa_engine.cli import main
+from jepa_engine.integrations.export import DecisionStep, ExportError, decision_inputs, export_decision
+from jepa_engine.kernels import _native, use_backend
+from jepa_engine.models.world_model import WorldModel, WorldModelConfig
+from jepa_engine.planning import CEMPlanner, MPPIPlanner, Plan, PlannerConfig, latent_cost
+from jepa_engine.training.configs import WMTrainConfig
+from jepa_engine.training.world_model import save_world_model
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET = dict(samples=16, iterations=3, elites=4, horizon=3, seed=5)
+TOOLS = [t for t in ("cmake", "c++") if shutil.which(t) is None]
+
+needs_native = pytest.mark.skipif(not _native.available(), reason=f"no native library: {_native.status()}")
+needs_cxx = pytest.mark.skipif(bool(TOOLS), reason=f"no {' or '.join(TOOLS)} on PATH to build the C++ runner")
+
+
+def _model() -> WorldModel:
+    torch.manual_seed(0)
+    return WorldModel(WorldModelConfig.from_name("test")).eval()
+
+
+def _python_plan(model: WorldModel, config: PlannerConfig, frames, past, goal, mode="cem", warm=None) -> Plan:
+    """What the Python planner decides from these observations (the reference ops: the C++ sampling
+    kernel draws the reference's stream bit for bit)."""
+    with torch.no_grad(), use_backend("reference"):
+        z_hist, z_goal = model.encode_frames(frames), model.encode(goal)
+        planner = (CEMPlanner if mode == "cem" else MPPIPlanner)(config)
+        return planner.plan(latent_cost(model, z_hist, past, z_goal), frames.shape[0], warm_start=warm)
+
+
+# ---- the eager decision step (what is exported) against the Python planners
+@needs_native
+@pytest.mark.parametrize("mode", ["cem", "mppi"])
+def test_decision_step_equals_the_python_planner(mode):
+    model = _model()
+    config = PlannerConfig(action_dim=2, **BUDGET)
+    step = DecisionStep(model, config, mode=mode, num_envs=2, loop=False)   # the loop in Python: no tracing
+    frames, past, goal, prev = decision_inputs(model, config, 2, torch.Generator().manual_seed(1))
+    with use_backend("reference"):
+        action, plan, cost, mean = step(frames, past, goal, prev)
+    ref = _python_plan(model, config, frames, past, goal, mode)
+    torch.testing.assert_close(plan, ref.actions, rtol=0, atol=1e-6)
+    torch.testing.assert_close(action, ref.actions[:, 0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(cost, ref.cost, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mean, ref.mean, rtol=0, atol=1e-6)
+    # A warm start: the previous mean shifted by one step, as Planner.initial does.
+    with use_backend("reference"):
+        _, plan2, cost2, _ = step(frames, past, goal, mean)
+    ref2 = _python_plan(model, config, frames, past, goal, mode, warm=ref)
+    torch.testing.assert_close(plan2, ref2.actions, rtol=0, atol=1e-6)
+    torch.testing.assert_close(cost2, ref2.cost, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(plan2, plan)
+
+
+def test_decision_step_bad_arguments():
+    model = _model()
+    with pytest.raises(ExportError, match="mode must be one of"):
+        DecisionStep(model, PlannerConfig(**BUDGET), mode="gradient")
+    with pytest.raises(ExportError, match="action_dim must be the model's 2, got 3"):
+        DecisionStep(model, PlannerConfig(action_dim=3, **BUDGET))
+    with pytest.raises(ExportError, match="out must be a .pt2 file name"):
+        export_decision(model, PlannerConfig(**BUDGET), "plan.bin")
+
+
+def test_export_cli_bad_checkpoint(tmp_path, capsys):
+    assert main(["export", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "p.pt2")]) == 2
+    err = capsys.readouterr().err
+    assert "argument --checkpoint" in err and "missing" in err
+    assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "p.bin")]) == 2
+    assert "argument --out: must be a .pt2 file name" in capsys.readouterr().err
+    assert not (tmp_path / "p.pt2").exists()
+
+
+# ---- the package and the C++ runner
+def _runner(tmp_path_factory) -> Path:
+    """build/native/jepa_plan when ``make native`` built it after the last change of cpp/, else a fresh
+    build of the runner target in a temporary folder."""
+    built = ROOT / "build" / "native" / "jepa_plan"
+    sources = [ROOT / "CMakeLists.txt", *(ROOT / "cpp").rglob("*.[ch]*")]
+    if built.is_file() and built.stat().st_mtime >= max(p.stat().st_mtime for p in sources):
+        return built
+    build = tmp_path_factory.mktemp("jepa_plan_build")
+    prefix = torch.utils.cmake_prefix_path
+    for cmd in (["cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_PREFIX_PATH={prefix}"],
+                ["cmake", "--build", str(build), "-j2", "--target", "jepa_plan"]):
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return build / "jepa_plan"
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    """(runner, package, checkpoint folder, model, config): the test world model saved as a run's
+    checkpoint, exported by the CLI."""
+    if not _native.available():
+        pytest.skip(f"no native library: {_native.status()}")
+    if TOOLS:
+        pytest.skip(f"no {' or '.join(TOOLS)} on PATH to build the C++ runner")
+    runner = _runner(tmp_path_factory)
+    tmp = tmp_path_factory.mktemp("export")
+    model = _model()
+    save_world_model(tmp / "run", 1, model, WMTrainConfig.from_name("test"))
+    out = tmp / "plan.pt2"
+    args = ["export", "--checkpoint", str(tmp / "run"), "--out", str(out)]
+    for k, v in BUDGET.items():
+        args += [f"--{k}", str(v)]
+    assert main(args) == 0
+    assert out.is_file()
+    return runner, out, model, PlannerConfig(action_dim=2, **BUDGET)
+
+
+def _run(runner: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(runner), *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+@needs_cxx
+def test_cpp_decision_equals_the_python_planner(package, tmp_path):
+    runner, pt2, model, config = package
+    frames, past, goal, _ = decision_inputs(model, config, 1, torch.Generator().manual_seed(3))
+    obs = tmp_path / "obs.f32"
+    np.concatenate([frames.numpy().ravel(), past.numpy().ravel(), goal.numpy().ravel()]).astype("<f4").tofile(obs)
+    run = _run(runner, pt2, "--obs", obs, "--repeat", "3", "--threads", "1", "--out", tmp_path / "out.f32")
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    ref = _python_plan(model, config, frames, past, goal)
+    H, A = config.horizon, config.action_dim
+    np.testing.assert_allclose(got["plan"], ref.actions.flatten().numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got["action"], ref.actions[0, 0].numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got["cost"], ref.cost.numpy(), rtol=1e-5, atol=1e-6)
+    assert got["planner"] == "cem" and got["repeat"] == 3 and got["threads"] == 1 and got["median_ms"] > 0
+    raw = np.fromfile(tmp_path / "out.f32", dtype="<f4")
+    assert raw.size == A + H * A + 1
+    np.testing.assert_array_equal(raw[:A], np.float32(got["action"]))
+    np.testing.assert_array_equal(raw[-1:], np.float32(got["cost"]))
+    # The plan is not the cold start's zeros: the candidates were scored.
+    assert np.abs(got["plan"]).max() > 1e-3
+
+
+@needs_cxx
+def test_cpp_runner_bad_input(package, tmp_path):
+    runner, pt2, model, config = package
+    bad = tmp_path / "short.f32"
+    np.zeros(10, dtype="<f4").tofile(bad)
+    run = _run(runner, pt2, "--obs", bad)
+    T, S = model.cfg.history, model.cfg.img_size
+    total = T * S * S + (T - 1) * 2 + S * S
+    assert run.returncode == 2
+    assert (f"argument --obs: {bad} must hold {total} float32 values (frames [1, {T}, 1, {S}, {S}], "
+            f"past [1, {T - 1}, 2], goal [1, 1, {S}, {S}]), got 40 bytes") in run.stderr
+    run = _run(runner, tmp_path / "missing.pt2")
+    assert run.returncode == 2 and "package: no readable file" in run.stderr
+    run = _run(runner, pt2, "--repeat", "0")
+    assert run.returncode == 2 and "argument --repeat: must be an int >= 1, got '0'" in run.stderr
+    not_a_package = tmp_path / "junk.pt2"
+    not_a_package.write_bytes(b"not a zip")
+    run = _run(runner, not_a_package)
+    assert run.returncode == 1 and "cannot read the package" in run.stderr
