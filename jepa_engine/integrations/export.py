@@ -23,6 +23,7 @@ API ``cpp/include/jepa_engine/planner.h``) loads the package with ``torch::induc
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -208,7 +209,9 @@ def export_decision(model: WorldModel, config: PlannerConfig, out: Union[str, os
     out = Path(out)
     if out.suffix != ".pt2":
         raise ExportError(f"export: out must be a .pt2 file name, got {str(out)!r}")
-    step = DecisionStep(model.cpu(), config, mode, num_envs, cost, reduce)
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        model = copy.deepcopy(model).cpu()         # the package is for the CPU; the caller's model stays
+    step = DecisionStep(model, config, mode, num_envs, cost, reduce)
     example = step.example_inputs()
     t0 = time.perf_counter()
     ep = export_program(step, example)
