@@ -82,6 +82,7 @@ def test_decision_step_equals_the_python_planner(mode):
     assert not torch.equal(plan2, plan)
 
 
+@needs_native
 def test_decision_step_bad_arguments():
     model = _model()
     with pytest.raises(ExportError, match="mode must be one of"):
@@ -90,6 +91,17 @@ def test_decision_step_bad_arguments():
         DecisionStep(model, PlannerConfig(action_dim=3, **BUDGET))
     with pytest.raises(ExportError, match="out must be a .pt2 file name"):
         export_decision(model, PlannerConfig(**BUDGET), "plan.bin")
+
+
+def test_export_without_the_native_library(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(_native, "_loaded", False)
+    monkeypatch.setattr(_native, "_reason", "JEPA_ENGINE_NATIVE=0: the native library is not loaded")
+    with pytest.raises(ExportError, match="need the native library jepa_engine/_C.so; JEPA_ENGINE_NATIVE=0"):
+        DecisionStep(_model(), PlannerConfig(**BUDGET))
+    save_world_model(tmp_path / "run", 1, _model(), WMTrainConfig.from_name("test"))
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "p.pt2")]) == 2
+    assert "need the native library jepa_engine/_C.so" in capsys.readouterr().err
+    assert not (tmp_path / "p.pt2").exists()
 
 
 def test_export_cli_bad_checkpoint(tmp_path, capsys):

@@ -9,7 +9,8 @@
     prev   [E, H*A]          the previous decision's mean (zeros: a cold start)
     -> action [E, A], plan [E, H, A], cost [E], mean [E, H*A]
 
-It encodes the frames and the goal, then runs the planner's ``I`` iterations (CEM or MPPI) unrolled:
+It encodes the frames and the goal, then runs the planner's ``I`` iterations (CEM or MPPI) as one
+``torch.while_loop`` body (the compile time of one iteration, whatever ``I``):
 ``jepa_engine::sample_actions`` draws the candidates (the planner's Philox stream for the same seed),
 the fused rollout scores them (the reference ops: plain aten, which AOTInductor compiles), and
 ``jepa_engine::elite_refit`` refits the Gaussian. The two planning ops stay in the graph as calls of
@@ -70,11 +71,16 @@ class _ExportRollout(FusedRollout):
 
 
 class DecisionStep(nn.Module):
-    """``DecisionStep(model, config, mode="cem", num_envs=1)``: see the module docstring."""
+    """``DecisionStep(model, config, mode="cem", num_envs=1, cost="l2", reduce="final", loop=True)``: see the
+    module docstring. ``loop=False`` runs the iterations as a Python loop (the same ops; eager use and
+    tests, no tracing)."""
 
     def __init__(self, model: WorldModel, config: PlannerConfig, mode: str = "cem", num_envs: int = 1,
                  cost: str = "l2", reduce: str = "final", loop: bool = True):
         super().__init__()
+        if not _native.available():
+            raise ExportError(f"DecisionStep: the planning ops jepa_engine::sample_actions / elite_refit need the "
+                              f"native library jepa_engine/_C.so; {_native.status()}")
         if mode not in MODES:
             raise ExportError(f"DecisionStep: mode must be one of {MODES}, got {mode!r}")
         if cost not in COSTS:
@@ -123,11 +129,10 @@ class DecisionStep(nn.Module):
                     float(c.min_std))
                 return rng + self.advance, mean, std, best
 
-            # A call whose costs are never read fills the rollout's observed tokens, shared prefixes and
-            # masks (what the loop body reads); the export drops its dead rest. The I iterations are one
-            # loop body: the compile time of one iteration.
-            rollout.cost(z_hist, past, mean.new_zeros(E, N, H, A), z_goal, self.cost, self.reduce)
             if self.loop:
+                # A call whose costs are never read fills the rollout's observed tokens, shared prefixes
+                # and masks (what the loop body reads; it may not write them); the export drops its rest.
+                rollout.cost(z_hist, past, mean.new_zeros(E, N, H, A), z_goal, self.cost, self.reduce)
                 _, mean, std, best = while_loop(lambda rng, *_: rng[1] < self.end, body,
                                                 (self.rng0.clone(), mean, std, best))
             else:
