@@ -1,11 +1,13 @@
 // jepa_plan: one decision of a world model's planner from C++ (no Python), through jepa_engine::Planner.
 //
-//   jepa_plan PACKAGE.pt2 [--obs FILE] [--repeat N] [--threads N] [--out FILE] [--ops LIB]
+//   jepa_plan PACKAGE.pt2 [--obs FILE] [--decisions K] [--repeat N] [--threads N] [--out FILE] [--ops LIB]
 //
 // --obs FILE    the observations: raw little-endian float32, the values of frames [E, T, C, S, S],
 //               then past [E, T-1, A], then goal [E, C, S, S], each row-major (numpy's
 //               np.concatenate([frames.ravel(), past.ravel(), goal.ravel()]).astype("<f4").tofile(FILE));
 //               without it every input is zeros (a latency check).
+// --decisions K report the K-th of K consecutive decisions from these observations, each warm-started
+//               from the one before (default 1: a cold start).
 // --repeat N    time N cold-start decisions after one warm-up (default 1); the median is reported.
 // --threads N   intra-op threads (default: libtorch's).
 // --out FILE    also write action [E, A], plan [E, H, A] and cost [E] as raw float32, in that order.
@@ -30,11 +32,12 @@ namespace {
 struct Args {
   std::string package, obs, out, ops;
   int repeat = 1;
+  int decisions = 1;
   int threads = 0;
 };
 
 [[noreturn]] void usage_error(const std::string& msg) {
-  std::cerr << "jepa_plan: " << msg << "\nusage: jepa_plan PACKAGE.pt2 [--obs FILE] [--repeat N] [--threads N] "
+  std::cerr << "jepa_plan: " << msg << "\nusage: jepa_plan PACKAGE.pt2 [--obs FILE] [--decisions K] [--repeat N] [--threads N] "
             << "[--out FILE] [--ops LIB]\n";
   std::exit(2);
 }
@@ -61,6 +64,7 @@ Args parse(int argc, char** argv) {
     else if (s == "--out") a.out = value();
     else if (s == "--ops") a.ops = value();
     else if (s == "--repeat") a.repeat = positive(s, value());
+    else if (s == "--decisions") a.decisions = positive(s, value());
     else if (s == "--threads") a.threads = positive(s, value());
     else if (s == "-h" || s == "--help") usage_error("plan one decision with an exported world model");
     else if (!s.empty() && s[0] == '-') usage_error("unknown argument " + s);
@@ -132,7 +136,8 @@ int main(int argc, char** argv) {
   try {
     jepa_engine::Planner planner(args.package, args.ops);
     std::vector<at::Tensor> obs = observations(planner, args.obs);
-    jepa_engine::Decision first = planner.decide(obs[0], obs[1], obs[2]);   // also the warm-up
+    jepa_engine::Decision shown = planner.decide(obs[0], obs[1], obs[2]);   // also the warm-up
+    for (int k = 1; k < args.decisions; ++k) shown = planner.decide(obs[0], obs[1], obs[2]);
     std::vector<double> ms;
     for (int r = 0; r < args.repeat; ++r) {
       planner.reset();
@@ -144,7 +149,7 @@ int main(int argc, char** argv) {
     const double median = ms.size() % 2 ? ms[ms.size() / 2] : 0.5 * (ms[ms.size() / 2 - 1] + ms[ms.size() / 2]);
     if (!args.out.empty()) {
       std::ofstream f(args.out, std::ios::binary);
-      for (const at::Tensor& t : {first.action, first.plan, first.cost}) {
+      for (const at::Tensor& t : {shown.action, shown.plan, shown.cost}) {
         at::Tensor c = t.contiguous().to(at::kFloat);
         f.write(reinterpret_cast<const char*>(c.data_ptr<float>()), c.numel() * 4);
       }
@@ -152,11 +157,11 @@ int main(int argc, char** argv) {
     }
     std::ostringstream o;
     o << "{\"action\": ";
-    json_list(o, first.action);
+    json_list(o, shown.action);
     o << ", \"plan\": ";
-    json_list(o, first.plan);
+    json_list(o, shown.plan);
     o << ", \"cost\": ";
-    json_list(o, first.cost);
+    json_list(o, shown.cost);
     char buf[64];
     std::snprintf(buf, sizeof buf, "%.4f", median);
     o << ", \"median_ms\": " << buf << ", \"repeat\": " << args.repeat << ", \"threads\": " << at::get_num_threads()

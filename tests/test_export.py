@@ -176,6 +176,14 @@ def test_cpp_decision_equals_the_python_planner(package, tmp_path):
     np.testing.assert_array_equal(raw[-1:], np.float32(got["cost"]))
     # The plan is not the cold start's zeros: the candidates were scored.
     assert np.abs(got["plan"]).max() > 1e-3
+    # The second decision warm-starts from the first (Planner::decide keeps the mean), as in Python.
+    run = _run(runner, pt2, "--obs", obs, "--decisions", "2")
+    assert run.returncode == 0, run.stderr
+    warm = json.loads(run.stdout.strip().splitlines()[-1])
+    ref2 = _python_plan(model, config, frames, past, goal, warm=ref)
+    np.testing.assert_allclose(warm["plan"], ref2.actions.flatten().numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(warm["cost"], ref2.cost.numpy(), rtol=1e-5, atol=1e-6)
+    assert np.abs(np.subtract(warm["plan"], got["plan"])).max() > 1e-4
 
 
 @needs_cxx
