@@ -37,8 +37,8 @@ struct Args {
 };
 
 [[noreturn]] void usage_error(const std::string& msg) {
-  std::cerr << "jepa_plan: " << msg << "\nusage: jepa_plan PACKAGE.pt2 [--obs FILE] [--decisions K] [--repeat N] [--threads N] "
-            << "[--out FILE] [--ops LIB]\n";
+  std::cerr << "jepa_plan: " << msg << "\nusage: jepa_plan PACKAGE.pt2 [--obs FILE] [--decisions K] [--repeat N] "
+            << "[--threads N] [--out FILE] [--ops LIB]\n";
   std::exit(2);
 }
 

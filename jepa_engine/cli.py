@@ -218,7 +218,8 @@ def _export(args: argparse.Namespace) -> int:
                                  reduce=args.reduce)
     except ExportError as e:
         return _error("export", str(e))
-    shapes = ", ".join(f"{k.rsplit('.', 1)[1]} [{v}]" for k, v in report.meta.items() if k.startswith("jepa_engine.input."))
+    shapes = ", ".join(f"{k.rsplit('.', 1)[1]} [{v}]" for k, v in report.meta.items()
+                       if k.startswith("jepa_engine.input."))
     print(f"wrote {report.path}: export {report.export_s:.1f} s, compile {report.compile_s:.1f} s; inputs {shapes}")
     return 0
 

@@ -123,7 +123,8 @@ def _runner(tmp_path_factory) -> Path:
         return built
     build = tmp_path_factory.mktemp("jepa_plan_build")
     prefix = torch.utils.cmake_prefix_path
-    for cmd in (["cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_PREFIX_PATH={prefix}"],
+    for cmd in (["cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                 f"-DCMAKE_PREFIX_PATH={prefix}"],
                 ["cmake", "--build", str(build), "-j2", "--target", "jepa_plan"]):
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

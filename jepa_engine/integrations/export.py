@@ -186,7 +186,8 @@ def package_metadata(step: DecisionStep) -> dict[str, str]:
     (``jepa_engine.input.<name>``: comma-separated sizes, in call order), the output names and the
     planning budget."""
     mc, c, E = step.model.cfg, step.config, step.num_envs
-    shapes = {"frames": [E, mc.history, mc.in_chans, mc.img_size, mc.img_size], "past": [E, mc.history - 1, mc.action_dim],
+    shapes = {"frames": [E, mc.history, mc.in_chans, mc.img_size, mc.img_size],
+              "past": [E, mc.history - 1, mc.action_dim],
               "goal": [E, mc.in_chans, mc.img_size, mc.img_size], "prev": [E, c.horizon * mc.action_dim]}
     meta = {f"jepa_engine.input.{k}": ",".join(map(str, v)) for k, v in shapes.items()}
     meta.update({"jepa_engine.inputs": ",".join(shapes), "jepa_engine.outputs": "action,plan,cost,mean",
