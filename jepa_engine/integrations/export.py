@@ -160,8 +160,10 @@ def _attention_reference(q, k, v, key_padding, cu_seqlens, keep_index, frame_len
     model runs on the CPU; its second output (the log-sum-exp the backward reads) is never read here."""
     out = masked_attention_reference(q, k, v, key_padding=key_padding, cu_seqlens=cu_seqlens,
                                      frame_size=frame_len or None, keep_index=keep_index, scale=scale)
-    stat = (q.shape[1], q.shape[0]) if cu_seqlens is not None else tuple(q.shape[:3])
-    return out, q.new_zeros(stat, dtype=torch.float32)
+    if cu_seqlens is not None:
+        return out.contiguous(), q.new_zeros((q.shape[1], q.shape[0]), dtype=torch.float32)
+    # the op's layout: [B, H, N, D] on [B, N, H, D] memory (what the traced graph's views were made on)
+    return out.transpose(1, 2).contiguous().transpose(1, 2), q.new_zeros(tuple(q.shape[:3]), dtype=torch.float32)
 
 
 def export_program(step: DecisionStep, example: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
@@ -171,6 +173,9 @@ def export_program(step: DecisionStep, example: tuple[torch.Tensor, ...]) -> tor
     with use_backend("reference"), torch.no_grad():
         ep = torch.export.export(step, example, strict=False)
         table = torch.export.default_decompositions()
+        # SDPA stays one op (AOTInductor runs ATen's CPU kernel): its decomposition has other output
+        # strides than the traced graph's views were made on.
+        table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)
         table[torch.ops.jepa_engine.masked_attention.default] = _attention_reference
         ep = ep.run_decompositions(table)
     python_only = sorted({str(n.target) for n in ep.graph.nodes if n.op == "call_function"

@@ -100,7 +100,8 @@ class Planner {
       throw std::runtime_error("jepa_engine::Planner::decide: the package returned " + std::to_string(out.size()) +
                                " outputs, expected 4 (action, plan, cost, mean)");
     Decision d{out[0], out[1], out[2], out[3]};
-    prev_ = d.mean;
+    // the next call's input: the package reads its inputs with the strides it was exported with
+    prev_ = d.mean.clone(at::MemoryFormat::Contiguous);
     return d;
   }
 
