@@ -266,9 +266,12 @@ def test_bench_files_cut_off_or_hanging_at_exit_keep_their_rows(tmp_path, monkey
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
     monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
     monkeypatch.setattr(gs, "BENCH_EXIT_S", 1.0)
+    # SIGINT 4 s before the share ends: 16 s leave a loaded 2-core machine time to import torch and
+    # finish the fast group (at 14 s with the default 8 s grace it sometimes had not)
+    monkeypatch.setattr(gs, "BENCH_GRACE_S", 4.0)
     ctx = gs.Context(tmp_path / "work", short=False)
     ctx.work.mkdir()
-    share = 14.0
+    share = 20.0
     files = ((str(tmp_path / "bench_probe.py"), share), (str(tmp_path / "bench_done.py"), 30.0))
     o = gs.stage_bench(ctx, share + 30 + gs.TABLE_S, files=files)
     cut, done = o.data["files"]
