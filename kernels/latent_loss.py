@@ -302,16 +302,8 @@ def latent_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.T
         raise ValueError(f"{OP}: kind must be one of {KINDS}, got {kind!r}")
     if not (beta >= 0.0):
         raise ValueError(f"{OP}: beta must be >= 0, got {beta}")
-    if _launch.backend_for(OP, pred.device) == "reference" or _reference_wins(pred.device):
+    # On CUDA the reference is the default unless the kernels are forced (_launch.CUDA_REFERENCE_DEFAULT).
+    if _launch.backend_for(OP, pred.device) == "reference":
         # Plain differentiable torch ops: autograd and torch.compile see through them.
         return latent_loss_reference(pred, target, mask, kind=kind, beta=float(beta))
     return _latent_loss_op(pred, target, mask, kind, float(beta))
-
-
-def _reference_wins(device: torch.device) -> bool:
-    """On CUDA the plain torch ops take the loss unless a ``use_backend("triton")`` block forces the
-    kernels: on an H100 (benches/results/h100-2026-11-25-bench.json, ``bench_latent_loss.py``, bf16
-    forward + backward at M x D = 40960 x 768 and 20480 x 1280) the kernels took 1.63 and 1.16 ms
-    against 1.28 and 0.84 ms for the reference ops (0.73-0.76x), so the reference is the default
-    there until the kernels win a measured shape."""
-    return device.type == "cuda" and _launch.forced_backend() != "triton"
