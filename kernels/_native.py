@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from ._launch import forced_backend, interpreting
+
 # The ops whose schema and CPU kernel the native library provides (namespace ``jepa_engine``).
 NATIVE_OPS = ("sample_actions", "elite_refit")
 ENV = "JEPA_ENGINE_NATIVE"
@@ -65,8 +67,6 @@ def cpu_kernel_runs(*tensors) -> bool:
     """Whether an op given these arguments runs its C++ CPU kernel: all are CPU tensors, and neither
     the Triton interpreter (``TRITON_INTERPRET=1``) nor ``use_backend`` claims the call (``"reference"``
     forces the Python reference, the specification the C++ kernels are tested against)."""
-    from ._launch import forced_backend, interpreting
-
     return (all(type(t) is torch.Tensor and t.is_cpu for t in tensors) and forced_backend() is None
             and not interpreting())
 
