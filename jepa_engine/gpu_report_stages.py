@@ -81,8 +81,11 @@ def run_command(cmd: list[str], limit_s: float, env: Optional[dict] = None, pref
     command still running ``exit_s`` after printing a line it matches is stopped there (SIGKILL)."""
     t0 = time.monotonic()
     grace = min(grace_s, 0.25 * limit_s)
+    # The stage gets SIGINT's default action whatever this process does with it (an ignored SIGINT is
+    # inherited, and the stage's SIGINT before its limit would then do nothing).
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True, text=True, errors="replace")
+                            stdin=subprocess.DEVNULL, start_new_session=True, text=True, errors="replace",
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     tail: collections.deque[str] = collections.deque()
     size = [0, 0]   # characters in the tail, characters echoed
     done_re, seen = (re.compile(done) if done else None), {}
