@@ -78,4 +78,11 @@ inline void check_shape(const char* op, const char* name, const at::Tensor& t, c
                     fmt_shape(expected), ", got ", fmt_shape(t.sizes()));
 }
 
+// check_same_dtype of kernels/_launch.py: "op: k must have the dtype of q (float16), got float32".
+inline void check_same_dtype(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                             const at::Tensor& ref) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
+                   dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
+}
+
 }  // namespace jepa_engine

@@ -55,7 +55,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _launch
+from . import _launch, _native
 from ._launch import tl, triton
 from ._registry import KernelSpec, LaunchConfig, register_kernel, signature
 
@@ -714,10 +714,14 @@ def masked_attention_backward_reference(grad_out, q, k, v, *, key_padding=None, 
 # --------------------------------------------------------------------------------------------------
 # Public op: validation, dispatch, autograd, torch.library registration
 # --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("jepa_engine::masked_attention", mutates_args=())
-def _masked_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: Optional[torch.Tensor],
-                         cu_seqlens: Optional[torch.Tensor], keep_index: Optional[torch.Tensor], frame_len: int,
-                         scale: float, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+# The forward's schema: defined in C++ (csrc/attention.cpp, with its CPU kernel) when the native library
+# is loaded, else here. The backward stays a Python op (a C++ process plans, it does not train).
+SCHEMA = ("masked_attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding, Tensor? cu_seqlens, "
+          "Tensor? keep_index, SymInt frame_len, float scale, SymInt max_seqlen) -> (Tensor, Tensor)")
+
+
+def _forward_kernel(q, k, v, key_padding, cu_seqlens, keep_index, frame_len, scale, max_seqlen):
+    """The Python kernel of the forward op: the Triton kernel, or the reference in the kernel's layout."""
     if _launch.backend_for(OP, q.device) == "triton":
         return masked_attention_forward(q, k, v, key_padding, cu_seqlens, keep_index, frame_len, scale, max_seqlen)
     out = _empty_out(q, cu_seqlens is not None)
@@ -730,8 +734,7 @@ def _stat_shape(q, cu_seqlens):
     return (q.shape[1], q.shape[0]) if cu_seqlens is not None else tuple(q.shape[:3])
 
 
-@_masked_attention_op.register_fake
-def _(q, k, v, key_padding, cu_seqlens, keep_index, frame_len, scale, max_seqlen):
+def _forward_fake(q, k, v, key_padding, cu_seqlens, keep_index, frame_len, scale, max_seqlen):
     return _empty_out(q, cu_seqlens is not None), q.new_empty(_stat_shape(q, cu_seqlens), dtype=torch.float32)
 
 
@@ -771,7 +774,8 @@ def _backward(ctx, grad_out, _grad_lse):
             None, None, None, None, None, None)
 
 
-_masked_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_masked_attention_op = _native.Op(OP, SCHEMA, _forward_kernel, _forward_fake, backward=_backward,
+                                  setup_context=_setup_context)
 
 
 def _check_values(key_padding, cu_seqlens, keep_index, N_k: int, T: int) -> None:
@@ -802,6 +806,15 @@ def _check_values(key_padding, cu_seqlens, keep_index, N_k: int, T: int) -> None
         if row < keep_index.shape[0]:
             raise ValueError(f"{OP}: keep_index must not repeat a key position within a sample "
                              f"(sample {row} does); duplicates would double-count that key")
+
+
+def _cpp_forward_runs(q, k, v) -> bool:
+    """Whether a plain CPU call takes the C++ kernel (csrc/attention.cpp): the native library defines it
+    and no gradient is asked. It runs the fused CPU attention the reference's SDPA runs, on the same
+    fp32 copies, without the Python around it (the encoder and the planner's rollouts call it under
+    no_grad); with a gradient, the reference's SDPA backward beats the op's recomputing backward."""
+    return (_masked_attention_op.native and _native.cpu_kernel_runs(q, k, v)
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding: Optional[torch.Tensor] = None,
@@ -882,10 +895,12 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_p
     if not math.isfinite(scale):
         raise ValueError(f"{OP}: scale must be finite, got {scale}")
     _check_values(key_padding, cu_seqlens, keep_index, N_k, T)
-    if _launch.backend_for(OP, q.device) == "reference" and not torch.compiler.is_compiling():
-        # Plain CPU tensors: the reference (fused SDPA under autograd) is the fastest PyTorch path.
-        # A traced graph keeps the custom op, so an exported or compiled model runs the kernel where
-        # it later runs on a GPU.
+    if (_launch.backend_for(OP, q.device) == "reference" and not torch.compiler.is_compiling()
+            and not _cpp_forward_runs(q, k, v)):
+        # Plain CPU tensors: the reference (fused SDPA under autograd) is the fastest PyTorch path
+        # when gradients flow (its backward is SDPA's; the op's backward recomputes the probabilities).
+        # A traced graph keeps the op, so an exported or compiled model runs the kernel where it
+        # later runs on a GPU, and the C++ kernel in a C++ process.
         return masked_attention_reference(q, k, v, key_padding=key_padding, cu_seqlens=cu_seqlens,
                                           frame_size=frame_size, frame_extra_tokens=frame_extra_tokens,
                                           keep_index=keep_index, scale=scale)
