@@ -212,10 +212,10 @@ def _export(args: argparse.Namespace) -> int:
     config = PlannerConfig(horizon=args.horizon, action_dim=model.cfg.action_dim, samples=args.samples,
                            iterations=args.iterations, elites=elites, seed=args.seed)
     print(f"exporting the decision step: {args.planner} N={args.samples} x I={args.iterations} (K={elites}), "
-          f"horizon {args.horizon}, {args.num_envs} env(s), seed {args.seed}; AOTInductor for the CPU", flush=True)
+          f"horizon {args.horizon}, {args.num_envs} env(s), seed {args.seed}; AOTInductor for {args.device}", flush=True)
     try:
         report = export_decision(model, config, args.out, mode=args.planner, num_envs=args.num_envs, cost=args.cost,
-                                 reduce=args.reduce)
+                                 reduce=args.reduce, device=args.device)
     except ExportError as e:
         return _error("export", str(e))
     shapes = ", ".join(f"{k.rsplit('.', 1)[1]} [{v}]" for k, v in report.meta.items()
@@ -367,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--reduce", default="final", choices=("final", "sum"))
     exp.add_argument("--num-envs", type=int_at_least(1), default=1, help="environments per decision (default 1)")
     exp.add_argument("--seed", type=int_at_least(0), default=0, help="the planner's sampling seed (default 0)")
+    exp.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                     help="the package's device (default cpu); cuda compiles the planning ops' Triton kernels into it")
     exp.set_defaults(func=_export)
     prof = sub.add_parser("profile", help="JEPA planner vs token-by-token decoding: latency, energy, FLOPs, success")
     prof.add_argument("--quick", action="store_true",

@@ -260,6 +260,14 @@ def table_configs(table: dict[tuple[str, int], LaunchConfig], width_of=None):
     return configs
 
 
+def launchable(kernel, traced: bool = False):
+    """``kernel`` to launch as ``launchable(kernel, traced)[grid](...)``: itself, or with ``traced`` wrapped by
+    ``torch.library.wrap_triton``, so that a graph traced through the launch (an op's decomposition in
+    ``torch.export``) holds the kernel itself, which AOTInductor compiles into its package, instead of a
+    call to an op whose CUDA kernel exists only in Python."""
+    return torch.library.wrap_triton(kernel) if traced else kernel
+
+
 @functools.lru_cache(maxsize=None)
 def num_sms(device_index: int = 0) -> int:
     """Streaming multiprocessors of a CUDA device (a small fixed number under the interpreter)."""

@@ -127,7 +127,8 @@ def _elite_refit_kernel(
 _CONFIG = LaunchConfig({"BLOCK_N": 64, "BLOCK_P": 64}, num_warps=4, num_stages=1)
 
 
-def elite_refit_forward(costs, samples, mean, std, mode, k, temperature, momentum, min_std):
+def elite_refit_forward(costs, samples, mean, std, mode, k, temperature, momentum, min_std, traced: bool = False):
+    """Launch the kernel (``traced``: through ``wrap_triton``, see :func:`_launch.launchable`)."""
     E, N, P = samples.shape
     dev = costs.device
     weights = torch.empty((E, N), device=dev, dtype=torch.float32)
@@ -135,12 +136,24 @@ def elite_refit_forward(costs, samples, mean, std, mode, k, temperature, momentu
     new_std = torch.empty((E, P), device=dev, dtype=torch.float32)
     best_cost = torch.empty(E, device=dev, dtype=torch.float32)
     best_index = torch.empty(E, device=dev, dtype=torch.int64)
-    _elite_refit_kernel[(E,)](
+    _launch.launchable(_elite_refit_kernel, traced)[(E,)](
         costs, samples, mean, std, weights, new_mean, new_std, best_cost, best_index,
         N, P, k, 1.0 / temperature, momentum, min_std,
         MPPI=mode == "mppi", num_warps=_CONFIG.num_warps, num_stages=_CONFIG.num_stages, **_CONFIG.constexprs,
     )
     return new_mean, new_std, best_cost, best_index
+
+
+if _launch.triton_available():
+    # The kernel as an op that torch.export and AOTInductor see through (``torch.library.triton_op``): a
+    # decision step exported for CUDA calls it in place of jepa_engine::elite_refit, whose CUDA kernel is
+    # registered from Python, so the package carries the compiled kernel (jepa_engine.integrations.export).
+    @torch.library.triton_op("jepa_engine::elite_refit_triton", mutates_args=())
+    def elite_refit_triton(costs: torch.Tensor, samples: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                           mode: str, k: int, temperature: float, momentum: float, min_std: float
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return elite_refit_forward(costs.contiguous(), samples.contiguous(), mean.contiguous(), std.contiguous(),
+                                   mode, k, temperature, momentum, min_std, traced=True)
 
 
 def _variants():

@@ -85,13 +85,26 @@ def _sample_actions_kernel(
 _CONFIG = LaunchConfig({"BLOCK": 1024}, num_warps=4, num_stages=1)
 
 
-def sample_actions_forward(mean, std, low, high, rng, n, include_mean):
+def sample_actions_forward(mean, std, low, high, rng, n, include_mean, traced: bool = False):
+    """Launch the kernel (``traced``: through ``wrap_triton``, see :func:`_launch.launchable`)."""
     E, P = mean.shape
     out = torch.empty((E, n, P), device=mean.device, dtype=torch.float32)
     grid = (E, _launch.cdiv(n * P, _CONFIG.constexprs["BLOCK"]))
-    _sample_actions_kernel[grid](mean, std, low, high, rng, out, n, P, low.numel(), INCLUDE_MEAN=include_mean,
-                                 num_warps=_CONFIG.num_warps, num_stages=_CONFIG.num_stages, **_CONFIG.constexprs)
+    _launch.launchable(_sample_actions_kernel, traced)[grid](
+        mean, std, low, high, rng, out, n, P, low.numel(), INCLUDE_MEAN=include_mean,
+        num_warps=_CONFIG.num_warps, num_stages=_CONFIG.num_stages, **_CONFIG.constexprs)
     return out
+
+
+if _launch.triton_available():
+    # The kernel as an op that torch.export and AOTInductor see through (``torch.library.triton_op``): a
+    # decision step exported for CUDA calls it in place of jepa_engine::sample_actions, whose CUDA kernel
+    # is registered from Python, so the package carries the compiled kernel (jepa_engine.integrations.export).
+    @torch.library.triton_op("jepa_engine::sample_actions_triton", mutates_args=())
+    def sample_actions_triton(mean: torch.Tensor, std: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
+                              rng: torch.Tensor, n: int, include_mean: bool) -> torch.Tensor:
+        return sample_actions_forward(mean.contiguous(), std.contiguous(), low.contiguous(), high.contiguous(), rng,
+                                      n, include_mean, traced=True)
 
 
 register_kernel(KernelSpec(

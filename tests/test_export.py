@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 
 from jepa_engine.cli import main
 from jepa_engine.integrations.export import DecisionStep, ExportError, decision_inputs, export_decision
-from jepa_engine.kernels import _native, use_backend
+from jepa_engine.kernels import _launch, _native, elite_refit, sample_actions, use_backend
 from jepa_engine.models.world_model import WorldModel, WorldModelConfig
 from jepa_engine.planning import CEMPlanner, MPPIPlanner, Plan, PlannerConfig, latent_cost
 from jepa_engine.training.configs import WMTrainConfig
@@ -92,6 +93,53 @@ def test_decision_step_bad_arguments():
         DecisionStep(model, PlannerConfig(action_dim=3, **BUDGET))
     with pytest.raises(ExportError, match="out must be a .pt2 file name"):
         export_decision(model, PlannerConfig(**BUDGET), "plan.bin")
+
+
+# ---- the decision step exported for CUDA: the planning ops as their Triton kernels, no Python-only op
+@needs_native
+@pytest.mark.skipif(not _launch.triton_available(), reason="triton is not installed")
+def test_cuda_export_holds_triton_ops_only():
+    """Traced for CUDA (on this machine's CPU: the trace only reads shapes), the graph calls no op whose
+    CUDA kernel exists only in Python: sampling and refit are their ``triton_op`` twins, which
+    AOTInductor compiles into the package as Triton kernels, and the attention is aten ops. In a
+    process without the Triton interpreter: ``triton.jit`` makes interpreted kernels at import there,
+    which ``wrap_triton`` cannot trace."""
+    code = f"""
+import torch
+from jepa_engine.integrations.export import TRITON_OPS, DecisionStep, export_program, graph_nodes
+from jepa_engine.models.world_model import WorldModel, WorldModelConfig
+from jepa_engine.planning import PlannerConfig
+torch.manual_seed(0)
+step = DecisionStep(WorldModel(WorldModelConfig.from_name("test")).eval(), PlannerConfig(action_dim=2, **{BUDGET!r}),
+                    num_envs={ENVS})
+ep = export_program(step, step.example_inputs(), target="cuda")
+ops = {{str(n.target) for n in graph_nodes(ep) if n.op == "call_function" and "jepa_engine" in str(n.target)}}
+assert ops == {{f"jepa_engine.{{name}}.default" for name in TRITON_OPS}}, ops
+assert any(str(n.target) == "while_loop" for n in graph_nodes(ep))
+print("ok", sorted(ops))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "ok" in run.stdout, (run.stdout + run.stderr)[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["cem", "mppi"])
+def test_triton_ops_equal_the_planning_ops(kernel_device, mode):
+    """The ``triton_op`` twins the CUDA package calls compute what the planning ops compute."""
+    g = torch.Generator().manual_seed(3)
+    mean, std = torch.randn(2, 6, generator=g), torch.rand(2, 6, generator=g) + 0.2
+    low, high, rng = torch.full((2,), -1.0), torch.full((2,), 1.0), torch.tensor([11, 40], dtype=torch.int64)
+    args = [t.to(kernel_device) for t in (mean, std, low, high, rng)]
+    x = torch.ops.jepa_engine.sample_actions_triton(*args, 50, True)
+    with use_backend("triton"):
+        want = sample_actions(*args, 50)
+    assert torch.equal(x, want)
+    costs = x.square().sum(-1)
+    got = torch.ops.jepa_engine.elite_refit_triton(costs, x, args[0], args[1], mode, 5, 0.5, 0.1, 0.05)
+    with use_backend("triton"):
+        ref = elite_refit(costs, x, args[0], args[1], mode=mode, k=5, temperature=0.5, momentum=0.1, min_std=0.05)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
 
 
 def test_export_without_the_native_library(monkeypatch, tmp_path, capsys):

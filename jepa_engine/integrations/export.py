@@ -156,8 +156,8 @@ def decision_inputs(model: WorldModel, config: PlannerConfig, num_envs: int = 1,
 
 
 def _attention_reference(q, k, v, key_padding, cu_seqlens, keep_index, frame_len, scale, max_seqlen):
-    """``jepa_engine::masked_attention`` (a Python-only op) as the aten ops of the reference the eager
-    model runs on the CPU; its second output (the log-sum-exp the backward reads) is never read here."""
+    """``jepa_engine::masked_attention`` as the aten ops of the reference the eager model runs on the CPU,
+    where the native library does not define it; its second output (the log-sum-exp the backward reads) is never read here."""
     out = masked_attention_reference(q, k, v, key_padding=key_padding, cu_seqlens=cu_seqlens,
                                      frame_size=frame_len or None, keep_index=keep_index, scale=scale)
     if cu_seqlens is not None:
@@ -166,27 +166,69 @@ def _attention_reference(q, k, v, key_padding, cu_seqlens, keep_index, frame_len
     return out.transpose(1, 2).contiguous().transpose(1, 2), q.new_zeros(tuple(q.shape[:3]), dtype=torch.float32)
 
 
-def export_program(step: DecisionStep, example: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
-    """``torch.export`` of the decision step with the reference backend; the ops that exist only in Python
-    (the encoder's masked attention, kept as a custom op when traced) decomposed into their reference's
-    aten ops, so the graph holds aten ops and the native library's two planning ops only."""
+def _sample_actions_triton(mean, std, low, high, rng, n, include_mean=True):
+    """``jepa_engine::sample_actions`` on CUDA as its Triton op (compiled into the package)."""
+    return torch.ops.jepa_engine.sample_actions_triton.default(mean, std, low, high, rng, n, include_mean)
+
+
+def _elite_refit_triton(costs, samples, mean, std, mode="cem", k=1, temperature=1.0, momentum=0.0, min_std=0.0):
+    """``jepa_engine::elite_refit`` on CUDA as its Triton op (compiled into the package)."""
+    return torch.ops.jepa_engine.elite_refit_triton.default(costs, samples, mean, std, mode, int(k),
+                                                            float(temperature), float(momentum), float(min_std))
+
+
+# Ops a traced model keeps that the loaded native library may not define (a library built from part of
+# csrc/): decomposed into their reference's aten ops, which AOTInductor compiles.
+_PYTHON_ONLY = {"masked_attention": _attention_reference}
+# On CUDA every op's kernel is Python (Triton, registered from Python), which a C++ process cannot call:
+# the planning ops become their ``triton_op`` twins, which AOTInductor compiles into the package as the
+# Triton kernels themselves, and the attention its reference's aten ops (AOTInductor's own CUDA kernels).
+TRITON_OPS = ("sample_actions_triton", "elite_refit_triton")
+_CUDA_DECOMPOSITIONS = {"sample_actions": _sample_actions_triton, "elite_refit": _elite_refit_triton,
+                        "masked_attention": _attention_reference}
+
+
+def decompositions(device: torch.device) -> dict:
+    """``{op: decomposition}`` for a decision step exported for ``device``: on the CPU the ops the native
+    library does not define, on CUDA every ``jepa_engine`` op in the graph."""
+    if device.type == "cuda":
+        chosen = _CUDA_DECOMPOSITIONS
+    else:
+        chosen = {k: v for k, v in _PYTHON_ONLY.items() if k not in _native.native_ops()}
+    return {getattr(torch.ops.jepa_engine, name).default: fn for name, fn in chosen.items()}
+
+
+def export_program(step: DecisionStep, example: tuple[torch.Tensor, ...],
+                   target: Optional[torch.device] = None) -> torch.export.ExportedProgram:
+    """``torch.export`` of the decision step with the reference backend. The graph holds aten ops and ops of
+    the native library only: the encoder's masked attention stays the native op when the library defines
+    it (its C++ kernel runs in the package), else it is decomposed into its reference's aten ops. On CUDA
+    (``target``, default the inputs' device) the graph holds no ``jepa_engine`` op: see :func:`decompositions`."""
     with use_backend("reference"), torch.no_grad():
         ep = torch.export.export(step, example, strict=False)
         table = torch.export.default_decompositions()
         # SDPA stays one op (AOTInductor runs ATen's CPU kernel): its decomposition has other output
         # strides than the traced graph's views were made on.
         table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)
-        table[torch.ops.jepa_engine.masked_attention.default] = _attention_reference
+        device = torch.device(target) if target is not None else example[0].device
+        table.update(decompositions(device))
         ep = ep.run_decompositions(table)
-    python_only = sorted({str(n.target) for n in ep.graph.nodes if n.op == "call_function"
-                          and str(n.target).startswith("jepa_engine.")
-                          and str(n.target).split(".")[1] not in _native.NATIVE_OPS})
+    allowed = _native.native_ops() if device.type == "cpu" else frozenset(TRITON_OPS)
+    python_only = sorted({str(n.target) for n in graph_nodes(ep) if n.op == "call_function"
+                          and str(n.target).startswith("jepa_engine.") and str(n.target).split(".")[1] not in allowed})
     if python_only:
-        raise ExportError(f"export: the graph still calls ops with no C++ schema: {python_only}")
+        raise ExportError(f"export: the graph still calls ops with no C++ kernel on {device}: {python_only}")
     return ep
 
 
-def package_metadata(step: DecisionStep) -> dict[str, str]:
+def graph_nodes(ep: torch.export.ExportedProgram):
+    """Every node of the program, those of its loop body and condition (submodules) included."""
+    for module in ep.graph_module.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            yield from module.graph.nodes
+
+
+def package_metadata(step: DecisionStep, device: torch.device = torch.device("cpu")) -> dict[str, str]:
     """What the C++ planner reads from the package (strings): the shape of each input
     (``jepa_engine.input.<name>``: comma-separated sizes, in call order), the output names and the
     planning budget."""
@@ -197,7 +239,7 @@ def package_metadata(step: DecisionStep) -> dict[str, str]:
     meta = {f"jepa_engine.input.{k}": ",".join(map(str, v)) for k, v in shapes.items()}
     meta.update({"jepa_engine.inputs": ",".join(shapes), "jepa_engine.outputs": "action,plan,cost,mean",
                  "jepa_engine.planner": step.mode, "jepa_engine.cost": step.cost, "jepa_engine.reduce": step.reduce,
-                 "jepa_engine.config": json.dumps(c.to_dict(), sort_keys=True)})
+                 "jepa_engine.config": json.dumps(c.to_dict(), sort_keys=True), "jepa_engine.device": device.type})
     return meta
 
 
@@ -210,25 +252,32 @@ class ExportReport:
 
 
 def export_decision(model: WorldModel, config: PlannerConfig, out: Union[str, os.PathLike], mode: str = "cem",
-                    num_envs: int = 1, cost: str = "l2", reduce: str = "final") -> ExportReport:
-    """Export :class:`DecisionStep` and compile it with AOTInductor for the CPU into the package ``out``
-    (a ``.pt2`` file, written atomically). The package's metadata (:func:`package_metadata`) gives the
-    shapes of the inputs, which the C++ planner (cpp/include/jepa_engine/planner.h) checks."""
+                    num_envs: int = 1, cost: str = "l2", reduce: str = "final",
+                    device: Union[str, torch.device] = "cpu") -> ExportReport:
+    """Export :class:`DecisionStep` and compile it with AOTInductor for ``device`` (the CPU, or a CUDA
+    device, where the planning ops' Triton kernels are compiled into the package) into ``out`` (a
+    ``.pt2`` file, written atomically). The package's metadata (:func:`package_metadata`) gives the
+    shapes of the inputs and the device, which the C++ planner (cpp/include/jepa_engine/planner.h) reads."""
     if not _native.available():
         raise ExportError(f"export: the planning ops need the native library jepa_engine/_C.so in the graph; "
                           f"{_native.status()}")
     out = Path(out)
     if out.suffix != ".pt2":
         raise ExportError(f"export: out must be a .pt2 file name, got {str(out)!r}")
-    if any(p.device.type != "cpu" for p in model.parameters()):
-        model = copy.deepcopy(model).cpu()         # the package is for the CPU; the caller's model stays
-    step = DecisionStep(model, config, mode, num_envs, cost, reduce)
-    example = step.example_inputs()
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ExportError(f"export: device must be cpu or cuda, got {str(device)!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ExportError("export: device cuda asked, but no CUDA device is available here")
+    if any(p.device != device for p in model.parameters()):
+        model = copy.deepcopy(model).to(device)    # the caller's model stays where it is
+    step = DecisionStep(model, config, mode, num_envs, cost, reduce).to(device)
+    example = tuple(t.to(device) for t in step.example_inputs())
     t0 = time.perf_counter()
     ep = export_program(step, example)
     t1 = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = package_metadata(step)
+    meta = package_metadata(step, device)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.pt2")
     try:
         torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp),

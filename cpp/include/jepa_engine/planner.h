@@ -1,12 +1,14 @@
 // jepa_engine::Planner: a world model's decision step, exported by `jepa-engine export` as an
 // AOTInductor package (.pt2), run from C++ with no Python. One header; link libtorch and the native
-// operator library jepa_engine/_C.so (it defines jepa_engine::sample_actions and elite_refit, which
-// the package calls), or pass the library's path to the constructor to load it at run time.
+// operator library jepa_engine/_C.so (it defines the jepa_engine ops a CPU package calls: sample_actions,
+// elite_refit, masked_attention), or pass the library's path to the constructor to load it at run time.
+// A package exported with `--device cuda` holds its Triton kernels and calls no jepa_engine op.
 //
 //   jepa_engine::Planner planner("plan.pt2");
 //   jepa_engine::Decision d = planner.decide(frames, past, goal);   // execute d.action, then decide again
 //
-// Inputs (float32 CPU tensors, shapes fixed at export; Planner::shape(name) gives them):
+// Inputs (float32 CPU tensors, shapes fixed at export; Planner::shape(name) gives them; a CUDA package
+// copies them to the device and returns the decision on the CPU):
 //   frames [E, T, C, S, S]  the last T observed frames in [0, 1] (T = the model's history)
 //   past   [E, T-1, A]      the actions taken between them
 //   goal   [E, C, S, S]     the goal frame
@@ -71,6 +73,10 @@ class Planner {
       shapes_.push_back(shape);
     }
     meta_ = meta;
+    // A package exported for CUDA (`jepa-engine export --device cuda`) runs on the current CUDA device:
+    // observations come from the host, are copied there, and the decision comes back to the host.
+    auto dev = meta.find("jepa_engine.device");
+    device_ = at::Device(dev == meta.end() || dev->second == "cpu" ? at::kCPU : at::kCUDA);
     loader_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(package, "model");
     reset();
   }
@@ -89,20 +95,23 @@ class Planner {
   }
 
   // The next decision is a cold start (zero mean), as at the start of an episode.
-  void reset() { prev_ = at::zeros(shape("prev"), at::kFloat); }
+  void reset() { prev_ = at::zeros(shape("prev"), at::TensorOptions(at::kFloat).device(device_)); }
+
+  // Where the package computes: the CPU, or CUDA for a package exported for it.
+  at::Device device() const { return device_; }
 
   Decision decide(const at::Tensor& frames, const at::Tensor& past, const at::Tensor& goal) {
     check("frames", frames);
     check("past", past);
     check("goal", goal);
-    std::vector<at::Tensor> out = loader_->run({frames.contiguous(), past.contiguous(), goal.contiguous(), prev_});
+    auto on = [&](const at::Tensor& t) { return t.to(device_).contiguous(); };
+    std::vector<at::Tensor> out = loader_->run({on(frames), on(past), on(goal), prev_});
     if (out.size() != 4)
       throw std::runtime_error("jepa_engine::Planner::decide: the package returned " + std::to_string(out.size()) +
                                " outputs, expected 4 (action, plan, cost, mean)");
-    Decision d{out[0], out[1], out[2], out[3]};
     // the next call's input: the package reads its inputs with the strides it was exported with
-    prev_ = d.mean.clone(at::MemoryFormat::Contiguous);
-    return d;
+    prev_ = out[3].clone(at::MemoryFormat::Contiguous);
+    return Decision{out[0].cpu(), out[1].cpu(), out[2].cpu(), out[3].cpu()};
   }
 
  private:
@@ -134,6 +143,7 @@ class Planner {
   std::vector<std::string> names_;
   std::vector<std::vector<int64_t>> shapes_;
   at::Tensor prev_;
+  at::Device device_ = at::kCPU;
 };
 
 }  // namespace jepa_engine
