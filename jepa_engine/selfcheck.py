@@ -130,11 +130,11 @@ def _fused_linear(device: str) -> float:
     return _both(run)
 
 
-# op -> where its schema is defined when the native library is not loaded ("" for a plain function)
+# op -> where its schema is defined when the native library does not define it ("" for a plain function)
+_PY = "Python torch.library"
 OPS: dict[str, str] = {
-    "masked_attention": "Python custom_op", "latent_loss": "Python custom_op", "latent_cost": "Python custom_op",
-    "fused_linear": "Python custom_op", "linear_goal_cost": "Python custom_op", "ema_update_": "",
-    "sample_actions": "", "elite_refit": "",
+    "masked_attention": _PY, "latent_loss": _PY, "latent_cost": _PY, "fused_linear": _PY, "linear_goal_cost": _PY,
+    "ema_update_": _PY, "sample_actions": "", "elite_refit": "",
 }
 _CHILD = "JEPA_ENGINE_SELFCHECK_INTERPRETED"   # set in the re-run under the interpreter
 
