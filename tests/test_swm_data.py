@@ -178,6 +178,20 @@ def test_train_from_disk_resumes_exactly(tmp_path, synthetic):
     assert all(np.isfinite([row[1] for row in straight["losses"]]))
 
 
+def test_resume_refuses_another_dataset_at_the_same_path(tmp_path, synthetic):
+    """A dataset re-collected at the run's --data path (other episodes) is not the one the run trained on:
+    resuming would continue on other data, so it raises, naming both."""
+    cfg = config_for_dataset(WMTrainConfig.from_name("data-test", steps=4, checkpoint_every=2, log_every=1), synthetic)
+    with pytest.raises(KeyboardInterrupt):
+        train_world_model(cfg, tmp_path / "run", log=_interrupt_at(3))
+    shutil.rmtree(synthetic)
+    write_dataset(synthetic, _episodes([14, 12, 9, 15], seed=1), "synthetic-v0", shard_episodes=3)
+    with pytest.raises(ckpt.CheckpointError, match=r"cannot be resumed on this data: it was trained on the dataset "
+                                                   r"with manifest sha256 [0-9a-f]{16}\.\.\., but the run now reads "
+                                                   r"the dataset with manifest sha256 [0-9a-f]{16}"):
+        train_world_model(cfg, tmp_path / "run", log=None, resume=True)
+
+
 def test_cli_train_wm_data_errors_are_one_line(tmp_path, synthetic, capsys):
     from jepa_engine.cli import main
 

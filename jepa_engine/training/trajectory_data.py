@@ -33,6 +33,7 @@ dataset of any size reads only its small index, and a training batch touches onl
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -150,6 +151,14 @@ class TrajectoryDataset:
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
         self._shard_of = np.concatenate(shard_of)
         self._local = np.concatenate(local_offsets)
+
+    @property
+    def fingerprint(self) -> str:
+        """What identifies this dataset's contents: the sha256 of its manifest, which is written last and
+        names every shard with its rows (a re-collected dataset at the same path has another)."""
+        if not hasattr(self, "_fingerprint"):
+            self._fingerprint = hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()
+        return self._fingerprint
 
     # ---- what the manifest says
     @property
@@ -302,7 +311,8 @@ class DiskTrajectoryBatches(Iterator[dict]):
         return batch
 
     def state_dict(self) -> dict:
-        return {"count": self.count, "generator": self.generator.get_state()}
+        return {"count": self.count, "generator": self.generator.get_state(),
+                "dataset": self.stream.dataset.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("count", "generator"):

@@ -153,6 +153,12 @@ class WorldModelTrainer:
         if missing:
             raise ckpt.CheckpointError(f"train_world_model: {path} cannot be resumed: it lacks the training state "
                                        f"{missing} (saved without optimizer/stream, or with another anti_collapse)")
+        saved, now = meta["data"].get("dataset"), self.stream.state_dict().get("dataset")
+        if "dataset" in meta["data"] and saved != now:   # checkpoints before the fingerprint carry no key
+            raise ckpt.CheckpointError(
+                f"train_world_model: {path} cannot be resumed on this data: it was trained on "
+                f"{_data_name(saved)}, but the run now reads {_data_name(now)} ({self.cfg.data or 'the built-in world'});"
+                f" resume with the dataset it was trained on, or start a fresh run folder")
         self.step = restore_state("train_world_model", Path(path), tensors, meta, self.model, self.ema,
                                   self.optimizer)
         self.stream.load_state_dict({"count": meta["data"]["count"], "generator": tensors["data/generator"]})
@@ -264,8 +270,12 @@ def save_world_model(out_dir: Union[str, os.PathLike], step: int, model: WorldMo
     if stream is not None:
         position = stream.state_dict()
         tensors["data/generator"] = position["generator"]
-        meta["data"] = {"count": position["count"], "next_step": step}
+        meta["data"] = {"count": position["count"], "next_step": step, "dataset": position.get("dataset")}
     return ckpt.save_checkpoint(out_dir, step, tensors, meta, keep_last=cfg.keep_last)
+
+
+def _data_name(fingerprint: Optional[str]) -> str:
+    return f"the dataset with manifest sha256 {fingerprint[:16]}..." if fingerprint else "the built-in world"
 
 
 def load_world_model(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"
