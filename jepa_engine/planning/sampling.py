@@ -8,17 +8,65 @@ One iteration for E environments (all on the device, no host synchronisation)::
     rng[1] += E * N * H * A                                              (advance the Philox stream)
 
 ``sample_actions`` and ``elite_refit`` run as Triton kernels on CUDA and as their references on CPU,
-drawing the same random stream for the same seed.
+drawing the same random stream for the same seed. On CPU tensors with the native library loaded the
+loop calls its C++ ops directly: which ops run is decided once, at the entry of a plan, and the C++
+kernels check their own arguments, so no Python dispatch or argument check runs per iteration (and a
+small draw runs on one thread, see ``_ONE_THREAD_BELOW``).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from jepa_engine.kernels import elite_refit, sample_actions
+from jepa_engine.kernels import _native, elite_refit, sample_actions
 
 from .base import CostFn, Plan, Planner
+
+# Below this many sampled values the C++ sampling kernel means to run on one thread (kGrain in
+# csrc/planning_kernels.cpp), but its ParallelGuard does not keep the ATen log / sqrt / cos it calls, nor MKL's
+# vector math under them, from starting OpenMP teams: each start wakes the pool, which costs more than the
+# work at a planner's sizes (and far more on a loaded machine). The planner makes those calls with one thread;
+# the ops are elementwise, so every value, and the plan, comes out the same.
+_ONE_THREAD_BELOW = 1 << 15
+
+
+def _one_thread(op: Callable) -> Callable:
+    def call(*args):
+        threads = torch.get_num_threads()
+        if threads == 1:
+            return op(*args)
+        torch.set_num_threads(1)
+        try:
+            return op(*args)
+        finally:
+            torch.set_num_threads(threads)
+
+    return call
+
+
+def _public_sample(mean, std, low, high, rng, n, include_mean):
+    return sample_actions(mean, std, low, high, rng, n, include_mean=include_mean)
+
+
+def _public_refit(costs, samples, mean, std, mode, k, temperature, momentum, min_std):
+    return elite_refit(costs, samples, mean, std, mode=mode, k=k, temperature=temperature, momentum=momentum,
+                       min_std=min_std)
+
+
+def _ops(planner: _SamplingPlanner, mean, std, low, high, rng) -> tuple[Callable, Callable]:
+    """``(sample, refit)`` for one plan: the C++ ops when its tensors and config take the native CPU path
+    (the path the public ``sample_actions`` / ``elite_refit`` would take), else the public ops."""
+    c = planner.config
+    if not (_native.schema("sample_actions") and _native.schema("elite_refit")
+            and _native.cpu_kernel_runs(mean, std, low, high, rng)
+            and isinstance(c.samples, int) and isinstance(c.elites, int) and isinstance(planner.mode, str)
+            and all(isinstance(v, (int, float)) for v in (c.temperature, c.momentum, c.min_std))):
+        return _public_sample, _public_refit
+    sample = torch.ops.jepa_engine.sample_actions.default
+    if mean.numel() * c.samples < _ONE_THREAD_BELOW:
+        sample = _one_thread(sample)
+    return sample, torch.ops.jepa_engine.elite_refit.default
 
 
 class _SamplingPlanner(Planner):
@@ -41,14 +89,17 @@ class _SamplingPlanner(Planner):
         c = self.config
         E, N, H, A = mean.shape[0], c.samples, c.horizon, c.action_dim
         step = E * N * H * A
+        offset = rng[1:]   # a view: advancing it advances rng[1] in place
+        sample, refit = _ops(self, mean, std, low, high, rng)
+        mode, k, temperature, momentum, min_std = self.mode, c.elites, c.temperature, c.momentum, c.min_std
         best = None
-        for _ in range(c.iterations):
-            samples = sample_actions(mean, std, low, high, rng, N)
+        for i in range(c.iterations):
+            samples = sample(mean, std, low, high, rng, N, True)
             costs = cost_fn(samples.view(E, N, H, A)).float()
-            self.check_costs(costs, E, N)
-            mean, std, best, _ = elite_refit(costs, samples, mean, std, mode=self.mode, k=c.elites,
-                                             temperature=c.temperature, momentum=c.momentum, min_std=c.min_std)
-            rng[1] += step
+            if i == 0:   # the caller's cost function, checked once (elite_refit checks the costs' shape too)
+                self.check_costs(costs, E, N)
+            mean, std, best, _ = refit(costs, samples, mean, std, mode, k, temperature, momentum, min_std)
+            offset += step
         return mean, std, best
 
 
