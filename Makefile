@@ -26,19 +26,31 @@ install: $(STAMP) native
 # The native operator library jepa_engine/_C.so (CMakeLists.txt, csrc/) against the venv's libtorch; an
 # incremental rebuild. Without cmake or a C++ compiler, or if the build fails, it says why and the
 # package runs its Python path (`jepa-engine selfcheck` lists each op's path). CXX=clang++ picks the compiler.
+# The library is built first (target jepa_engine_ops), then the rest: the C++ runner $(NATIVE_BUILD)/jepa_plan
+# (cpp/), where the wheel's libtorch has the AOTInductor package loader. A runner that fails to build is
+# removed with its own message, and the library stays.
 NATIVE_BUILD ?= build/native
+NATIVE_PY    := every op runs its Python path
 native: $(STAMP)
 	@mkdir -p $(NATIVE_BUILD); if ! command -v cmake >/dev/null 2>&1; then \
-		echo "native: cmake not found; jepa_engine/_C.so is not built and every op runs its Python path"; \
+		echo "native: cmake not found; jepa_engine/_C.so is not built and $(NATIVE_PY)"; \
 	elif ! command -v $(CXX) >/dev/null 2>&1; then \
-		echo "native: no C++ compiler ($(CXX)) found; jepa_engine/_C.so is not built and every op runs its Python path"; \
-	elif CXX=$(CXX) cmake -S . -B $(NATIVE_BUILD) -DCMAKE_BUILD_TYPE=Release \
+		echo "native: no C++ compiler ($(CXX)) found; jepa_engine/_C.so is not built and $(NATIVE_PY)"; \
+	elif ! { CXX=$(CXX) cmake -S . -B $(NATIVE_BUILD) -DCMAKE_BUILD_TYPE=Release \
 			-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" >$(NATIVE_BUILD).log 2>&1 \
-		&& cmake --build $(NATIVE_BUILD) -j2 >>$(NATIVE_BUILD).log 2>&1; then \
-		echo "native: jepa_engine/_C.so is up to date"; \
+		&& cmake --build $(NATIVE_BUILD) -j2 --target jepa_engine_ops >>$(NATIVE_BUILD).log 2>&1; }; then \
+		rm -f jepa_engine/_C.so $(NATIVE_BUILD)/jepa_plan; tail -n 20 $(NATIVE_BUILD).log; \
+		echo "native: the build failed (log: $(NATIVE_BUILD).log); $(NATIVE_PY)"; \
 	else \
-		rm -f jepa_engine/_C.so; tail -n 20 $(NATIVE_BUILD).log; \
-		echo "native: the build failed (log: $(NATIVE_BUILD).log); every op runs its Python path"; \
+		echo "native: jepa_engine/_C.so is up to date"; \
+		if ! cmake --build $(NATIVE_BUILD) -j2 >>$(NATIVE_BUILD).log 2>&1; then \
+			rm -f $(NATIVE_BUILD)/jepa_plan; tail -n 20 $(NATIVE_BUILD).log; \
+			echo "native: the C++ runner jepa_plan failed to build (log: $(NATIVE_BUILD).log); jepa_engine/_C.so is built"; \
+		elif [ -x $(NATIVE_BUILD)/jepa_plan ]; then \
+			echo "native: the C++ runner $(NATIVE_BUILD)/jepa_plan is up to date"; \
+		else \
+			echo "native: the C++ runner jepa_plan is not built (JEPA_ENGINE_RUNNER=OFF, or see $(NATIVE_BUILD).log)"; \
+		fi; \
 	fi
 
 $(STAMP): pyproject.toml Makefile
