@@ -38,25 +38,74 @@ inline const char* dtype_name(c10::ScalarType t) {
   }
 }
 
-// Python's repr of a float for the common cases: "0.0", "-1.5", "1e-05".
+// Python's repr() of a float, exactly: the shortest digits that round-trip, in positional notation when
+// the decimal exponent is in [-4, 16), else as d.ddde+XX ("0.0001", "1e-05", "1e+16", "-2.5", "nan").
 inline std::string py_float(double v) {
-  if (std::isfinite(v) && v == static_cast<double>(static_cast<int64_t>(v)) && std::abs(v) < 1e16) {
-    std::ostringstream s;
-    s << static_cast<int64_t>(v) << ".0";
-    return (v == 0.0 && std::signbit(v)) ? "-0.0" : s.str();
-  }
   if (std::isnan(v)) return "nan";
   if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  if (v == 0.0) return std::signbit(v) ? "-0.0" : "0.0";
   char buf[64];
-  auto r = std::to_chars(buf, buf + sizeof(buf), v);
-  return std::string(buf, r.ptr);
+  const auto r = std::to_chars(buf, buf + sizeof(buf), v, std::chars_format::scientific);
+  const std::string sci(buf, r.ptr);                       // "-d.ddde+XX"
+  const size_t e = sci.find('e');
+  const bool neg = sci[0] == '-';
+  std::string digits;
+  for (size_t i = neg ? 1 : 0; i < e; ++i) {
+    if (sci[i] != '.') digits += sci[i];
+  }
+  const int exp10 = std::stoi(sci.substr(e + 1));
+  const int decpt = exp10 + 1;                             // value = 0.digits * 10^decpt
+  const int n = static_cast<int>(digits.size());
+  std::string out = neg ? "-" : "";
+  if (decpt <= -4 || decpt > 16) {
+    out += digits.substr(0, 1);
+    if (n > 1) out += "." + digits.substr(1);
+    const int a = std::abs(exp10);
+    out += std::string(exp10 < 0 ? "e-" : "e+") + (a < 10 ? "0" : "") + std::to_string(a);
+  } else if (decpt <= 0) {
+    out += "0." + std::string(-decpt, '0') + digits;
+  } else if (decpt >= n) {
+    out += digits + std::string(decpt - n, '0') + ".0";
+  } else {
+    out += digits.substr(0, decpt) + "." + digits.substr(decpt);
+  }
+  return out;
 }
 
-inline void check_tensor(const char* op, const char* name, const at::Tensor& t, int64_t ndim,
-                         std::initializer_list<c10::ScalarType> dtypes, const c10::optional<c10::Device>& device,
-                         bool nonempty = true) {
-  TORCH_CHECK_VALUE(t.dim() == ndim, op, ": ", name, " must be ", ndim, "-D, got ", t.dim(), "-D with shape ",
-                    fmt_shape(t.sizes()));
+// Python's repr() of a str: single quotes unless the text has one and no double quote; backslash, the
+// quote, \t \n \r and the other ASCII control characters escaped. Bytes >= 0x80 (UTF-8) are kept as they
+// are, which is Python's repr for printable non-ASCII characters.
+inline std::string py_str(c10::string_view s) {
+  const bool dq = s.find('\'') != c10::string_view::npos && s.find('"') == c10::string_view::npos;
+  const char q = dq ? '"' : '\'';
+  std::string out(1, q);
+  for (char c : s) {
+    const auto u = static_cast<unsigned char>(c);
+    if (c == '\\' || c == q) {
+      out += '\\';
+      out += c;
+    } else if (c == '\t') {
+      out += "\\t";
+    } else if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\r') {
+      out += "\\r";
+    } else if (u < 0x20 || u == 0x7f) {
+      const char* hex = "0123456789abcdef";
+      out += "\\x";
+      out += hex[u >> 4];
+      out += hex[u & 15];
+    } else {
+      out += c;
+    }
+  }
+  return out + q;
+}
+
+// The checks of _launch.check_tensor after the rank: dtype, device, non-empty, in that order.
+inline void check_dtype_device(const char* op, const char* name, const at::Tensor& t,
+                               std::initializer_list<c10::ScalarType> dtypes, const c10::optional<c10::Device>& device,
+                               bool nonempty) {
   bool ok = false;
   std::string want;
   for (auto d : dtypes) {
@@ -70,6 +119,14 @@ inline void check_tensor(const char* op, const char* name, const at::Tensor& t, 
   }
   TORCH_CHECK_VALUE(!nonempty || t.numel() > 0, op, ": ", name, " must not be empty, got shape ",
                     fmt_shape(t.sizes()));
+}
+
+inline void check_tensor(const char* op, const char* name, const at::Tensor& t, int64_t ndim,
+                         std::initializer_list<c10::ScalarType> dtypes, const c10::optional<c10::Device>& device,
+                         bool nonempty = true) {
+  TORCH_CHECK_VALUE(t.dim() == ndim, op, ": ", name, " must be ", ndim, "-D, got ", t.dim(), "-D with shape ",
+                    fmt_shape(t.sizes()));
+  check_dtype_device(op, name, t, dtypes, device, nonempty);
 }
 
 inline void check_shape(const char* op, const char* name, const at::Tensor& t, c10::IntArrayRef expected,

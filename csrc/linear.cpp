@@ -39,22 +39,6 @@ constexpr const char* kCost = "linear_goal_cost";
 constexpr std::initializer_list<c10::ScalarType> kFloatTypes = {at::kFloat, at::kHalf, at::kBFloat16};
 constexpr int64_t kGrain = 32768;   // elements a task of at::parallel_for, ATen's own grain
 
-// Python's repr of a str: single quotes unless the text holds a ' and no ", backslash escapes.
-std::string py_str(c10::string_view s) {
-  const bool dq = s.find('\'') != c10::string_view::npos && s.find('"') == c10::string_view::npos;
-  const char q = dq ? '"' : '\'';
-  std::string out(1, q);
-  for (char c : s) {
-    if (c == '\\') out += "\\\\";
-    else if (c == q) out += std::string("\\") + q;
-    else if (c == '\n') out += "\\n";
-    else if (c == '\t') out += "\\t";
-    else if (c == '\r') out += "\\r";
-    else out += c;
-  }
-  return out + q;
-}
-
 void check_grad(const char* op, const char* name, const c10::optional<at::Tensor>& t) {
   TORCH_CHECK_VALUE(!(t.has_value() && t->defined() && t->requires_grad()), op,
                     ": inference-only op (no backward), but ", name,

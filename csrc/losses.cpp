@@ -48,89 +48,13 @@ void check_tensor_min_ndim(const char* op, const char* name, const at::Tensor& t
                            std::initializer_list<c10::ScalarType> dtypes, const std::optional<c10::Device>& device) {
   TORCH_CHECK_VALUE(min_ndim < 0 || t.dim() >= min_ndim, op, ": ", name, " must have at least ", min_ndim,
                     " dims, got shape ", fmt_shape(t.sizes()));
-  bool ok = false;
-  std::string want;
-  for (auto d : dtypes) {
-    ok |= t.scalar_type() == d;
-    want += (want.empty() ? "" : ", ") + std::string(dtype_name(d));
-  }
-  TORCH_CHECK_TYPE(ok, op, ": ", name, " must have dtype in (", want, "), got ", dtype_name(t.scalar_type()));
-  if (device) {
-    TORCH_CHECK_VALUE(t.device() == *device, op, ": ", name, " must be on ", device->str(),
-                      " like the other inputs, got ", t.device().str());
-  }
-  TORCH_CHECK_VALUE(t.numel() > 0, op, ": ", name, " must not be empty, got shape ", fmt_shape(t.sizes()));
-}
-
-// Python's repr() of a str: single quotes unless the text has one and no double quote; backslash, the
-// quote, \t \n \r and the other ASCII control characters escaped. Bytes >= 0x80 (UTF-8) are kept as they
-// are, which is Python's repr for printable non-ASCII characters.
-std::string py_repr(c10::string_view s) {
-  const bool dq = s.find('\'') != c10::string_view::npos && s.find('"') == c10::string_view::npos;
-  const char q = dq ? '"' : '\'';
-  std::string out(1, q);
-  for (char c : s) {
-    const auto u = static_cast<unsigned char>(c);
-    if (c == '\\' || c == q) {
-      out += '\\';
-      out += c;
-    } else if (c == '\t') {
-      out += "\\t";
-    } else if (c == '\n') {
-      out += "\\n";
-    } else if (c == '\r') {
-      out += "\\r";
-    } else if (u < 0x20 || u == 0x7f) {
-      const char* hex = "0123456789abcdef";
-      out += "\\x";
-      out += hex[u >> 4];
-      out += hex[u & 15];
-    } else {
-      out += c;
-    }
-  }
-  return out + q;
-}
-
-// Python's repr() of a float, exactly: the shortest digits that round-trip, in positional notation when
-// the decimal exponent is in [-4, 16), else as d.ddde+XX ("0.0001", "1e-05", "1e+16", "-2.5", "nan").
-// (checks.h's py_float writes 0.0001 as "1e-04".)
-std::string py_float_repr(double v) {
-  if (std::isnan(v)) return "nan";
-  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
-  if (v == 0.0) return std::signbit(v) ? "-0.0" : "0.0";
-  char buf[64];
-  const auto r = std::to_chars(buf, buf + sizeof(buf), v, std::chars_format::scientific);
-  const std::string sci(buf, r.ptr);                       // "-d.ddde+XX"
-  const size_t e = sci.find('e');
-  const bool neg = sci[0] == '-';
-  std::string digits;
-  for (size_t i = neg ? 1 : 0; i < e; ++i) {
-    if (sci[i] != '.') digits += sci[i];
-  }
-  const int exp10 = std::stoi(sci.substr(e + 1));
-  const int decpt = exp10 + 1;                             // value = 0.digits * 10^decpt
-  const int n = static_cast<int>(digits.size());
-  std::string out = neg ? "-" : "";
-  if (decpt <= -4 || decpt > 16) {
-    out += digits.substr(0, 1);
-    if (n > 1) out += "." + digits.substr(1);
-    const int a = std::abs(exp10);
-    out += std::string(exp10 < 0 ? "e-" : "e+") + (a < 10 ? "0" : "") + std::to_string(a);
-  } else if (decpt <= 0) {
-    out += "0." + std::string(-decpt, '0') + digits;
-  } else if (decpt >= n) {
-    out += digits + std::string(decpt - n, '0') + ".0";
-  } else {
-    out += digits.substr(0, decpt) + "." + digits.substr(decpt);
-  }
-  return out;
+  check_dtype_device(op, name, t, dtypes, device, /*nonempty=*/true);
 }
 
 // Python's repr of a tuple of str: "('smooth_l1', 'l2')".
 std::string py_tuple(std::initializer_list<const char*> items) {
   std::string out = "(";
-  for (const char* it : items) out += (out.size() > 1 ? ", " : "") + py_repr(it);
+  for (const char* it : items) out += (out.size() > 1 ? ", " : "") + py_str(it);
   return out + (items.size() == 1 ? ",)" : ")");
 }
 
@@ -454,8 +378,8 @@ at::Tensor latent_loss_cpu(const at::Tensor& pred, const at::Tensor& target, con
   }
   const bool smooth = kind == "smooth_l1";
   TORCH_CHECK_VALUE(smooth || kind == "l2", op, ": kind must be one of ", py_tuple({"smooth_l1", "l2"}), ", got ",
-                    py_repr(kind));
-  TORCH_CHECK_VALUE(beta >= 0.0, op, ": beta must be >= 0, got ", py_float_repr(beta));
+                    py_str(kind));
+  TORCH_CHECK_VALUE(beta >= 0.0, op, ": beta must be >= 0, got ", py_float(beta));
 
   const int64_t D = pred.size(-1), M = pred.numel() / D;
   const RowWalk walk = mask ? RowWalk(lead, {pred.strides(), target.strides(), mask->strides()})
@@ -520,12 +444,12 @@ at::Tensor latent_cost_cpu(const at::Tensor& z, const at::Tensor& goal, const st
                     fmt_shape(z.sizes()), ")");
   const bool l1 = metric == "l1";
   TORCH_CHECK_VALUE(l1 || metric == "l2", op, ": metric must be one of ", py_tuple({"l2", "l1"}), ", got ",
-                    py_repr(metric));
+                    py_str(metric));
   const bool final_step = reduce == "final";
   TORCH_CHECK_VALUE(final_step || reduce == "sum", op, ": reduce must be one of ", py_tuple({"final", "sum"}),
-                    ", got ", py_repr(reduce));
+                    ", got ", py_str(reduce));
   if (weights) {
-    TORCH_CHECK_VALUE(!final_step, op, ": weights apply to reduce='sum' only, got reduce=", py_repr(reduce));
+    TORCH_CHECK_VALUE(!final_step, op, ": weights apply to reduce='sum' only, got reduce=", py_str(reduce));
     check_tensor(op, "weights", *weights, 1, {at::kFloat}, dev);
     check_shape(op, "weights", *weights, {H}, "[H]");
   }
