@@ -158,7 +158,8 @@ def test_public_op_takes_the_native_path_under_no_grad(plain_cpu, monkeypatch):
     # with a gradient asked, the reference (SDPA's backward) runs; use_backend("reference") forces it
     calls = []
     monkeypatch.setattr(mod, "masked_attention_reference", lambda *a, **kw: calls.append(1) or want)
-    masked_attention(q.requires_grad_(True), k, v, frame_size=3)
+    with torch.enable_grad():
+        masked_attention(q.requires_grad_(True), k, v, frame_size=3)
     with torch.no_grad(), use_backend("reference"):
         masked_attention(q, k, v, frame_size=3)
     assert len(calls) == 2
