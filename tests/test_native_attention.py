@@ -155,6 +155,7 @@ def test_public_op_takes_the_native_path_under_no_grad(plain_cpu, monkeypatch):
         got = masked_attention(q, k, v, frame_size=3)
     assert_close(got, want, torch.float32, what="public op on the native path")
     monkeypatch.undo()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")     # undo() also undid plain_cpu's
     # with a gradient asked, the reference (SDPA's backward) runs; use_backend("reference") forces it
     calls = []
     monkeypatch.setattr(mod, "masked_attention_reference", lambda *a, **kw: calls.append(1) or want)
