@@ -212,7 +212,8 @@ def _export(args: argparse.Namespace) -> int:
     config = PlannerConfig(horizon=args.horizon, action_dim=model.cfg.action_dim, samples=args.samples,
                            iterations=args.iterations, elites=elites, seed=args.seed)
     print(f"exporting the decision step: {args.planner} N={args.samples} x I={args.iterations} (K={elites}), "
-          f"horizon {args.horizon}, {args.num_envs} env(s), seed {args.seed}; AOTInductor for {args.device}", flush=True)
+          f"horizon {args.horizon}, {args.num_envs} env(s), seed {args.seed}; AOTInductor for {args.device}",
+          flush=True)
     try:
         report = export_decision(model, config, args.out, mode=args.planner, num_envs=args.num_envs, cost=args.cost,
                                  reduce=args.reduce, device=args.device)

@@ -157,7 +157,8 @@ def decision_inputs(model: WorldModel, config: PlannerConfig, num_envs: int = 1,
 
 def _attention_reference(q, k, v, key_padding, cu_seqlens, keep_index, frame_len, scale, max_seqlen):
     """``jepa_engine::masked_attention`` as the aten ops of the reference the eager model runs on the CPU,
-    where the native library does not define it; its second output (the log-sum-exp the backward reads) is never read here."""
+    where the native library does not define it; its second output (the log-sum-exp the backward reads)
+    is never read here."""
     out = masked_attention_reference(q, k, v, key_padding=key_padding, cu_seqlens=cu_seqlens,
                                      frame_size=frame_len or None, keep_index=keep_index, scale=scale)
     if cu_seqlens is not None:

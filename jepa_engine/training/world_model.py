@@ -157,8 +157,9 @@ class WorldModelTrainer:
         if "dataset" in meta["data"] and saved != now:   # checkpoints before the fingerprint carry no key
             raise ckpt.CheckpointError(
                 f"train_world_model: {path} cannot be resumed on this data: it was trained on "
-                f"{_data_name(saved)}, but the run now reads {_data_name(now)} ({self.cfg.data or 'the built-in world'});"
-                f" resume with the dataset it was trained on, or start a fresh run folder")
+                f"{_data_name(saved)}, but the run now reads {_data_name(now)} "
+                f"({self.cfg.data or 'the built-in world'}); resume with the dataset it was trained on, or start a "
+                f"fresh run folder")
         self.step = restore_state("train_world_model", Path(path), tensors, meta, self.model, self.ema,
                                   self.optimizer)
         self.stream.load_state_dict({"count": meta["data"]["count"], "generator": tensors["data/generator"]})
