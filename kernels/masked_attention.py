@@ -894,9 +894,11 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_p
     scale = D ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"{OP}: scale must be finite, got {scale}")
-    _check_values(key_padding, cu_seqlens, keep_index, N_k, T)
+    cpp = _cpp_forward_runs(q, k, v)
+    if not cpp:   # the C++ kernel makes these checks itself, last as here, with the same messages
+        _check_values(key_padding, cu_seqlens, keep_index, N_k, T)
     if (_launch.backend_for(OP, q.device) == "reference" and not torch.compiler.is_compiling()
-            and not _cpp_forward_runs(q, k, v)):
+            and not cpp):
         # Plain CPU tensors: the reference (fused SDPA under autograd) is the fastest PyTorch path
         # when gradients flow (its backward is SDPA's; the op's backward recomputes the probabilities).
         # A traced graph keeps the op, so an exported or compiled model runs the kernel where it

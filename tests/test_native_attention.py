@@ -224,4 +224,6 @@ def test_errors_match_python(case, plain_cpu):
         masked_attention(q, k, v, **kw)
     with pytest.raises(exc, match=f"^{OP}: " + match) as native:
         torch.ops.jepa_engine.masked_attention(q, k, v, *args, 0)
-    assert str(native.value) == str(py.value)
+    with torch.no_grad(), pytest.raises(exc) as public:   # the public op on the native path
+        masked_attention(q, k, v, **kw)
+    assert str(native.value) == str(py.value) == str(public.value)
