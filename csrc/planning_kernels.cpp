@@ -15,14 +15,13 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/log.h>
 #include <ATen/ops/sqrt.h>
-#include <c10/util/ParallelGuard.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
-#include <optional>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -40,8 +39,7 @@ constexpr int kLanes = 32;  // counters per block: a fixed trip count the compil
 // Philox-4x32-10 of the counters offset + [i, i + kLanes) under the key seed, then the uniforms u1, u2
 // in (0, 1) from its first two outputs, ((x >> 8) + 0.5) / 2^24 in float like the reference; u2 is
 // stored premultiplied by 2 pi (in float, as the reference's `2 * math.pi * u2` is), ready for cos.
-// Cloned for AVX2, where the compiler vectorizes it; philox_block_avx512 below is the same by hand.
-__attribute__((target_clones("avx2", "default")))
+// The portable path; philox_block_avx512 and philox_block_avx2 below are the same by hand.
 void philox_block(uint64_t seed, uint64_t first, float* u1, float* w2) {
   uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
   for (int j = 0; j < kLanes; ++j) {
@@ -118,12 +116,65 @@ void philox_block_avx512(uint64_t seed, uint64_t first, float* u1, float* w2) {
   }
 }
 
+// The same with AVX2: eight vectors of four 64-bit lanes (GCC does not vectorize philox_block's
+// 32 x 32 -> 64-bit products by itself, so its AVX2 clone runs about scalar). No three-way XOR here:
+// two XORs per output word.
+// [a0 a1 a2 a3 b0 b1 b2 b3] >> 8: the low 32-bit words of two vectors of 64-bit lanes, in order
+__attribute__((target("avx2"))) inline __m256i avx2_low_words_shr8(__m256i a, __m256i b, __m256i even) {
+  const __m256i lo_a = _mm256_permutevar8x32_epi32(a, even), lo_b = _mm256_permutevar8x32_epi32(b, even);
+  return _mm256_srli_epi32(_mm256_permute2x128_si256(lo_a, lo_b, 0x20), 8);
+}
+
+__attribute__((target("avx2")))
+void philox_block_avx2(uint64_t seed, uint64_t first, float* u1, float* w2) {
+  constexpr int V = kLanes / 4;
+  const __m256i ra = _mm256_set1_epi64x(kPhiloxRound0), rb = _mm256_set1_epi64x(kPhiloxRound1);
+  const __m256i lane = _mm256_set_epi64x(3, 2, 1, 0);
+  __m256i c0[V], c1[V], c2[V], c3[V];
+#pragma GCC unroll 8
+  for (int v = 0; v < V; ++v) {
+    c0[v] = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(first + 4 * v)), lane);
+    c1[v] = _mm256_srli_epi64(c0[v], 32);
+    c2[v] = _mm256_setzero_si256();
+    c3[v] = c2[v];
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    const __m256i key0 = _mm256_set1_epi64x(k0), key1 = _mm256_set1_epi64x(k1);
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      const __m256i pb = _mm256_mul_epu32(c2[v], rb), pa = _mm256_mul_epu32(c0[v], ra);
+      c0[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb, 32), c1[v]), key0);
+      c2[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa, 32), c3[v]), key1);
+      c1[v] = pb;
+      c3[v] = pa;
+    }
+    k0 += kPhiloxKey0;
+    k1 += kPhiloxKey1;
+  }
+  // the low 32 bits of each 64-bit lane, two vectors at a time into eight 32-bit lanes (in order), then
+  // ((x >> 8) + 0.5) / 2^24 as the reference
+  const __m256i even = _mm256_set_epi32(7, 5, 3, 1, 6, 4, 2, 0);
+  const __m256 half = _mm256_set1_ps(0.5f), scale = _mm256_set1_ps(1.0f / 16777216.0f);
+  const __m256 two_pi = _mm256_set1_ps(static_cast<float>(6.283185307179586));
+#pragma GCC unroll 4
+  for (int v = 0; v < V; v += 2) {
+    const __m256i x0 = avx2_low_words_shr8(c0[v], c0[v + 1], even);
+    const __m256i x1 = avx2_low_words_shr8(c1[v], c1[v + 1], even);
+    _mm256_storeu_ps(u1 + 4 * v, _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(x0), half), scale));
+    _mm256_storeu_ps(w2 + 4 * v, _mm256_mul_ps(two_pi, _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(x1), half),
+                                                                     scale)));
+  }
+}
+
 const bool kHaveAvx512 = __builtin_cpu_supports("avx512f");
+const bool kHaveAvx2 = __builtin_cpu_supports("avx2");
 #endif
 
 void philox_block_best(uint64_t seed, uint64_t first, float* u1, float* w2) {
 #if defined(__x86_64__)
   if (kHaveAvx512) return philox_block_avx512(seed, first, u1, w2);
+  if (kHaveAvx2) return philox_block_avx2(seed, first, u1, w2);
 #endif
   philox_block(seed, first, u1, w2);
 }
@@ -147,6 +198,33 @@ inline float nan_max(float a, float b) { return (std::isnan(a) || std::isnan(b))
 inline float nan_min(float a, float b) { return (std::isnan(a) || std::isnan(b)) ? a + b : (b < a ? b : a); }
 
 constexpr int64_t kGrain = 1 << 15;  // elements per thread below which a loop stays on one thread
+// sampled values per thread below which a draw stays on one thread: Philox and the transcendentals cost
+// about 7 ns a value on one AVX2 core, so a chunk of 4096 pays for waking a second thread
+constexpr int64_t kDrawGrain = 1 << 12;
+
+// MKL's vector math (under ATen's float log / sqrt / cos) starts its own OpenMP teams, which
+// ParallelGuard does not stop, and waking the pool costs more than a small draw. Where libtorch carries
+// MKL, its thread-local limit keeps such a call on the calling thread; the limit is restored on exit.
+// (Elementwise: the values are the same on any number of threads.) Weak: a libtorch without MKL
+// leaves it null, and there is nothing to limit. (mkl_set_num_threads_local in mkl_service.h is a macro
+// for this C entry point; the lower-case symbol is the Fortran one, which takes a pointer.)
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+class MklLocalThreads {
+ public:
+  explicit MklLocalThreads(int n) : active_(MKL_Set_Num_Threads_Local != nullptr) {
+    if (active_) previous_ = MKL_Set_Num_Threads_Local(n);
+  }
+  ~MklLocalThreads() {
+    if (active_) MKL_Set_Num_Threads_Local(previous_);   // 0 restores the global setting
+  }
+  MklLocalThreads(const MklLocalThreads&) = delete;
+  MklLocalThreads& operator=(const MklLocalThreads&) = delete;
+
+ private:
+  bool active_;
+  int previous_ = 0;
+};
 
 }  // namespace
 
@@ -174,21 +252,6 @@ at::Tensor sample_actions_cpu(const at::Tensor& mean, const at::Tensor& std, con
   at::Tensor u1 = at::empty({total}, opts), w2 = at::empty({total}, opts);
   float* pu1 = u1.mutable_data_ptr<float>();
   float* pw2 = w2.mutable_data_ptr<float>();
-  // Below kGrain values one thread does it all, the ATen calls included: waking a second thread costs
-  // more than it saves there. (ATen's log / sqrt / cos give each value the same result whatever the
-  // split of the tensor between threads, so this changes no bit.)
-  std::optional<c10::ParallelGuard> one_thread;
-  if (total < kGrain) one_thread.emplace(true);
-  at::parallel_for(0, total, kGrain, [&](int64_t b, int64_t e) { philox_uniforms(seed, offset, b, e, pu1, pw2); });
-  // the reference's torch.sqrt(-2.0 * torch.log(u1)) and torch.cos(2 * pi * u2), in place on
-  // contiguous tensors of the reference's size (the product by -2 is exact: done here)
-  at::log_(u1);
-  at::parallel_for(0, total, kGrain, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) pu1[i] = -2.0f * pu1[i];
-  });
-  at::sqrt_(u1);
-  at::cos_(w2);
-
   at::Tensor out = at::empty({E, n, P}, opts);
   float* po = out.mutable_data_ptr<float>();
   const float* pm = m.const_data_ptr<float>();
@@ -201,16 +264,27 @@ at::Tensor sample_actions_cpu(const at::Tensor& mean, const at::Tensor& std, con
     hip[p] = hi.const_data_ptr<float>()[p % A];
     nan_bounds |= std::isnan(lop[p]) || std::isnan(hip[p]);
   }
-  const float* pz = pu1;   // sqrt(-2 ln u1)
-  const float* pc = pw2;   // cos(2 pi u2)
-  at::parallel_for(0, E * n, std::max<int64_t>(1, kGrain / P), [&](int64_t b, int64_t e) {
-    for (int64_t row = b; row < e; ++row) {
+  // One pass per chunk of candidate rows, each on one thread while its values are in cache: the
+  // uniforms, then the reference's torch.sqrt(-2.0 * torch.log(u1)) and torch.cos(2 * pi * u2) by the
+  // same ATen kernels on the chunk (elementwise: each value comes out the same whatever the chunking,
+  // as it does for the reference's own split between threads; the product by -2 is exact), then
+  // mean + std * z clamped to the bounds. A draw of one chunk runs on the calling thread.
+  at::parallel_for(0, E * n, std::max<int64_t>(1, kDrawGrain / P), [&](int64_t row_begin, int64_t row_end) {
+    const MklLocalThreads mkl_one_thread(1);
+    const int64_t b = row_begin * P, len = (row_end - row_begin) * P;
+    philox_uniforms(seed, offset, b, b + len, pu1, pw2);
+    at::Tensor z = u1.narrow(0, b, len), c = w2.narrow(0, b, len);
+    at::log_(z);
+    for (int64_t i = b; i < b + len; ++i) pu1[i] = -2.0f * pu1[i];
+    at::sqrt_(z);
+    at::cos_(c);
+    for (int64_t row = row_begin; row < row_end; ++row) {
       const int64_t env = row / n, cand = row - env * n;
       const float* me = pm + env * P;
       const float* se = ps + env * P;
       float* o = po + row * P;
-      const float* zr = pz + row * P;
-      const float* cr = pc + row * P;
+      const float* zr = pu1 + row * P;   // sqrt(-2 ln u1)
+      const float* cr = pw2 + row * P;   // cos(2 pi u2)
       if (include_mean && cand == 0) {
         for (int64_t p = 0; p < P; ++p) o[p] = nan_min(nan_max(me[p], lop[p]), hip[p]);
       } else if (nan_bounds) {
@@ -277,25 +351,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> elite_refit_cpu(
           double z = 0.0;
           for (int64_t i = 0; i < N; ++i) z += (w[i] = std::exp((best - cc[i]) / temp));
           for (int64_t i = 0; i < N; ++i) w[i] = static_cast<float>(w[i] / z);
-        } else {     // the k lowest costs, ties to the lower index (a stable sort)
+        } else {     // the k lowest costs, ties to the lower index (a stable sort): a strict total order,
+                     // so nth_element selects the same k as the sort, put back in index order
           std::iota(order.begin(), order.end(), int64_t{0});
-          std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t bb) {
+          std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), [&](int64_t a, int64_t bb) {
             return cc[a] < cc[bb] || (cc[a] == cc[bb] && a < bb);
           });
-          std::fill(w.begin(), w.end(), 0.0f);
-          for (int64_t j = 0; j < k; ++j) w[order[j]] = inv_k;
+          std::sort(order.begin(), order.begin() + k);
         }
         std::fill(s1.begin(), s1.end(), 0.0);
         std::fill(s2.begin(), s2.end(), 0.0);
         const scalar_t* xe = px + e * N * P;
-        for (int64_t i = 0; i < N; ++i) {
-          const double wi = w[i];
+        const auto accumulate = [&](int64_t i, double wi) {
           const scalar_t* xi = xe + i * P;
           for (int64_t p = 0; p < P; ++p) {
             const double v = static_cast<float>(xi[p]);
             s1[p] += wi * v;
             s2[p] += wi * v * v;
           }
+        };
+        // CEM sums its k elites in index order: the reference's weighted sum over all N candidates adds
+        // exact zeros for the others, which changes no bit, unless one of them is inf or NaN (0 * inf is
+        // NaN), so any non-finite sample takes the full sum
+        uint32_t non_finite = 0;   // an exponent of all ones (inf, NaN) anywhere: a loop that vectorizes
+        if (!mppi) {
+          for (int64_t i = 0; i < N * P; ++i) {
+            const float f = static_cast<float>(xe[i]);
+            uint32_t bits;
+            std::memcpy(&bits, &f, sizeof bits);
+            non_finite |= static_cast<uint32_t>((bits & 0x7F800000u) == 0x7F800000u);
+          }
+        }
+        if (!mppi && !non_finite) {
+          for (int64_t j = 0; j < k; ++j) accumulate(order[j], inv_k);
+        } else {
+          if (!mppi) {
+            std::fill(w.begin(), w.end(), 0.0f);
+            for (int64_t j = 0; j < k; ++j) w[order[j]] = inv_k;
+          }
+          for (int64_t i = 0; i < N; ++i) accumulate(i, w[i]);
         }
         const float* me = m.const_data_ptr<float>() + e * P;
         const float* se = s.const_data_ptr<float>() + e * P;
@@ -308,7 +402,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> elite_refit_cpu(
             ns[p] = se[p];
           } else {
             const float var = static_cast<float>(s2[p] - s1[p] * s1[p]);
-            const float sigma = std::sqrt(var > 0.0f ? var : 0.0f);
+            const float sigma = std::sqrt(nan_max(var, 0.0f));   // clamp_min(0) keeps a NaN
             ns[p] = nan_max(mom * se[p] + rest * sigma, floor_std);
           }
         }

@@ -69,6 +69,23 @@ def test_sampling_bit_identical_to_reference(E, N, P, A, seed, offset, include_m
     assert torch.equal(got, want), f"{diff} of {want.numel()} values differ from the reference stream"
 
 
+def test_sampling_split_between_threads_is_the_one_thread_stream():
+    """The C++ draw runs in chunks of rows on the ATen pool (each chunk's log / sqrt / cos too); the
+    chunking changes no bit, and the caller's thread count is left as it was."""
+    args = sampling_args(8, 10, 2, seed=5, offset=123)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.jepa_engine.sample_actions(*args, 3001, True)
+        torch.set_num_threads(2)
+        two = torch.ops.jepa_engine.sample_actions(*args, 3001, True)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert torch.equal(one, sample_actions_reference(*args, 3001, include_mean=True))
+
+
 def test_public_op_takes_the_native_path(plain_cpu, monkeypatch):
     args = sampling_args(2, 10, 2, 42, 1000)
     want = sample_actions_reference(*args, 64, True)
@@ -131,6 +148,20 @@ def test_elite_refit_matches_reference(mode, E, N, P, k, dtype, ties, nan):
         assert x.dtype == torch.float32 and x.shape == y.shape
         assert_close(x, y, torch.float32, what=f"{name} {mode} {E, N, P, k} {dtype}", scale=10)
     assert got[3].dtype == torch.int64 and torch.equal(got[3], want[3]), "best index"
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_cem_non_finite_sample_outside_the_elites_propagates_as_in_the_reference(bad):
+    """The C++ CEM refit sums only its k elites, which equals the reference's weighted sum over all N
+    while every sample is finite; a non-finite non-elite makes the reference's 0 * x NaN, and so here."""
+    costs, samples, mean, std = refit_args(2, 50, 6, seed=3)
+    worst = costs[0].argmax()
+    samples[0, worst, 2] = bad
+    got = torch.ops.jepa_engine.elite_refit(costs, samples, mean, std, "cem", 5, 1.0, 0.0, 0.0)
+    want = elite_refit_reference(costs, samples, mean, std, mode="cem", k=5)
+    for x, y in zip(got[:2], want[:2]):
+        torch.testing.assert_close(x, y, equal_nan=True)
+    assert got[0][0, 2].isnan() and not got[0][1].isnan().any()
 
 
 def test_cem_elites_are_the_k_best():

@@ -91,18 +91,6 @@ def test_rng_advances_in_place(native_cpu):
     assert rng.tolist() == [9, 100 + 3 * 2 * 16 * H * A]
 
 
-def test_one_thread_restores_the_thread_count():
-    threads = torch.get_num_threads()
-    seen = []
-
-    def op(*args):
-        seen.append(torch.get_num_threads())
-        raise RuntimeError("boom")
-    with pytest.raises(RuntimeError, match="boom"):
-        SAMPLING._one_thread(op)(1, 2)
-    assert seen == [1] and torch.get_num_threads() == threads
-
-
 def test_cost_shape_checked_at_entry_and_by_the_op_later(native_cpu):
     cfg = PlannerConfig(horizon=H, action_dim=A, samples=16, elites=4, iterations=3)
     with pytest.raises(ValueError, match=r"CEMPlanner: cost_fn must return \[E, N\] = \[2, 16\], got \[2\]"):

@@ -10,8 +10,7 @@ One iteration for E environments (all on the device, no host synchronisation)::
 ``sample_actions`` and ``elite_refit`` run as Triton kernels on CUDA and as their references on CPU,
 drawing the same random stream for the same seed. On CPU tensors with the native library loaded the
 loop calls its C++ ops directly: which ops run is decided once, at the entry of a plan, and the C++
-kernels check their own arguments, so no Python dispatch or argument check runs per iteration (and a
-small draw runs on one thread, see ``_ONE_THREAD_BELOW``).
+kernels check their own arguments, so no Python dispatch or argument check runs per iteration.
 """
 from __future__ import annotations
 
@@ -22,27 +21,6 @@ import torch
 from jepa_engine.kernels import _native, elite_refit, sample_actions
 
 from .base import CostFn, Plan, Planner
-
-# Below this many sampled values the C++ sampling kernel means to run on one thread (kGrain in
-# csrc/planning_kernels.cpp), but its ParallelGuard does not keep the ATen log / sqrt / cos it calls, nor MKL's
-# vector math under them, from starting OpenMP teams: each start wakes the pool, which costs more than the
-# work at a planner's sizes (and far more on a loaded machine). The planner makes those calls with one thread;
-# the ops are elementwise, so every value, and the plan, comes out the same.
-_ONE_THREAD_BELOW = 1 << 15
-
-
-def _one_thread(op: Callable) -> Callable:
-    def call(*args):
-        threads = torch.get_num_threads()
-        if threads == 1:
-            return op(*args)
-        torch.set_num_threads(1)
-        try:
-            return op(*args)
-        finally:
-            torch.set_num_threads(threads)
-
-    return call
 
 
 def _public_sample(mean, std, low, high, rng, n, include_mean):
@@ -63,10 +41,7 @@ def _ops(planner: _SamplingPlanner, mean, std, low, high, rng) -> tuple[Callable
             and isinstance(c.samples, int) and isinstance(c.elites, int) and isinstance(planner.mode, str)
             and all(isinstance(v, (int, float)) for v in (c.temperature, c.momentum, c.min_std))):
         return _public_sample, _public_refit
-    sample = torch.ops.jepa_engine.sample_actions.default
-    if mean.numel() * c.samples < _ONE_THREAD_BELOW:
-        sample = _one_thread(sample)
-    return sample, torch.ops.jepa_engine.elite_refit.default
+    return torch.ops.jepa_engine.sample_actions.default, torch.ops.jepa_engine.elite_refit.default
 
 
 class _SamplingPlanner(Planner):
