@@ -213,13 +213,7 @@ def elite_refit(costs: torch.Tensor, samples: torch.Tensor, mean: torch.Tensor, 
         # the C++ kernel makes the checks below itself, with the same messages
         return torch.ops.jepa_engine.elite_refit.default(costs, samples, mean, std, mode, k, float(temperature),
                                                          float(momentum), float(min_std))
-    _check(costs, samples, mean, std, mode, k, temperature, momentum)
-    dev = samples.device
-    if _launch.backend_for(OP, dev) == "reference":
-        return elite_refit_reference(costs, samples, mean, std, mode=mode, k=k, temperature=temperature,
-                                     momentum=momentum, min_std=min_std)
-    return elite_refit_forward(costs.contiguous(), samples.contiguous(), mean.contiguous(), std.contiguous(),
-                               mode, int(k), float(temperature), float(momentum), float(min_std))
+    return _op_kernel(costs, samples, mean, std, mode, k, temperature, momentum, min_std)
 
 
 def _check(costs, samples, mean, std, mode, k, temperature, momentum) -> None:
@@ -244,22 +238,30 @@ def _check(costs, samples, mean, std, mode, k, temperature, momentum) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# The native op: jepa_engine::elite_refit, defined in C++ (csrc/ops.cpp) with its CPU kernel when the
-# native library is loaded; the CUDA kernel (Triton) and the fake kernel are registered from here.
+# The op jepa_engine::elite_refit: schema defined in C++ (csrc/ops.cpp, with its CPU kernel) when the
+# native library is loaded, else here; the CUDA kernel (Triton) and the fake kernel are registered here.
 # --------------------------------------------------------------------------------------------------
-_NATIVE = _native.schema(OP) is not None
+SCHEMA = ("elite_refit(Tensor costs, Tensor samples, Tensor mean, Tensor std, str mode=\"cem\", int k=1, "
+          "float temperature=1.0, float momentum=0.0, float min_std=0.0) -> (Tensor, Tensor, Tensor, Tensor)")
+
+
+def _op_kernel(costs, samples, mean, std, mode="cem", k=1, temperature=1.0, momentum=0.0, min_std=0.0):
+    """The Python kernel of the op (CUDA tensors; CPU tensors without the C++ kernel)."""
+    _check(costs, samples, mean, std, mode, k, temperature, momentum)
+    if _launch.backend_for(OP, samples.device) == "reference":
+        return elite_refit_reference(costs, samples, mean, std, mode=mode, k=k, temperature=temperature,
+                                     momentum=momentum, min_std=min_std)
+    return elite_refit_forward(costs.contiguous(), samples.contiguous(), mean.contiguous(), std.contiguous(),
+                               mode, int(k), float(temperature), float(momentum), float(min_std))
+
+
+def _op_fake(costs, samples, mean, std, mode="cem", k=1, temperature=1.0, momentum=0.0, min_std=0.0):
+    E, _, P = samples.shape
+    f32 = dict(device=samples.device, dtype=torch.float32)
+    return (samples.new_empty((E, P), **f32), samples.new_empty((E, P), **f32), samples.new_empty((E,), **f32),
+            samples.new_empty((E,), device=samples.device, dtype=torch.int64))
+
+
+_elite_refit_op = _native.Op(OP, SCHEMA, _op_kernel, _op_fake)
+_NATIVE = _elite_refit_op.native
 _native_runs = _native.cpu_kernel_runs
-
-if _NATIVE:
-    @torch.library.register_fake("jepa_engine::elite_refit")
-    def _elite_refit_fake(costs, samples, mean, std, mode="cem", k=1, temperature=1.0, momentum=0.0, min_std=0.0):
-        E, _, P = samples.shape
-        f32 = dict(device=samples.device, dtype=torch.float32)
-        return (samples.new_empty((E, P), **f32), samples.new_empty((E, P), **f32), samples.new_empty((E,), **f32),
-                samples.new_empty((E,), device=samples.device, dtype=torch.int64))
-
-    @torch.library.register_kernel("jepa_engine::elite_refit", "cuda")
-    def _elite_refit_cuda(costs, samples, mean, std, mode="cem", k=1, temperature=1.0, momentum=0.0, min_std=0.0):
-        _check(costs, samples, mean, std, mode, k, temperature, momentum)
-        return elite_refit_forward(costs.contiguous(), samples.contiguous(), mean.contiguous(), std.contiguous(),
-                                   mode, int(k), float(temperature), float(momentum), float(min_std))

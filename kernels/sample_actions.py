@@ -201,12 +201,7 @@ def sample_actions(mean: torch.Tensor, std: torch.Tensor, low: torch.Tensor, hig
     if _NATIVE and _native_runs(mean, std, low, high, rng) and isinstance(n, int):
         # the C++ kernel makes the checks below itself, with the same messages
         return torch.ops.jepa_engine.sample_actions.default(mean, std, low, high, rng, n, include_mean)
-    _check(mean, std, low, high, rng, n)
-    dev = mean.device
-    if _launch.backend_for(OP, dev) == "reference":
-        return sample_actions_reference(mean, std, low, high, rng, n, include_mean)
-    return sample_actions_forward(mean.contiguous(), std.contiguous(), low.contiguous(), high.contiguous(), rng, n,
-                                  include_mean)
+    return _op_kernel(mean, std, low, high, rng, n, include_mean)
 
 
 def _check(mean, std, low, high, rng, n) -> None:
@@ -228,19 +223,26 @@ def _check(mean, std, low, high, rng, n) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# The native op: jepa_engine::sample_actions, defined in C++ (csrc/ops.cpp) with its CPU kernel when the
-# native library is loaded; the CUDA kernel (Triton) and the fake kernel are registered from here.
+# The op jepa_engine::sample_actions: schema defined in C++ (csrc/ops.cpp, with its CPU kernel) when the
+# native library is loaded, else here; the CUDA kernel (Triton) and the fake kernel are registered here.
 # --------------------------------------------------------------------------------------------------
-_NATIVE = _native.schema(OP) is not None
+SCHEMA = ("sample_actions(Tensor mean, Tensor std, Tensor low, Tensor high, Tensor rng, int n, "
+          "bool include_mean=True) -> Tensor")
+
+
+def _op_kernel(mean, std, low, high, rng, n, include_mean=True):
+    """The Python kernel of the op (CUDA tensors; CPU tensors without the C++ kernel)."""
+    _check(mean, std, low, high, rng, n)
+    if _launch.backend_for(OP, mean.device) == "reference":
+        return sample_actions_reference(mean, std, low, high, rng, n, include_mean)
+    return sample_actions_forward(mean.contiguous(), std.contiguous(), low.contiguous(), high.contiguous(), rng, n,
+                                  include_mean)
+
+
+def _op_fake(mean, std, low, high, rng, n, include_mean=True):
+    return mean.new_empty((mean.shape[0], n, mean.shape[1]))
+
+
+_sample_actions_op = _native.Op(OP, SCHEMA, _op_kernel, _op_fake)
+_NATIVE = _sample_actions_op.native
 _native_runs = _native.cpu_kernel_runs
-
-if _NATIVE:
-    @torch.library.register_fake("jepa_engine::sample_actions")
-    def _sample_actions_fake(mean, std, low, high, rng, n, include_mean=True):
-        return mean.new_empty((mean.shape[0], n, mean.shape[1]))
-
-    @torch.library.register_kernel("jepa_engine::sample_actions", "cuda")
-    def _sample_actions_cuda(mean, std, low, high, rng, n, include_mean=True):
-        _check(mean, std, low, high, rng, n)
-        return sample_actions_forward(mean.contiguous(), std.contiguous(), low.contiguous(), high.contiguous(), rng,
-                                      n, include_mean)
