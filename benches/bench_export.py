@@ -34,7 +34,6 @@ file skips and says why. Left out of ``make gpu-report`` (jepa_engine/gpu_report
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -48,7 +47,7 @@ import pytest
 import torch
 
 from jepa_engine.integrations.export import decision_inputs, export_decision
-from jepa_engine.kernels import _native
+from jepa_engine.kernels import _launch, _native
 from jepa_engine.models.world_model import WorldModel, WorldModelConfig
 from jepa_engine.planning import CEMPlanner, PlannerConfig, latent_cost
 
@@ -62,24 +61,12 @@ THREADS = int(os.environ.get("BENCH_EXPORT_THREADS") or 0)    # 0: torch's defau
 SUCCESS_NOTE = "untrained weights (fixed seed): timing only, task success undefined"
 
 
-@contextlib.contextmanager
-def _plain_cpu():
-    """The ops' plain-CPU dispatch: under the Triton interpreter the Python path would run Triton's
-    interpreted kernels instead of the native ones."""
-    old = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        yield
-    finally:
-        if old is not None:
-            os.environ["TRITON_INTERPRET"] = old
-
-
 @pytest.fixture(autouse=True)
 def plain_cpu():
     threads = torch.get_num_threads()
     if THREADS:
         torch.set_num_threads(THREADS)
-    with _plain_cpu():
+    with _launch.interpreter_off():
         yield
     torch.set_num_threads(threads)
 
@@ -100,7 +87,7 @@ def exported(tmp_path_factory):
     obs = tmp / "obs.f32"
     np.concatenate([frames.numpy().ravel(), past.numpy().ravel(), goal.numpy().ravel()]).astype("<f4").tofile(obs)
     report = export_decision(model, config, tmp / "plan.pt2")
-    with torch.no_grad(), _plain_cpu():
+    with torch.no_grad(), _launch.interpreter_off():
         z_hist, z_goal = model.encode_frames(frames), model.encode(goal)
         ref = CEMPlanner(config).plan(latent_cost(model, z_hist, past, z_goal), 1)
     return dict(model=model, config=config, inputs=(frames, past, goal, prev), obs=obs, package=report.path,

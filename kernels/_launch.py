@@ -48,6 +48,18 @@ def interpreting() -> bool:
 
 
 @contextlib.contextmanager
+def interpreter_off() -> Iterator[None]:
+    """The block runs with ``TRITON_INTERPRET`` unset: CPU calls take the ops' plain-CPU dispatch (the
+    native C++ kernels where loaded) instead of Triton's interpreted kernels. Restored on exit."""
+    old = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+@contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Force every op called inside the block onto ``"triton"`` or ``"reference"``."""
     if name not in BACKENDS:

@@ -8,7 +8,6 @@ decision step (the module that is exported, its iterations a Python loop), again
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -42,21 +41,10 @@ def _model() -> WorldModel:
     return WorldModel(WorldModelConfig.from_name("test")).eval()
 
 
-@contextlib.contextmanager
-def _plain_cpu():
-    """The ops' plain-CPU dispatch (no Triton interpreter): the planning ops run their C++ kernels."""
-    old = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        yield
-    finally:
-        if old is not None:
-            os.environ["TRITON_INTERPRET"] = old
-
-
 def _python_plan(model: WorldModel, config: PlannerConfig, frames, past, goal, mode="cem", warm=None) -> Plan:
     """What the Python planner decides from these observations on the CPU (sampling and refit by the
     native library's C++ kernels, the rollout by the reference ops)."""
-    with torch.no_grad(), _plain_cpu():
+    with torch.no_grad(), _launch.interpreter_off():
         z_hist, z_goal = model.encode_frames(frames), model.encode(goal)
         planner = (CEMPlanner if mode == "cem" else MPPIPlanner)(config)
         return planner.plan(latent_cost(model, z_hist, past, z_goal), frames.shape[0], warm_start=warm)
@@ -70,14 +58,14 @@ def test_decision_step_equals_the_python_planner(mode):
     config = PlannerConfig(action_dim=2, **BUDGET)
     step = DecisionStep(model, config, mode=mode, num_envs=2, loop=False)   # the loop in Python: no tracing
     frames, past, goal, prev = decision_inputs(model, config, 2, torch.Generator().manual_seed(1))
-    with _plain_cpu():
+    with _launch.interpreter_off():
         action, plan, cost, mean = step(frames, past, goal, prev)
     ref = _python_plan(model, config, frames, past, goal, mode)
     # The same ops in the same order: the same bits.
     assert torch.equal(plan, ref.actions) and torch.equal(action, ref.actions[:, 0])
     assert torch.equal(cost, ref.cost) and torch.equal(mean, ref.mean)
     # A warm start: the previous mean shifted by one step, as Planner.initial does.
-    with _plain_cpu():
+    with _launch.interpreter_off():
         _, plan2, cost2, _ = step(frames, past, goal, mean)
     ref2 = _python_plan(model, config, frames, past, goal, mode, warm=ref)
     assert torch.equal(plan2, ref2.actions) and torch.equal(cost2, ref2.cost)
