@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -171,22 +172,27 @@ const bool kHaveAvx512 = __builtin_cpu_supports("avx512f");
 const bool kHaveAvx2 = __builtin_cpu_supports("avx2");
 #endif
 
-void philox_block_best(uint64_t seed, uint64_t first, float* u1, float* w2) {
+// portable: the plain loop whatever the CPU has (JEPA_ENGINE_PORTABLE_KERNELS set), which is how the
+// tests check it on machines that would take a vector path
+void philox_block_best(uint64_t seed, uint64_t first, float* u1, float* w2, bool portable) {
+  (void)portable;   // no vector path off x86-64
 #if defined(__x86_64__)
+  if (portable) return philox_block(seed, first, u1, w2);
   if (kHaveAvx512) return philox_block_avx512(seed, first, u1, w2);
   if (kHaveAvx2) return philox_block_avx2(seed, first, u1, w2);
 #endif
   philox_block(seed, first, u1, w2);
 }
 
-void philox_uniforms(uint64_t seed, uint64_t offset, int64_t begin, int64_t end, float* u1, float* w2) {
+void philox_uniforms(uint64_t seed, uint64_t offset, int64_t begin, int64_t end, float* u1, float* w2,
+                     bool portable) {
   float t1[kLanes], t2[kLanes];
   for (int64_t i = begin; i < end; i += kLanes) {
     const int64_t m = std::min<int64_t>(kLanes, end - i);
     if (m == kLanes) {
-      philox_block_best(seed, offset + static_cast<uint64_t>(i), u1 + i, w2 + i);
+      philox_block_best(seed, offset + static_cast<uint64_t>(i), u1 + i, w2 + i, portable);
     } else {                    // the tail: a full block into scratch, the first m values kept
-      philox_block_best(seed, offset + static_cast<uint64_t>(i), t1, t2);
+      philox_block_best(seed, offset + static_cast<uint64_t>(i), t1, t2, portable);
       std::copy(t1, t1 + m, u1 + i);
       std::copy(t2, t2 + m, w2 + i);
     }
@@ -269,10 +275,11 @@ at::Tensor sample_actions_cpu(const at::Tensor& mean, const at::Tensor& std, con
   // same ATen kernels on the chunk (elementwise: each value comes out the same whatever the chunking,
   // as it does for the reference's own split between threads; the product by -2 is exact), then
   // mean + std * z clamped to the bounds. A draw of one chunk runs on the calling thread.
+  const bool portable = std::getenv("JEPA_ENGINE_PORTABLE_KERNELS") != nullptr;
   at::parallel_for(0, E * n, std::max<int64_t>(1, kDrawGrain / P), [&](int64_t row_begin, int64_t row_end) {
     const MklLocalThreads mkl_one_thread(1);
     const int64_t b = row_begin * P, len = (row_end - row_begin) * P;
-    philox_uniforms(seed, offset, b, b + len, pu1, pw2);
+    philox_uniforms(seed, offset, b, b + len, pu1, pw2, portable);
     at::Tensor z = u1.narrow(0, b, len), c = w2.narrow(0, b, len);
     at::log_(z);
     for (int64_t i = b; i < b + len; ++i) pu1[i] = -2.0f * pu1[i];

@@ -69,6 +69,20 @@ def test_sampling_bit_identical_to_reference(E, N, P, A, seed, offset, include_m
     assert torch.equal(got, want), f"{diff} of {want.numel()} values differ from the reference stream"
 
 
+@pytest.mark.skipif(not _native.schema("sample_actions"), reason="the C++ kernel needs the native library")
+@pytest.mark.parametrize("E,N,P,A,seed,offset", [(1, 7, 3, 1, 0, 0), (3, 33, 10, 2, -5, 2 ** 32 - 40),
+                                                 (2, 300, 10, 2, 2 ** 62, 12345)])
+def test_portable_philox_is_the_vector_paths_stream(E, N, P, A, seed, offset, monkeypatch):
+    """JEPA_ENGINE_PORTABLE_KERNELS makes the C++ draw take its plain loop (what a CPU without AVX2 runs),
+    which must draw the same bits as the AVX2 / AVX-512 path and the reference."""
+    args = sampling_args(E, P, A, seed, offset)
+    vector = torch.ops.jepa_engine.sample_actions(*args, N, True)
+    monkeypatch.setenv("JEPA_ENGINE_PORTABLE_KERNELS", "1")
+    portable = torch.ops.jepa_engine.sample_actions(*args, N, True)
+    assert torch.equal(portable, vector)
+    assert torch.equal(portable, sample_actions_reference(*args, N, include_mean=True))
+
+
 def test_sampling_split_between_threads_is_the_one_thread_stream():
     """The C++ draw runs in chunks of rows on the ATen pool (each chunk's log / sqrt / cos too); the
     chunking changes no bit, and the caller's thread count is left as it was."""
