@@ -116,9 +116,10 @@ def _elite_refit_kernel(
         if MPPI:
             tl.store(new_std_ptr + e * P + pp, std, mask=p_ok)
         else:
-            sigma = tl.sqrt(tl.maximum(s2 - s1 * s1, 0.0))
-            tl.store(new_std_ptr + e * P + pp, tl.maximum(momentum * std + (1.0 - momentum) * sigma, min_std),
-                     mask=p_ok)
+            # NaN-propagating maxima, as the reference's clamp_min: a NaN variance stays NaN
+            sigma = tl.sqrt(tl.maximum(s2 - s1 * s1, 0.0, propagate_nan=tl.PropagateNan.ALL))
+            new_std = tl.maximum(momentum * std + (1.0 - momentum) * sigma, min_std, propagate_nan=tl.PropagateNan.ALL)
+            tl.store(new_std_ptr + e * P + pp, new_std, mask=p_ok)
 
 
 # --------------------------------------------------------------------------------------------------

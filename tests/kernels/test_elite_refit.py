@@ -96,3 +96,16 @@ def test_bad_shapes():
         elite_refit(costs, samples, torch.zeros(2, 5), std)
     with pytest.raises(TypeError, match="costs must have dtype in \\(float32\\), got float64"):
         elite_refit(costs.double(), samples, mean, std)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_sample_gives_nan_mean_and_std_as_the_reference(kernel_device, bad):
+    """A non-finite sample (an elite here) makes the weighted sums NaN; the CEM std keeps that NaN
+    through its clamps, as the reference's clamp_min does (a NaN-dropping max would report std 0 or
+    min_std and hide it)."""
+    costs, samples, mean, std = make(2, 40, 6, seed=4, device=kernel_device)
+    samples[0, costs[0].argmin(), 1] = bad
+    a, b = _both((costs, samples, mean, std), mode="cem", k=4, min_std=0.05)
+    for x, y in zip(a[:2], b[:2]):
+        torch.testing.assert_close(x.cpu(), y.cpu(), equal_nan=True)
+    assert a[1][0, 1].isnan()
