@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
+import os
+import subprocess
+import sys
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -164,3 +168,31 @@ def reference_ops_one_thread():
             yield
     finally:
         torch.set_num_threads(threads)
+
+
+# Every kernel an audit test looks at: the first run_audit call compiles them all in one audit process
+# (its compile pool shared), and later calls read the same rows.
+AUDITED = ("latent_loss_fwd", "latent_loss_bwd", "elite_refit", "sample_actions", "fused_linear", "linear_goal_cost",
+           "latent_cost_fwd", "ema", "masked_attention_fwd", "masked_attention_bwd_preprocess", "masked_attention_bwd")
+_ROWS: list[dict] = []
+
+
+def _audit_process(kernels) -> list[dict]:
+    """Run the audit in a fresh process (it must not see TRITON_INTERPRET) and return its rows."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    args = [sys.executable, "-m", "jepa_engine.kernels.audit", "--json"]
+    for k in kernels:
+        args += ["--kernel", k]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.stdout.strip(), f"audit printed nothing; stderr:\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout)
+
+
+def run_audit(*kernels: str) -> list[dict]:
+    """The audit's rows of these kernels (all of AUDITED compiled once per session)."""
+    if not set(kernels) <= set(AUDITED):
+        return _audit_process(kernels)
+    if not _ROWS:
+        _ROWS.extend(_audit_process(AUDITED))
+    return [r for r in _ROWS if r["kernel"] in kernels]

@@ -1,28 +1,12 @@
 """The ahead-of-time audit: every registered kernel compiles for sm_90a and sm_80 without spills."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 from jepa_engine.kernels._launch import triton_available
+from tests.helpers import run_audit
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
-
-
-def run_audit(*kernels: str) -> list[dict]:
-    """Run the audit in a fresh process (it must not see TRITON_INTERPRET) and return its rows."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    args = [sys.executable, "-m", "jepa_engine.kernels.audit", "--json"]
-    for k in kernels:
-        args += ["--kernel", k]
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.stdout.strip(), f"audit printed nothing; stderr:\n{proc.stderr[-3000:]}"
-    return json.loads(proc.stdout)
 
 
 def test_latent_loss_kernels_compile_without_spills():

@@ -2,18 +2,13 @@
 reference; the ``torch._foreach_lerp_`` path (plain CPU) against the same reference."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from jepa_engine.kernels import use_backend
 from jepa_engine.kernels._launch import triton_available
 from jepa_engine.kernels.ema import _PLANS, ema_update_, ema_update_reference, get_plan
-from tests.helpers import TOLERANCES, assert_close
+from tests.helpers import TOLERANCES, assert_close, run_audit
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # Odd sizes around the block edges (4096 compiled, 32768 interpreted) and multi-dim shapes.
@@ -219,14 +214,10 @@ def test_bad_input(request, backend, case, exc, pattern):
 
 
 def test_audit_zero_spills():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if not triton_available():
         pytest.skip("triton not installed")
-    out = subprocess.run([sys.executable, "-m", "jepa_engine.kernels.audit", "--json", "--kernel", "ema"],
-                         capture_output=True, text=True, env=env, timeout=300)
-    rows = json.loads(out.stdout)
-    assert rows, out.stderr[-2000:]
+    rows = run_audit("ema")
+    assert {r["kernel"] for r in rows} == {"ema"}
     assert {r["target"] for r in rows} == {"sm_90a", "sm_80"}
     bad = [(r["variant"], r["target"], r["spill_bytes"], r["error"]) for r in rows if not r["ok"] or r["spill_bytes"]]
     assert not bad, f"ema kernel spills or fails to compile: {bad}"
-    assert out.returncode == 0

@@ -2,17 +2,12 @@
 gradients, errors."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from jepa_engine.kernels import latent_cost, latent_cost_reference, use_backend
 from jepa_engine.kernels._launch import triton_available
-from tests.helpers import DTYPES, assert_close
+from tests.helpers import DTYPES, assert_close, run_audit
 
 
 def make(B, H, D, G, dtype=torch.float32, seed=0, weights=False, device="cpu"):
@@ -114,11 +109,8 @@ def test_bad_input(kwargs, match):
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_audit_no_spills_no_stack():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "jepa_engine.kernels.audit", "--json", "--kernel",
-                           "latent_cost_fwd"], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.stdout.strip(), f"audit printed nothing; stderr:\n{proc.stderr[-3000:]}"
-    rows = json.loads(proc.stdout)
+    rows = run_audit("latent_cost_fwd")
+    assert {r["kernel"] for r in rows} == {"latent_cost_fwd"}
     assert {r["target"] for r in rows} == {"sm_90a", "sm_80"}
     bad = [r for r in rows if r["error"] or r["spill_bytes"] or r["stack_bytes"] or not r["ok"]]
     assert not bad, f"latent_cost_fwd spills, uses a stack frame or fails: {bad}"

@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 from jepa_engine.kernels import masked_attention, masked_attention_reference, use_backend
 from jepa_engine.kernels._launch import triton_available
 from jepa_engine.nn import MaskedSelfAttention
-from tests.helpers import DTYPES, assert_close, run_both
-from tests.kernels.test_audit import run_audit
+from tests.helpers import DTYPES, assert_close, run_audit, run_both
 
 # Gradients sum over every query (dK, dV) or key (dQ) of a row: twice the output's tolerance.
 GRAD_SCALE = 2.0
