@@ -1,9 +1,9 @@
 // CPU kernels of the planning ops; the specification is each op's PyTorch reference in kernels/.
 //
 // sample_actions draws the reference's Philox-4x32-10 stream bit for bit: the counters, the rounds and
-// the uniforms are integer / exactly rounded float arithmetic done here in plain loops, while log, sqrt
-// and cos go through the same ATen kernels the reference calls, on a tensor of the same size, so they
-// round the same way (ATen may hand them to MKL's vector math, whose sqrt is not always the correctly
+// the uniforms are integer / exactly rounded float arithmetic done here in plain loops, while log, sqrt,
+// cos and sin go through the same ATen kernels the reference calls, elementwise, so they round the same
+// way (ATen may hand them to MKL's vector math, whose sqrt is not always the correctly
 // rounded one std::sqrt gives). This file is built with -ffp-contract=off: a fused
 // multiply-add would round mean + std * z once where the reference rounds twice.
 #include "checks.h"
@@ -14,6 +14,7 @@
 #include <ATen/ops/cos.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/log.h>
+#include <ATen/ops/sin.h>
 #include <ATen/ops/sqrt.h>
 
 #include <algorithm>
@@ -35,16 +36,28 @@ namespace {
 constexpr uint32_t kPhiloxKey0 = 0x9E3779B9u, kPhiloxKey1 = 0xBB67AE85u;
 constexpr uint32_t kPhiloxRound0 = 0xD2511F53u, kPhiloxRound1 = 0xCD9E8D57u;
 
-constexpr int kLanes = 32;  // counters per block: a fixed trip count the compiler vectorizes
+constexpr int kLanes = 32;  // Philox blocks per call: a fixed trip count the compiler vectorizes
+constexpr uint64_t kBlockMask = (uint64_t{1} << 62) - 1;   // the block of value j is j >> 2, mod 2^62
 
-// Philox-4x32-10 of the counters offset + [i, i + kLanes) under the key seed, then the uniforms u1, u2
-// in (0, 1) from its first two outputs, ((x >> 8) + 0.5) / 2^24 in float like the reference; u2 is
-// stored premultiplied by 2 pi (in float, as the reference's `2 * math.pi * u2` is), ready for cos.
-// The portable path; philox_block_avx512 and philox_block_avx2 below are the same by hand.
-void philox_block(uint64_t seed, uint64_t first, float* u1, float* w2) {
+// The planes a run of blocks [q0, q0 + nb) fills: block k's uniforms u0 -> u[k], u2 -> u[nb + k] (for
+// the radii) and w1 -> w[k], w3 -> w[nb + k] (the angles, premultiplied by 2 pi in float, as the
+// reference's `2 * math.pi * u` is), each ((x >> 8) + 0.5) / 2^24 in float like the reference.
+struct Planes {
+  float* u;
+  float* w;
+  int64_t nb;
+};
+
+inline float uniform(uint32_t x) {
+  return (static_cast<float>(static_cast<int32_t>(x >> 8)) + 0.5f) / 16777216.0f;
+}
+
+// Philox-4x32-10 of kLanes blocks first + [0, kLanes) into the planes at k. The portable path;
+// philox_block_avx2 below is the same by hand.
+void philox_block(uint64_t seed, uint64_t first, const Planes& o, int64_t k) {
   uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
   for (int j = 0; j < kLanes; ++j) {
-    const uint64_t counter = first + static_cast<uint64_t>(j);
+    const uint64_t counter = (first + static_cast<uint64_t>(j)) & kBlockMask;
     c0[j] = static_cast<uint32_t>(counter);
     c1[j] = static_cast<uint32_t>(counter >> 32);
     c2[j] = 0;
@@ -67,74 +80,38 @@ void philox_block(uint64_t seed, uint64_t first, float* u1, float* w2) {
   }
   const float two_pi = static_cast<float>(6.283185307179586);
   for (int j = 0; j < kLanes; ++j) {
-    u1[j] = (static_cast<float>(static_cast<int32_t>(c0[j] >> 8)) + 0.5f) / 16777216.0f;
-    w2[j] = two_pi * ((static_cast<float>(static_cast<int32_t>(c1[j] >> 8)) + 0.5f) / 16777216.0f);
+    o.u[k + j] = uniform(c0[j]);
+    o.w[k + j] = two_pi * uniform(c1[j]);
+    o.u[o.nb + k + j] = uniform(c2[j]);
+    o.w[o.nb + k + j] = two_pi * uniform(c3[j]);
   }
 }
 
 #if defined(__x86_64__)
-// philox_block with AVX-512 intrinsics: 32 counters in four vectors of eight 64-bit lanes, of which
-// only the low 32 bits matter (vpmuludq reads only those, and >> 32 of its product is exact), so a round
-// is two multiplies, two shifts and two three-way XORs per eight counters; the four vectors are
-// independent chains, which hides the multiplies' latency.
-__attribute__((target("avx512f")))
-void philox_block_avx512(uint64_t seed, uint64_t first, float* u1, float* w2) {
-  constexpr int V = kLanes / 8;
-  const __m512i ra = _mm512_set1_epi64(kPhiloxRound0), rb = _mm512_set1_epi64(kPhiloxRound1);
-  const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
-  __m512i c0[V], c1[V], c2[V], c3[V];
-#pragma GCC unroll 4
-  for (int v = 0; v < V; ++v) {
-    c0[v] = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(first + 8 * v)), lane);
-    c1[v] = _mm512_srli_epi64(c0[v], 32);
-    c2[v] = _mm512_setzero_si512();
-    c3[v] = c2[v];
-  }
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int r = 0; r < 10; ++r) {
-    const __m512i key0 = _mm512_set1_epi64(k0), key1 = _mm512_set1_epi64(k1);
-  #pragma GCC unroll 4
-  for (int v = 0; v < V; ++v) {
-      const __m512i pb = _mm512_mul_epu32(c2[v], rb), pa = _mm512_mul_epu32(c0[v], ra);
-      c0[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb, 32), c1[v], key0, 0x96);
-      c2[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa, 32), c3[v], key1, 0x96);
-      c1[v] = pb;
-      c3[v] = pa;
-    }
-    k0 += kPhiloxKey0;
-    k1 += kPhiloxKey1;
-  }
-  // the low 32 bits of each lane, >> 8, to float exactly, then ((x >> 8) + 0.5) / 2^24 as the reference
-  const __m256 half = _mm256_set1_ps(0.5f), scale = _mm256_set1_ps(1.0f / 16777216.0f);
-  const __m256 two_pi = _mm256_set1_ps(static_cast<float>(6.283185307179586));
-#pragma GCC unroll 4
-  for (int v = 0; v < V; ++v) {
-    const __m256i x0 = _mm256_srli_epi32(_mm512_cvtepi64_epi32(c0[v]), 8);
-    const __m256i x1 = _mm256_srli_epi32(_mm512_cvtepi64_epi32(c1[v]), 8);
-    _mm256_storeu_ps(u1 + 8 * v, _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(x0), half), scale));
-    _mm256_storeu_ps(w2 + 8 * v, _mm256_mul_ps(two_pi, _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(x1), half),
-                                                                     scale)));
-  }
-}
-
-// The same with AVX2: eight vectors of four 64-bit lanes (GCC does not vectorize philox_block's
-// 32 x 32 -> 64-bit products by itself, so its AVX2 clone runs about scalar). No three-way XOR here:
-// two XORs per output word.
+// philox_block with AVX2 intrinsics: 32 blocks in eight vectors of four 64-bit lanes, of which only the
+// low 32 bits matter (vpmuludq reads only those, and >> 32 of its product is exact), so a round is two
+// multiplies, two shifts and four XORs per four blocks; the eight vectors are independent chains, which
+// hides the multiplies' latency. (GCC does not vectorize philox_block's 32 x 32 -> 64-bit products by
+// itself, so its AVX2 clone runs about scalar.) A CPU with AVX-512 runs this path too.
 // [a0 a1 a2 a3 b0 b1 b2 b3] >> 8: the low 32-bit words of two vectors of 64-bit lanes, in order
 __attribute__((target("avx2"))) inline __m256i avx2_low_words_shr8(__m256i a, __m256i b, __m256i even) {
   const __m256i lo_a = _mm256_permutevar8x32_epi32(a, even), lo_b = _mm256_permutevar8x32_epi32(b, even);
   return _mm256_srli_epi32(_mm256_permute2x128_si256(lo_a, lo_b, 0x20), 8);
 }
 
+__attribute__((target("avx2"))) inline __m256 to_uniform(__m256i x) {
+  return _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(x), _mm256_set1_ps(0.5f)), _mm256_set1_ps(1.0f / 16777216.0f));
+}
+
 __attribute__((target("avx2")))
-void philox_block_avx2(uint64_t seed, uint64_t first, float* u1, float* w2) {
+void philox_block_avx2(uint64_t seed, uint64_t first, const Planes& o, int64_t k) {
   constexpr int V = kLanes / 4;
   const __m256i ra = _mm256_set1_epi64x(kPhiloxRound0), rb = _mm256_set1_epi64x(kPhiloxRound1);
-  const __m256i lane = _mm256_set_epi64x(3, 2, 1, 0);
+  const __m256i lane = _mm256_set_epi64x(3, 2, 1, 0), mask = _mm256_set1_epi64x(static_cast<int64_t>(kBlockMask));
   __m256i c0[V], c1[V], c2[V], c3[V];
 #pragma GCC unroll 8
   for (int v = 0; v < V; ++v) {
-    c0[v] = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(first + 4 * v)), lane);
+    c0[v] = _mm256_and_si256(_mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(first + 4 * v)), lane), mask);
     c1[v] = _mm256_srli_epi64(c0[v], 32);
     c2[v] = _mm256_setzero_si256();
     c3[v] = c2[v];
@@ -156,45 +133,44 @@ void philox_block_avx2(uint64_t seed, uint64_t first, float* u1, float* w2) {
   // the low 32 bits of each 64-bit lane, two vectors at a time into eight 32-bit lanes (in order), then
   // ((x >> 8) + 0.5) / 2^24 as the reference
   const __m256i even = _mm256_set_epi32(7, 5, 3, 1, 6, 4, 2, 0);
-  const __m256 half = _mm256_set1_ps(0.5f), scale = _mm256_set1_ps(1.0f / 16777216.0f);
   const __m256 two_pi = _mm256_set1_ps(static_cast<float>(6.283185307179586));
 #pragma GCC unroll 4
   for (int v = 0; v < V; v += 2) {
-    const __m256i x0 = avx2_low_words_shr8(c0[v], c0[v + 1], even);
-    const __m256i x1 = avx2_low_words_shr8(c1[v], c1[v + 1], even);
-    _mm256_storeu_ps(u1 + 4 * v, _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(x0), half), scale));
-    _mm256_storeu_ps(w2 + 4 * v, _mm256_mul_ps(two_pi, _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(x1), half),
-                                                                     scale)));
+    float* u0 = o.u + k + 4 * v;
+    float* w1 = o.w + k + 4 * v;
+    _mm256_storeu_ps(u0, to_uniform(avx2_low_words_shr8(c0[v], c0[v + 1], even)));
+    _mm256_storeu_ps(w1, _mm256_mul_ps(two_pi, to_uniform(avx2_low_words_shr8(c1[v], c1[v + 1], even))));
+    _mm256_storeu_ps(u0 + o.nb, to_uniform(avx2_low_words_shr8(c2[v], c2[v + 1], even)));
+    _mm256_storeu_ps(w1 + o.nb, _mm256_mul_ps(two_pi, to_uniform(avx2_low_words_shr8(c3[v], c3[v + 1], even))));
   }
 }
 
-const bool kHaveAvx512 = __builtin_cpu_supports("avx512f");
 const bool kHaveAvx2 = __builtin_cpu_supports("avx2");
 #endif
 
 // portable: the plain loop whatever the CPU has (JEPA_ENGINE_PORTABLE_KERNELS set), which is how the
-// tests check it on machines that would take a vector path
-void philox_block_best(uint64_t seed, uint64_t first, float* u1, float* w2, bool portable) {
+// tests check it on machines that would take the vector path
+void philox_block_best(uint64_t seed, uint64_t first, const Planes& o, int64_t k, bool portable) {
   (void)portable;   // no vector path off x86-64
 #if defined(__x86_64__)
-  if (portable) return philox_block(seed, first, u1, w2);
-  if (kHaveAvx512) return philox_block_avx512(seed, first, u1, w2);
-  if (kHaveAvx2) return philox_block_avx2(seed, first, u1, w2);
+  if (!portable && kHaveAvx2) return philox_block_avx2(seed, first, o, k);
 #endif
-  philox_block(seed, first, u1, w2);
+  philox_block(seed, first, o, k);
 }
 
-void philox_uniforms(uint64_t seed, uint64_t offset, int64_t begin, int64_t end, float* u1, float* w2,
-                     bool portable) {
-  float t1[kLanes], t2[kLanes];
-  for (int64_t i = begin; i < end; i += kLanes) {
-    const int64_t m = std::min<int64_t>(kLanes, end - i);
+// the planes of blocks [q0, q0 + o.nb): whole calls of kLanes blocks, the tail through scratch planes
+void philox_planes(uint64_t seed, uint64_t q0, const Planes& o, bool portable) {
+  float tu[2 * kLanes], tw[2 * kLanes];
+  for (int64_t k = 0; k < o.nb; k += kLanes) {
+    const int64_t m = std::min<int64_t>(kLanes, o.nb - k);
     if (m == kLanes) {
-      philox_block_best(seed, offset + static_cast<uint64_t>(i), u1 + i, w2 + i, portable);
-    } else {                    // the tail: a full block into scratch, the first m values kept
-      philox_block_best(seed, offset + static_cast<uint64_t>(i), t1, t2, portable);
-      std::copy(t1, t1 + m, u1 + i);
-      std::copy(t2, t2 + m, w2 + i);
+      philox_block_best(seed, q0 + static_cast<uint64_t>(k), o, k, portable);
+    } else {
+      philox_block_best(seed, q0 + static_cast<uint64_t>(k), Planes{tu, tw, kLanes}, 0, portable);
+      std::copy(tu, tu + m, o.u + k);
+      std::copy(tw, tw + m, o.w + k);
+      std::copy(tu + kLanes, tu + kLanes + m, o.u + o.nb + k);
+      std::copy(tw + kLanes, tw + kLanes + m, o.w + o.nb + k);
     }
   }
 }
@@ -205,10 +181,10 @@ inline float nan_min(float a, float b) { return (std::isnan(a) || std::isnan(b))
 
 constexpr int64_t kGrain = 1 << 15;  // elements per thread below which a loop stays on one thread
 // sampled values per thread below which a draw stays on one thread: Philox and the transcendentals cost
-// about 7 ns a value on one AVX2 core, so a chunk of 4096 pays for waking a second thread
+// about 4 ns a value on one AVX2 core, so a chunk of 4096 pays for waking a second thread
 constexpr int64_t kDrawGrain = 1 << 12;
 
-// MKL's vector math (under ATen's float log / sqrt / cos) starts its own OpenMP teams, which
+// MKL's vector math (under ATen's float log / sqrt / cos / sin) starts its own OpenMP teams, which
 // ParallelGuard does not stop, and waking the pool costs more than a small draw. Where libtorch carries
 // MKL, its thread-local limit keeps such a call on the calling thread; the limit is restored on exit.
 // (Elementwise: the values are the same on any number of threads.) Weak: a libtorch without MKL
@@ -255,9 +231,6 @@ at::Tensor sample_actions_cpu(const at::Tensor& mean, const at::Tensor& std, con
   const uint64_t seed = static_cast<uint64_t>(r[0]), offset = static_cast<uint64_t>(r[1]);
   const int64_t total = E * n * P;
   auto opts = mean.options();
-  at::Tensor u1 = at::empty({total}, opts), w2 = at::empty({total}, opts);
-  float* pu1 = u1.mutable_data_ptr<float>();
-  float* pw2 = w2.mutable_data_ptr<float>();
   at::Tensor out = at::empty({E, n, P}, opts);
   float* po = out.mutable_data_ptr<float>();
   const float* pm = m.const_data_ptr<float>();
@@ -271,34 +244,46 @@ at::Tensor sample_actions_cpu(const at::Tensor& mean, const at::Tensor& std, con
     nan_bounds |= std::isnan(lop[p]) || std::isnan(hip[p]);
   }
   // One pass per chunk of candidate rows, each on one thread while its values are in cache: the
-  // uniforms, then the reference's torch.sqrt(-2.0 * torch.log(u1)) and torch.cos(2 * pi * u2) by the
-  // same ATen kernels on the chunk (elementwise: each value comes out the same whatever the chunking,
-  // as it does for the reference's own split between threads; the product by -2 is exact), then
-  // mean + std * z clamped to the bounds. A draw of one chunk runs on the calling thread.
+  // uniforms of the Philox blocks under the chunk's values, then the reference's
+  // torch.sqrt(-2.0 * torch.log(u)), torch.cos(w) and torch.sin(w) by the same ATen kernels on the
+  // chunk's planes (elementwise: each value comes out the same whatever the chunking, as it does for
+  // the reference's own split between threads; the product by -2 is exact), the four values of each
+  // block, and mean + std * z clamped to the bounds. A draw of one chunk runs on the calling thread.
   const bool portable = std::getenv("JEPA_ENGINE_PORTABLE_KERNELS") != nullptr;
   at::parallel_for(0, E * n, std::max<int64_t>(1, kDrawGrain / P), [&](int64_t row_begin, int64_t row_end) {
     const MklLocalThreads mkl_one_thread(1);
-    const int64_t b = row_begin * P, len = (row_end - row_begin) * P;
-    philox_uniforms(seed, offset, b, b + len, pu1, pw2, portable);
-    at::Tensor z = u1.narrow(0, b, len), c = w2.narrow(0, b, len);
-    at::log_(z);
-    for (int64_t i = b; i < b + len; ++i) pu1[i] = -2.0f * pu1[i];
-    at::sqrt_(z);
-    at::cos_(c);
+    const int64_t len = (row_end - row_begin) * P;
+    const uint64_t j0 = offset + static_cast<uint64_t>(row_begin * P);   // the chunk's first value (wraps)
+    const int64_t lead = static_cast<int64_t>(j0 & 3), nb = (lead + len + 3) / 4;
+    at::Tensor radius = at::empty({2 * nb}, opts), angle = at::empty({2 * nb}, opts);
+    float* pr = radius.mutable_data_ptr<float>();
+    philox_planes(seed, j0 >> 2, Planes{pr, angle.mutable_data_ptr<float>(), nb}, portable);
+    at::log_(radius);
+    for (int64_t i = 0; i < 2 * nb; ++i) pr[i] = -2.0f * pr[i];
+    at::sqrt_(radius);
+    const at::Tensor cos = at::cos(angle);
+    const float* pc = cos.const_data_ptr<float>();
+    const float* psin = at::sin_(angle).const_data_ptr<float>();
+    std::vector<float> z(4 * nb);   // block-major: r0 cos w1, r0 sin w1, r2 cos w3, r2 sin w3
+    for (int64_t q = 0; q < nb; ++q) {
+      z[4 * q] = pr[q] * pc[q];
+      z[4 * q + 1] = pr[q] * psin[q];
+      z[4 * q + 2] = pr[nb + q] * pc[nb + q];
+      z[4 * q + 3] = pr[nb + q] * psin[nb + q];
+    }
     for (int64_t row = row_begin; row < row_end; ++row) {
       const int64_t env = row / n, cand = row - env * n;
       const float* me = pm + env * P;
       const float* se = ps + env * P;
       float* o = po + row * P;
-      const float* zr = pu1 + row * P;   // sqrt(-2 ln u1)
-      const float* cr = pw2 + row * P;   // cos(2 pi u2)
+      const float* zr = z.data() + lead + (row - row_begin) * P;
       if (include_mean && cand == 0) {
         for (int64_t p = 0; p < P; ++p) o[p] = nan_min(nan_max(me[p], lop[p]), hip[p]);
       } else if (nan_bounds) {
-        for (int64_t p = 0; p < P; ++p) o[p] = nan_min(nan_max(me[p] + se[p] * (zr[p] * cr[p]), lop[p]), hip[p]);
+        for (int64_t p = 0; p < P; ++p) o[p] = nan_min(nan_max(me[p] + se[p] * zr[p], lop[p]), hip[p]);
       } else {   // x NaN stays NaN, as torch.maximum / torch.minimum keep it
         for (int64_t p = 0; p < P; ++p) {
-          const float x = me[p] + se[p] * (zr[p] * cr[p]);
+          const float x = me[p] + se[p] * zr[p];
           const float y = x < lop[p] ? lop[p] : x;
           o[p] = y > hip[p] ? hip[p] : y;
         }

@@ -5,14 +5,18 @@ For E environments, each with a diagonal Gaussian over P = horizon * action_dim 
     out[e, n, p] = clip(mean[e, p] + std[e, p] * z[e, n, p], low[p % A], high[p % A])
     out[e, 0, p] = clip(mean[e, p], ...)          (with include_mean: the current plan competes too)
 
-``z`` is a standard normal made from Philox-4x32-10 counters: the counter of element (e, n, p) is
-``offset + (e * N + n) * P + p`` under the 64-bit key ``seed``; its first two 32-bit outputs become
-two uniforms ``u = ((x >> 8) + 0.5) / 2^24`` in (0, 1) and ``z = sqrt(-2 ln u1) cos(2 pi u2)``
-(Box-Muller). The reference computes the same Philox stream with integer torch ops, so both backends
-draw the same samples for the same seed (to float rounding of log/cos); the C++ CPU kernel of the
-native library (csrc/planning_kernels.cpp) draws the reference's samples bit for bit. ``seed`` and
-``offset`` are read from an int64 device tensor ``rng = [seed, offset]`` so a planning loop can advance
-the stream on the device (``rng[1] += E * N * P``) and be captured in a CUDA graph.
+``z`` is the value ``offset + (e * N + n) * P + p`` of a standard-normal stream made from
+Philox-4x32-10 under the 64-bit key ``seed``, four values from each 128-bit block: value ``j`` (a
+uint64 index) comes from the block with counter ``j >> 2`` (wrapping at 2^62), whose outputs
+``x0..x3`` become uniforms ``u_i = ((x_i >> 8) + 0.5) / 2^24`` in (0, 1) and two Box-Muller pairs:
+values ``4b .. 4b + 3`` are ``r0 cos(w1), r0 sin(w1), r2 cos(w3), r2 sin(w3)`` with
+``r_i = sqrt(-2 ln u_i)`` and ``w_i = 2 pi u_i`` (the whole block, as curand_normal4 uses it: a quarter
+of the Philox work and half the logarithms of one value per block). The reference (:func:`gaussian_stream`) computes the same Philox
+stream with integer torch ops, so both backends draw the same samples for the same seed (to float
+rounding of log/cos/sin); the C++ CPU kernel of the native library (csrc/planning_kernels.cpp) draws
+the reference's samples bit for bit. ``seed`` and ``offset`` are read from an int64 device tensor
+``rng = [seed, offset]`` so a planning loop can advance the stream on the device
+(``rng[1] += E * N * P``) and be captured in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from ._registry import KernelSpec, LaunchConfig, register_kernel, signature
 
 OP = "sample_actions"
 _M32 = 0xFFFFFFFF
+_BLOCK_MASK = (1 << 62) - 1   # Philox block of value j: (j >> 2) of j as uint64
 _PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
 _PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
 
@@ -64,13 +69,19 @@ def _sample_actions_kernel(
     n = idx // P
     p = idx - n * P
     seed = tl.load(rng_ptr)
-    counter = tl.load(rng_ptr + 1) + e * N * P + idx
+    j = tl.load(rng_ptr + 1) + e * N * P + idx        # this value's index in the stream (wraps as uint64)
 
-    # Philox-4x32-10 (Triton's randint4x), then Box-Muller on the first two outputs.
-    r0, r1, _, _ = tl.randint4x(seed, counter)
-    u1 = ((r0.to(tl.uint32) >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-    u2 = ((r1.to(tl.uint32) >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-    z = tl.sqrt(-2.0 * tl.log(u1)) * _cos_2pi(u2)
+    # Philox-4x32-10 (Triton's randint4x) of block j >> 2, then the Box-Muller value of word j & 3: the
+    # pair (x0, x1) or (x2, x3), its cos or its sin. Each of a block's four values recomputes the block,
+    # which costs a thread what one block per value did before and keeps the grid over values.
+    x0, x1, x2, x3 = tl.randint4x(seed, (j >> 2) & 0x3FFFFFFFFFFFFFFF)
+    second = (j & 2) != 0
+    u = ((tl.where(second, x2, x0).to(tl.uint32) >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    w = ((tl.where(second, x3, x1).to(tl.uint32) >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    # sin(2 pi w) = cos(2 pi (w - 1/4)), the phase kept in (0, 1)
+    w = tl.where((j & 1) != 0, w - 0.25, w)
+    w = tl.where(w < 0.0, w + 1.0, w)
+    z = tl.sqrt(-2.0 * tl.log(u)) * _cos_2pi(w)
 
     mean = tl.load(mean_ptr + e * P + p, mask=ok, other=0.0)
     std = tl.load(std_ptr + e * P + p, mask=ok, other=0.0)
@@ -165,14 +176,25 @@ def _philox4x32_numpy(seed: int, counter: np.ndarray, rounds: int) -> tuple[np.n
     return c0, c1, c2, c3
 
 
+def gaussian_stream(seed: int, offset: int, count: int, device="cpu") -> torch.Tensor:
+    """Values ``offset .. offset + count - 1`` of the standard-normal stream of ``seed`` (fp32
+    ``[count]``): Philox block ``b`` gives values ``4b .. 4b + 3`` (see the module docstring)."""
+    offset %= 1 << 64                         # value indices are unsigned 64-bit and wrap; blocks wrap at 2^62
+    lead = offset & 3
+    blocks = (torch.arange((lead + count + 3) // 4, dtype=torch.int64, device=device) + (offset >> 2)) & _BLOCK_MASK
+    r0, r1, r2, r3 = philox4x32(seed, blocks)
+    u = ((torch.stack((r0, r2)) >> 8).float() + 0.5) / 16777216.0    # [2, blocks]: u0, u2
+    w = 2 * math.pi * (((torch.stack((r1, r3)) >> 8).float() + 0.5) / 16777216.0)   # w1, w3
+    radius = torch.sqrt(-2.0 * torch.log(u))
+    z = torch.stack((radius * torch.cos(w), radius * torch.sin(w)), dim=-1)   # [2, blocks, 2]
+    z = z.permute(1, 0, 2).reshape(-1)        # block-major: r0 cos w1, r0 sin w1, r2 cos w3, r2 sin w3
+    return z[lead: lead + count]
+
+
 def sample_actions_reference(mean, std, low, high, rng, n: int, include_mean: bool = True):
     E, P = mean.shape
     seed, offset = (int(v) for v in rng.tolist())
-    counter = offset + torch.arange(E * n * P, dtype=torch.int64, device=mean.device).view(E, n, P)
-    r0, r1, _, _ = philox4x32(seed, counter)
-    u1 = ((r0 >> 8).float() + 0.5) / 16777216.0
-    u2 = ((r1 >> 8).float() + 0.5) / 16777216.0
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+    z = gaussian_stream(seed, offset, E * n * P, mean.device).view(E, n, P)
     x = mean[:, None, :] + std[:, None, :] * z
     if include_mean:
         x[:, 0, :] = mean

@@ -111,6 +111,40 @@ print("ok", sorted(ops))
     assert run.returncode == 0 and "ok" in run.stdout, (run.stdout + run.stderr)[-3000:]
 
 
+@needs_native
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: a CUDA package compiles and runs there")
+@pytest.mark.skipif(_launch.interpreting(), reason="TRITON_INTERPRET is set: the package compiles the Triton kernels")
+def test_cuda_package_equals_the_eager_decision_step(tmp_path_factory, tmp_path):
+    """``export --device cuda``: AOTInductor compiles the Triton sampling and refit kernels into the package,
+    which runs (from Python, and in the C++ runner where it is built) the eager decision step's plan:
+    the same samples bit for bit, its costs rounded as compiled code rounds them."""
+    model = _model().cuda()
+    config = PlannerConfig(action_dim=2, **BUDGET)
+    out = tmp_path / "plan_cuda.pt2"
+    report = export_decision(model, config, out, num_envs=ENVS, device="cuda")
+    assert report.meta["jepa_engine.device"] == "cuda" and out.is_file()
+    frames, past, goal, prev = (t.cuda() for t in decision_inputs(model, config, ENVS, torch.Generator().manual_seed(3)))
+    package = torch._inductor.aoti_load_package(str(out))
+    action, plan, cost, mean = package(frames, past, goal, prev)
+    assert plan.device.type == "cuda" and plan.shape == (ENVS, config.horizon, 2)
+    step = DecisionStep(model, config, num_envs=ENVS, loop=False).cuda()
+    with use_backend("reference"):
+        want = step(frames, past, goal, prev)
+    for name, got, ref in zip(("action", "plan", "cost", "mean"), (action, plan, cost, mean), want):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert plan.abs().max() > 1e-3
+    if TOOLS or not _native.available():
+        return
+    runner = _runner(tmp_path_factory)
+    obs = tmp_path / "obs.f32"
+    np.concatenate([t.cpu().numpy().ravel() for t in (frames, past, goal)]).astype("<f4").tofile(obs)
+    run = _run(runner, out, "--obs", obs, "--repeat", "2")
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(got["plan"], plan.flatten().cpu().numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got["cost"], cost.cpu().numpy(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("mode", ["cem", "mppi"])
 def test_triton_ops_equal_the_planning_ops(kernel_device, mode):
     """The ``triton_op`` twins the CUDA package calls compute what the planning ops compute."""

@@ -58,6 +58,8 @@ def sampling_args(E, P, A, seed, offset):
     (2, 333, 7, 1, -5, (1 << 32) - 100),      # negative seed; counters crossing 2^32
     (4, 129, 9, 3, 2 ** 62 + 3, 2 ** 40),     # high key and counter words
     (2, 2000, 12, 4, 99, 17),                 # 48000 values: the multi-threaded path
+    (2, 50, 10, 2, 11, -6),                   # value indices wrapping past 2^64 (and Philox blocks past 2^62)
+    (3, 7, 5, 5, 8, 2 ** 62 - 3),             # blocks ending mid-row, counters high
 ])
 @pytest.mark.parametrize("include_mean", [True, False])
 def test_sampling_bit_identical_to_reference(E, N, P, A, seed, offset, include_mean):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from jepa_engine.kernels import sample_actions, sample_actions_reference, use_backend
-from jepa_engine.kernels.sample_actions import philox4x32
+from jepa_engine.kernels.sample_actions import gaussian_stream, philox4x32
 from tests.helpers import assert_close
 
 
@@ -20,10 +20,10 @@ def make(E=3, P=10, A=2, seed=1234567891234, offset=5, device="cpu"):
     return tuple(t.to(device) for t in args)
 
 
-@pytest.mark.parametrize("E,N,P,A", [(1, 1, 2, 2), (3, 50, 10, 2), (2, 333, 7, 1)])
+@pytest.mark.parametrize("E,N,P,A,offset", [(1, 1, 2, 2, 5), (3, 50, 10, 2, 5), (2, 333, 7, 1, 5), (2, 9, 3, 1, -7)])
 @pytest.mark.parametrize("include_mean", [True, False])
-def test_kernel_draws_the_reference_stream(kernel_device, E, N, P, A, include_mean):
-    args = make(E, P, A, device=kernel_device)
+def test_kernel_draws_the_reference_stream(kernel_device, E, N, P, A, offset, include_mean):
+    args = make(E, P, A, offset=offset, device=kernel_device)
     with use_backend("triton"):
         a = sample_actions(*args, N, include_mean=include_mean)
     b = sample_actions_reference(*args, N, include_mean)
@@ -34,6 +34,32 @@ def test_philox_known_answer():
     # Philox-4x32-10 published test vector (Salmon et al., Random123): counter 0, key 0.
     out = philox4x32(0, torch.zeros(1, dtype=torch.int64))
     assert [int(x) for x in out] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+def test_stream_is_indexed_by_value():
+    """The stream is a function of the value index alone: any offset reads the same values, four from
+    each Philox block: r0 cos w1, r0 sin w1, r2 cos w3, r2 sin w3."""
+    z = gaussian_stream(77, 10, 40)
+    for shift in (1, 2, 3, 6):
+        assert torch.equal(gaussian_stream(77, 10 + shift, 40 - shift), z[shift:])
+    r0, r1, r2, r3 = (x.double() for x in philox4x32(77, torch.tensor([3], dtype=torch.int64)))
+    u = [((x.long() >> 8).double() + 0.5) / 2 ** 24 for x in (r0, r1, r2, r3)]
+    radius = [torch.sqrt(-2 * torch.log(u[0])), torch.sqrt(-2 * torch.log(u[2]))]
+    want = torch.cat([radius[0] * torch.cos(2 * torch.pi * u[1]), radius[0] * torch.sin(2 * torch.pi * u[1]),
+                      radius[1] * torch.cos(2 * torch.pi * u[3]), radius[1] * torch.sin(2 * torch.pi * u[3])])
+    assert_close(z[2:6].double(), want, torch.float32, what="values 12..15 = block 3")
+    wrapped = gaussian_stream(77, -2, 4)   # offsets are uint64: values 2^64 - 2, 2^64 - 1, 0, 1
+    assert torch.equal(wrapped[2:], gaussian_stream(77, 0, 2))
+
+
+def test_values_of_a_block_are_independent():
+    """The four values of a block (two Box-Muller pairs) are uncorrelated normals, in their squares too."""
+    z = gaussian_stream(5, 0, 4 * 50000).view(-1, 4).double()
+    corr = torch.corrcoef(z.T)
+    corr_sq = torch.corrcoef(z.square().T)
+    off_diagonal = ~torch.eye(4, dtype=torch.bool)
+    assert corr[off_diagonal].abs().max() < 0.02 and corr_sq[off_diagonal].abs().max() < 0.02
+    assert (z.mean(0).abs() < 0.02).all() and ((z.std(0) - 1).abs() < 0.02).all()
 
 
 def test_statistics_bounds_and_mean_slot():
