@@ -76,7 +76,7 @@ def test_sampling_bit_identical_to_reference(E, N, P, A, seed, offset, include_m
                                                  (2, 300, 10, 2, 2 ** 62, 12345)])
 def test_portable_philox_is_the_vector_paths_stream(E, N, P, A, seed, offset, monkeypatch):
     """JEPA_ENGINE_PORTABLE_KERNELS makes the C++ draw take its plain loop (what a CPU without AVX2 runs),
-    which must draw the same bits as the AVX2 / AVX-512 path and the reference."""
+    which must draw the same bits as the AVX2 path and the reference."""
     args = sampling_args(E, P, A, seed, offset)
     vector = torch.ops.jepa_engine.sample_actions(*args, N, True)
     monkeypatch.setenv("JEPA_ENGINE_PORTABLE_KERNELS", "1")
