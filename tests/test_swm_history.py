@@ -212,25 +212,30 @@ def test_policy_passes_the_frames_and_actions_of_each_episode(dataset):
     assert first == 3 and len(solver.given) == 6
     frames = np.stack([f for f, _ in steps[:15]], 1)             # [2, 15, 32, 32, 3]
     actions = np.stack([a for _, a in steps[:15]], 1)            # [2, 15, 2]
+    # An env whose episode ends (success) is frozen: NaN actions from then on, and no more plans.
+    alive = np.isfinite(actions).all(-1)                          # [2, 15]
+    assert alive[:, 0].all() and (np.diff(alive.astype(int), axis=1) <= 0).all()
+    assert np.abs(actions[alive]).max() <= 1.0
     for j, s in enumerate((0, 5, 10)):
-        given = solver.given[j]
+        given = solver.given[j]                                   # the envs alive at step s, in order
+        rows = np.flatnonzero(alive[:, s])
         t = j + 1
-        assert given[HISTORY_KEY].flatten().tolist() == [t, t]
-        pix = given["pixels"]                                     # [2, T, 32, 32, 3]
+        assert given[HISTORY_KEY].flatten().tolist() == [t] * len(rows)
+        pix = given["pixels"]                                     # [envs, T, 32, 32, 3]
         assert pix.shape[1] == t
-        want = frames[:, [s - 5 * i for i in range(t - 1, -1, -1)]]
+        want = frames[rows][:, [s - 5 * i for i in range(t - 1, -1, -1)]]
         assert np.array_equal(pix.numpy(), want)
-        past = given[PAST_ACTION_KEY]                             # [2, t-1, 10]
-        assert past.shape == (2, t - 1, 2 * BLOCK)
+        past = given[PAST_ACTION_KEY]                             # [envs, t-1, 10]
+        assert past.shape == (len(rows), t - 1, 2 * BLOCK)
         for i in range(t - 1):
             lo = s - 5 * (t - 1 - i)
-            assert np.array_equal(past[:, i].numpy(), actions[:, lo:lo + BLOCK].reshape(2, -1))
-    assert np.isfinite(actions).all() and np.abs(actions).max() <= 1.0
-    # the second evaluation: new episodes, so its first plan sees the start frame alone
+            assert np.array_equal(past[:, i].numpy(), actions[rows, lo:lo + BLOCK].reshape(len(rows), -1))
+    # the second evaluation: new episodes (a frozen env's queued actions dropped), so its first plan, for
+    # both envs, sees the start frame alone
     assert solver.given[3][HISTORY_KEY].flatten().tolist() == [1, 1]
     assert solver.given[3]["pixels"].shape[1] == 1
     assert np.array_equal(solver.given[3]["pixels"][:, 0].numpy(), steps[15][0])
-    assert solver.given[5][HISTORY_KEY].flatten().tolist() == [3, 3]
+    assert set(solver.given[5][HISTORY_KEY].flatten().tolist()) == {3}
 
 
 class FakePool:
@@ -273,6 +278,36 @@ def test_policy_episode_starts():
     assert step([1, 3], flush) == [2, 2]   # the same flag, left in the info dict: not a new episode
     policy.set_env(FakePool(2))
     assert step([1, 3]) == [1, 1]
+
+
+def test_new_episode_drops_the_queued_actions():
+    """An env whose episode ended while the others ran on is frozen with the rest of its action block
+    queued (``World.evaluate(dataset=...)``); when its next episode starts (a new id, no flush) it plans
+    afresh instead of running that queue, at the same step as the others."""
+    model = tiny_model(history=2, block=3)
+    solver = RecordingSolver(WorldModelCost(model), num_samples=4, n_steps=1, topk=2, seed=0)
+    policy = HistoryWorldModelPolicy(solver=solver, config=swm.PlanConfig(horizon=1, receding_horizon=1,
+                                                                            action_block=3, history_len=2))
+    policy.set_env(FakePool(2))
+    g = np.random.default_rng(1)
+    goal = g.integers(0, 255, (2, 1, 32, 32, 3), dtype=np.uint8)
+
+    def step(ids, terminated=(False, False)):
+        info = {"pixels": g.integers(0, 255, (2, 1, 32, 32, 3), dtype=np.uint8), "goal": goal,
+                "id": np.array(ids)[:, None], "terminated": np.array(terminated)[:, None]}
+        return policy.get_action(info)
+
+    step([7, 8])
+    assert len(solver.given) == 1 and solver.given[0][HISTORY_KEY].numel() == 2
+    for _ in range(3):                      # env 0 done after one action: two of its block stay queued
+        action = step([7, 8], terminated=(True, False))
+        assert np.isnan(action[0]).all() and np.isfinite(action[1]).all()
+    assert len(solver.given) == 2 and solver.given[1][HISTORY_KEY].flatten().tolist() == [2]   # env 1 alone
+    assert len(policy._action_buffer[0]) == 2
+    step([9, 10])                           # the next evaluation: both envs in new episodes
+    assert len(solver.given) == 3
+    assert solver.given[2][HISTORY_KEY].flatten().tolist() == [1, 1]
+    assert [len(b) for b in policy._action_buffer] == [2, 2]
 
 
 def test_history_1_is_worldmodelpolicy(dataset):

@@ -513,8 +513,8 @@ def _history_policy_class():
         (module docstring; ``config.action_block`` env steps apart) and the actions between them.
 
         Episode starts: ``set_env`` (``World.set_policy``) clears every environment's history, and one
-        environment's is cleared when its episode ``id`` changes (a reset) or ``World`` flags it in a new
-        ``_needs_flush`` (World leaves the old flags in its info dict). ``World.evaluate(dataset=...)`` writes the dataset's columns into the first
+        environment's history and queued actions are cleared when its episode ``id`` changes (a reset)
+        or ``World`` flags it in a new ``_needs_flush`` (World leaves the old flags in its info dict). ``World.evaluate(dataset=...)`` writes the dataset's columns into the first
         observation only, so an id change after an episode's first frame keeps that frame. With
         ``history_len = 1`` every call is ``WorldModelPolicy.get_action`` itself.
         """
@@ -544,7 +544,7 @@ def _history_policy_class():
             flush = info_dict.get("_needs_flush")
             if flush is not None and flush is not self._flush:      # World leaves it in place after use
                 self._flush = flush
-                hist.reset(flush)
+                self._restart(_numpy(flush).astype(bool).reshape(-1))
             ids = info_dict.get("id")
             if ids is None:
                 return
@@ -552,8 +552,19 @@ def _history_policy_class():
             if self._ids is not None:
                 changed = ids != self._ids
                 fresh = np.array([len(f) <= 1 for f in hist.frames])   # the dataset's first frame
-                hist.reset(changed & ~fresh)
+                self._restart(changed & ~fresh)
             self._ids = ids
+
+        def _restart(self, envs: np.ndarray) -> None:
+            """New episodes in ``envs`` (a mask): their histories, and the actions left of their last plan
+            and its warm start. (``World.evaluate(dataset=...)`` freezes an env whose episode ends before
+            the others' with the rest of its action block queued, and its next evaluation resets the env
+            without a ``_needs_flush``: the queue would run in the new episode.)"""
+            self.history.reset(envs)
+            for i in np.flatnonzero(envs):
+                self._action_buffer[i].clear()
+                if self._next_init is not None:
+                    self._next_init[i] = 0
 
         def get_action(self, info_dict: dict, **kwargs: Any) -> np.ndarray:
             if self.history_len == 1:
