@@ -9,6 +9,7 @@ from tests.helpers import run_audit
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
 
+@pytest.mark.audit
 def test_latent_loss_kernels_compile_without_spills():
     rows = run_audit("latent_loss_fwd", "latent_loss_bwd")
     assert {r["target"] for r in rows} == {"sm_90a", "sm_80"}
@@ -19,6 +20,7 @@ def test_latent_loss_kernels_compile_without_spills():
     assert max(r["registers"] for r in rows) <= 128, max(rows, key=lambda r: r["registers"])
 
 
+@pytest.mark.audit
 def test_planner_kernels_compile_without_spills():
     rows = run_audit("elite_refit", "sample_actions")
     assert {r["kernel"] for r in rows} == {"elite_refit", "sample_actions"}
@@ -26,6 +28,7 @@ def test_planner_kernels_compile_without_spills():
     assert not bad, f"kernels that spill or fail: {bad}"
 
 
+@pytest.mark.audit
 def test_rollout_kernels_compile_without_spills():
     rows = run_audit("fused_linear", "linear_goal_cost")
     assert {r["kernel"] for r in rows} == {"fused_linear", "linear_goal_cost"}

@@ -213,6 +213,7 @@ def test_bad_input(request, backend, case, exc, pattern):
         ema_update_(t, o, m)
 
 
+@pytest.mark.audit
 def test_audit_zero_spills():
     if not triton_available():
         pytest.skip("triton not installed")

@@ -107,6 +107,7 @@ def test_bad_input(kwargs, match):
         latent_cost(args.pop("z"), args.pop("goal"), **args)
 
 
+@pytest.mark.audit
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_audit_no_spills_no_stack():
     rows = run_audit("latent_cost_fwd")

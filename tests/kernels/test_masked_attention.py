@@ -287,6 +287,7 @@ def test_bad_input_raises_clear_error(name, args, kw, msg):
 # --------------------------------------------------------------------------------------------------
 # Audit: spill-free, tensor cores on both targets
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.audit
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_audit_no_spills_and_tensor_cores():
     names = ("masked_attention_fwd", "masked_attention_bwd_preprocess", "masked_attention_bwd")
