@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 
 def _python(code: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -40,32 +42,67 @@ def test_selfcheck_passes_for_every_op(capsys):
         assert line is not None and line.rstrip().endswith(" ok"), (name, out)
 
 
-def test_wheel_carries_the_native_library(tmp_path):
-    """A wheel (and so a non-editable install) carries jepa_engine/_C.so as package data, and the installed
-    layout looks for it there. The tree is copied with a stand-in _C.so (a file that is not a library):
-    the wheel holds it, and the unpacked wheel's kernels/_native.py tries to load that very file."""
-    root, src = Path(__file__).resolve().parents[1], tmp_path / "src"
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = [t for t in ("cmake", os.environ.get("CXX", "c++")) if shutil.which(t) is None]
+
+
+def _wheel(tmp_path: Path, stand_in: bool, **env: str) -> tuple[str, set[str], str]:
+    """Build a wheel of a copy of the tree as a user's ``pip wheel --no-build-isolation .`` does, with the
+    venv's torch importable, unpack it and ask its kernels/_native.py what it loaded. Returns the wheel's
+    file name, its entries and the loader's status line."""
+    src = tmp_path / "src"
     skip = shutil.ignore_patterns("__pycache__", "*.so")
-    for name in ("jepa_engine", "kernels"):
-        shutil.copytree(root / name, src / name, ignore=skip)
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(root / name, src / name)
-    (src / "jepa_engine" / "_C.so").write_bytes(b"not a library")
+    for name in ("jepa_engine", "kernels", "csrc"):
+        shutil.copytree(ROOT / name, src / name, ignore=skip)
+    for name in ("pyproject.toml", "README.md", "setup.py", "CMakeLists.txt"):
+        shutil.copy(ROOT / name, src / name)
+    if stand_in:
+        (src / "jepa_engine" / "_C.so").write_bytes(b"not a library")
     pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
            "--disable-pip-version-check"]
-    build = subprocess.run(pip + [str(src), "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=120)
+    build = subprocess.run(pip + [str(src), "-w", str(tmp_path / "dist")], capture_output=True, text=True,
+                           timeout=300, env=dict(os.environ, **env))
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("jepa_engine-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         z.extractall(tmp_path / "site")
-    assert {"jepa_engine/_C.so", "jepa_engine/kernels/_native.py", "jepa_engine/cli.py"} <= names
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "JEPA_ENGINE_NATIVE")}
-    env["PYTHONPATH"] = str(tmp_path / "site")
+    run_env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "JEPA_ENGINE_NATIVE")}
+    run_env["PYTHONPATH"] = str(tmp_path / "site")
     run = subprocess.run([sys.executable, "-c", "from jepa_engine.kernels import _native as n; print(n.__file__); "
-                          "print(n.status())"], capture_output=True, text=True, env=env, cwd="/", timeout=120)
+                          "print(n.status())"], capture_output=True, text=True, env=run_env, cwd="/", timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     where, status = run.stdout.strip().splitlines()[-2:]
-    site = tmp_path / "site" / "jepa_engine"
-    assert where == str(site / "kernels" / "_native.py")
-    assert status.startswith(f"{site / '_C.so'} could not be loaded"), status
+    assert where == str(tmp_path / "site" / "jepa_engine" / "kernels" / "_native.py")
+    return wheel.name, names, status
+
+
+def test_wheel_carries_the_native_library(tmp_path):
+    """A wheel (and so a non-editable install) carries a jepa_engine/_C.so that `make native` built as
+    package data, and the installed layout looks for it there. The tree is copied with a stand-in _C.so
+    (a file that is not a library), and setup.py's own build fails (CMake is given a source that is not
+    there): the wheel is still built, it holds the stand-in, and the unpacked wheel's kernels/_native.py
+    tries to load that very file."""
+    name, names, status = _wheel(tmp_path, stand_in=True, JEPA_ENGINE_CMAKE_ARGS="-DJEPA_ENGINE_SOURCES=csrc/none.cpp")
+    assert {"jepa_engine/_C.so", "jepa_engine/kernels/_native.py", "jepa_engine/cli.py"} <= names
+    assert status.startswith(f"{tmp_path / 'site' / 'jepa_engine' / '_C.so'} could not be loaded"), status
+    # machine code inside: a platform wheel (it calls no Python API: any Python 3)
+    assert name.startswith("jepa_engine-") and name.endswith("-py3-none-linux_x86_64.whl"), name
+
+
+@pytest.mark.skipif(bool(TOOLS), reason=f"no {' or '.join(TOOLS)} on PATH to build the native library")
+def test_wheel_build_drives_cmake_for_the_native_library(tmp_path):
+    """setup.py builds _C.so with CMake against the build environment's torch: the wheel carries a library
+    that loads and defines its ops. (Two of the sources, for time: JEPA_ENGINE_CMAKE_ARGS reaches CMake.)"""
+    sources = "-DJEPA_ENGINE_SOURCES=csrc/ops.cpp;csrc/planning_kernels.cpp"
+    name, names, status = _wheel(tmp_path, stand_in=False, JEPA_ENGINE_CMAKE_ARGS=f"'{sources}'")
+    assert "jepa_engine/_C.so" in names and name.endswith("-py3-none-linux_x86_64.whl"), (name, sorted(names)[:5])
+    assert status == f"loaded from {tmp_path / 'site' / 'jepa_engine' / '_C.so'}", status
+    code = ("import torch, jepa_engine.kernels._native as n; assert n.available(); "
+            "print(sorted(n.native_ops()), torch._C._dispatch_has_kernel_for_dispatch_key("
+            "'jepa_engine::sample_actions', 'CPU'))")
+    run_env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "JEPA_ENGINE_NATIVE")}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120,
+                         env=dict(run_env, PYTHONPATH=str(tmp_path / "site")))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["['elite_refit',", "'sample_actions']", "True"], run.stdout
