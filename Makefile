@@ -76,7 +76,9 @@ $(ENVS_STAMP): $(STAMP) pyproject.toml
 
 # The whole suite, Triton kernels under the interpreter (no GPU needed); the stable-worldmodel tests
 # need `make envs` (installed first).
-test: $(STAMP) native $(ENVS_STAMP)
+# The native build (C++ compiles) and `make envs` (mostly downloads and unpacking) run side by side.
+test: $(STAMP)
+	@$(MAKE) --no-print-directory -j2 native envs
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
 
 demo: $(STAMP) native
