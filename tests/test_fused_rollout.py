@@ -126,10 +126,16 @@ def test_bf16_rollout_is_close():
 
 def test_history_cache_follows_in_place_updates():
     """The observed history's tokens and shared prefixes are kept between calls with the same tensors;
-    modifying either tensor in place (as an MPC loop does) must be seen by the next call."""
+    modifying either tensor in place (as an MPC loop does) must be seen by the next call. (The cache is
+    FusedRollout's own, whichever backend runs its ops: here the references, not the interpreter.)"""
     model = _model()
     z_hist, past, actions, z_goal = _inputs(model, E=2, h=3, N=4, H=4)
     fr = FusedRollout(model)
+    with use_backend("reference"):
+        _follows_in_place_updates(model, fr, z_hist, past, actions)
+
+
+def _follows_in_place_updates(model, fr, z_hist, past, actions):
     first = fr.rollout(z_hist, past, actions)
     assert_close(fr.rollout(z_hist, past, actions), first, rtol=0, atol=0)      # kept: same result
     assert fr._obs_cache is not None
