@@ -106,3 +106,38 @@ def test_wheel_build_drives_cmake_for_the_native_library(tmp_path):
                          env=dict(run_env, PYTHONPATH=str(tmp_path / "site")))
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["['elite_refit',", "'sample_actions']", "True"], run.stdout
+
+
+@pytest.mark.skipif(bool(TOOLS), reason=f"no {' or '.join(TOOLS)} on PATH to build the native library")
+def test_cmake_links_a_cuda_torch_without_its_toolkit(tmp_path):
+    """A CUDA build of torch whose TorchConfig.cmake stops for want of a CUDA toolkit (what a pip CUDA torch
+    does on a machine without the CUDA runtime headers): CMakeLists.txt links the wheel's CPU libraries
+    directly, and the library loads. Simulated with this torch's files and a TorchConfig.cmake that stops."""
+    import torch
+
+    real = Path(torch.__file__).parent
+    fake = tmp_path / "torch"
+    (fake / "share" / "cmake" / "Torch").mkdir(parents=True)
+    (fake / "share" / "cmake" / "Torch" / "TorchConfig.cmake").write_text(
+        'message(FATAL_ERROR "Your installed Caffe2 version uses CUDA but I cannot find the CUDA libraries.")\n')
+    (fake / "include").symlink_to(real / "include")
+    (fake / "lib").mkdir()
+    for lib in (real / "lib").iterdir():
+        (fake / "lib" / lib.name).symlink_to(lib)
+    (fake / "lib" / "libtorch_cuda.so").write_bytes(b"")        # what makes it a CUDA build
+    out = tmp_path / "out"
+    configure = ["cmake", "-S", str(ROOT), "-B", str(tmp_path / "build"), "-DCMAKE_BUILD_TYPE=Release",
+                 f"-DCMAKE_PREFIX_PATH={fake / 'share' / 'cmake'}", f"-DJEPA_ENGINE_LIB_DIR={out}",
+                 "-DJEPA_ENGINE_RUNNER=OFF", "-DJEPA_ENGINE_SOURCES=csrc/ops.cpp;csrc/planning_kernels.cpp"]
+    run = subprocess.run(configure, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert "TorchConfig.cmake cannot find: linking its CPU libraries" in run.stdout, run.stdout[-2000:]
+    build = subprocess.run(["cmake", "--build", str(tmp_path / "build"), "-j2", "--target", "jepa_engine_ops"],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, (build.stdout + build.stderr)[-3000:]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import jepa_engine.kernels._native as n; print(n.available(), sorted(n.native_ops()))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/",
+                         env=dict(env, JEPA_ENGINE_NATIVE=str(out / "_C.so")))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["True", "['elite_refit',", "'sample_actions']"], run.stdout
