@@ -276,8 +276,12 @@ def launchable(kernel, traced: bool = False):
     """``kernel`` to launch as ``launchable(kernel, traced)[grid](...)``: itself, or with ``traced`` wrapped by
     ``torch.library.wrap_triton``, so that a graph traced through the launch (an op's decomposition in
     ``torch.export``) holds the kernel itself, which AOTInductor compiles into its package, instead of a
-    call to an op whose CUDA kernel exists only in Python."""
-    return torch.library.wrap_triton(kernel) if traced else kernel
+    call to an op whose CUDA kernel exists only in Python. An interpreted kernel (``TRITON_INTERPRET=1``
+    makes ``@triton.jit`` an ``InterpretedFunction``) is launched as it is, as torch 2.13's ``wrap_triton``
+    does (torch 2.11's raises on it): the interpreter's launches run eagerly, nothing traces them."""
+    if not traced or type(kernel).__name__ == "InterpretedFunction":
+        return kernel
+    return torch.library.wrap_triton(kernel)
 
 
 @functools.lru_cache(maxsize=None)
