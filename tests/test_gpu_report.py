@@ -349,3 +349,21 @@ def test_cli_parses_gpu_report_and_rejects_bad_stages(capsys):
         p.name for p in (gs.ROOT / "benches").glob("bench_*.py"))
     assert not set(gs.BENCH_LEFT_OUT) & {f for f, _ in gs.BENCH_FILES}
     assert sum(s for _, s in gs.BENCH_FILES) <= gs.LIMITS["bench"][0] - gs.TABLE_S
+
+
+def test_install_builds_no_native_library_on_the_device(tmp_path, monkeypatch):
+    """The install stage's pip install -e . runs setup.py without its CMake build (JEPA_ENGINE_BUILD_NATIVE=0):
+    the stage's limit is for the install, and the device runs the Triton kernels."""
+    calls = []
+
+    def fake_run(cmd, limit_s, env=None, prefix="", **kw):
+        calls.append((cmd, env))
+        return gs.Ran(0, False, 0.1, "")
+
+    monkeypatch.setattr(gs, "run_command", fake_run)
+    ctx = gs.Context(tmp_path, short=False, install=True)
+    o = gs.stage_install(ctx, 40)
+    cmd, env = calls[0]
+    assert cmd[1:4] == ["-m", "pip", "install"] and "--no-build-isolation" in cmd and cmd[-2:] == ["-e", str(gs.ROOT)]
+    assert env["JEPA_ENGINE_BUILD_NATIVE"] == "0"
+    assert o.status == "ok", o.summary
