@@ -54,7 +54,7 @@ class CMakeBuild(build_ext):
         return [p for p in super().get_outputs() if os.path.exists(p)]
 
     def build_extension(self, ext):
-        why = self._missing_tools()
+        why = self._why_not_built()
         if why:
             print(f"native: {why}; {NO_LIBRARY}", file=sys.stderr)
             return
@@ -77,7 +77,7 @@ class CMakeBuild(build_ext):
         print(f"native: built {out} against torch {torch.__version__}", file=sys.stderr)
 
     @staticmethod
-    def _missing_tools() -> str:
+    def _why_not_built() -> str:
         if os.environ.get("JEPA_ENGINE_BUILD_NATIVE", "1") == "0":
             return "JEPA_ENGINE_BUILD_NATIVE=0"
         try:

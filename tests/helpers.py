@@ -215,27 +215,28 @@ def start_audit() -> None:
     _BACKGROUND.append((subprocess.Popen(args, stdout=out, stderr=err, text=True, env=env), out, err))
 
 
+def _end(proc: subprocess.Popen, out, err) -> None:
+    proc.kill()
+    proc.wait()
+    out.close()
+    err.close()
+
+
 def stop_audit() -> None:
     """End a background audit nobody read (the session ends, or fails, before the audit tests)."""
     while _BACKGROUND:
-        proc, out, err = _BACKGROUND.pop()
-        proc.kill()
-        proc.wait()
-        out.close()
-        err.close()
+        _end(*_BACKGROUND.pop())
 
 
 def _background_rows() -> list[dict]:
-    proc, out, err = _BACKGROUND.pop()
+    proc, out, err = entry = _BACKGROUND.pop()
     try:
         returncode = proc.wait(timeout=900)
         out.seek(0)
         err.seek(0)
         return _rows_of(returncode, out.read(), err.read())
     finally:
-        proc.kill()
-        out.close()
-        err.close()
+        _end(*entry)
 
 
 def run_audit(*kernels: str) -> list[dict]:

@@ -132,20 +132,16 @@ def test_history_cache_follows_in_place_updates():
     z_hist, past, actions, z_goal = _inputs(model, E=2, h=3, N=4, H=4)
     fr = FusedRollout(model)
     with use_backend("reference"):
-        _follows_in_place_updates(model, fr, z_hist, past, actions)
-
-
-def _follows_in_place_updates(model, fr, z_hist, past, actions):
-    first = fr.rollout(z_hist, past, actions)
-    assert_close(fr.rollout(z_hist, past, actions), first, rtol=0, atol=0)      # kept: same result
-    assert fr._obs_cache is not None
-    for t in (z_hist, past):
-        t.mul_(0.5)
-        assert_close(fr.rollout(z_hist, past, actions), _reference(model, z_hist, past, actions),
-                     rtol=1e-5, atol=1e-5)
-    other = z_hist.clone()
-    other[0, 0, 0] += 1.0
-    assert_close(fr.rollout(other, past, actions), _reference(model, other, past, actions), rtol=1e-5, atol=1e-5)
+        first = fr.rollout(z_hist, past, actions)
+        assert_close(fr.rollout(z_hist, past, actions), first, rtol=0, atol=0)      # kept: same result
+        assert fr._obs_cache is not None
+        for t in (z_hist, past):
+            t.mul_(0.5)
+            assert_close(fr.rollout(z_hist, past, actions), _reference(model, z_hist, past, actions),
+                         rtol=1e-5, atol=1e-5)
+        other = z_hist.clone()
+        other[0, 0, 0] += 1.0
+        assert_close(fr.rollout(other, past, actions), _reference(model, other, past, actions), rtol=1e-5, atol=1e-5)
 
 
 def test_inference_mode_tensors_are_not_cached():

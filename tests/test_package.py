@@ -11,10 +11,16 @@ from pathlib import Path
 import pytest
 
 
-def _python(code: str) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
-                          cwd="/").stdout
+def _python(code: str, **env: str | None) -> str:
+    """stdout of ``python -c code`` from ``/``, without TRITON_INTERPRET; ``env`` sets variables (None: unsets)."""
+    run_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run_env.update({k: v for k, v in env.items() if v is not None})
+    for k in [k for k, v in env.items() if v is None]:
+        run_env.pop(k, None)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=run_env, cwd="/",
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout
 
 
 def test_import_is_light():
@@ -44,6 +50,8 @@ def test_selfcheck_passes_for_every_op(capsys):
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = [t for t in ("cmake", os.environ.get("CXX", "c++")) if shutil.which(t) is None]
+# The fewest sources that make a loadable library (ops.cpp defines the planning ops' schemas): the build tests' time.
+TWO_SOURCES = "-DJEPA_ENGINE_SOURCES=csrc/ops.cpp;csrc/planning_kernels.cpp"
 
 
 def _wheel(tmp_path: Path, stand_in: bool, **env: str) -> tuple[str, set[str], str]:
@@ -67,12 +75,9 @@ def _wheel(tmp_path: Path, stand_in: bool, **env: str) -> tuple[str, set[str], s
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         z.extractall(tmp_path / "site")
-    run_env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "JEPA_ENGINE_NATIVE")}
-    run_env["PYTHONPATH"] = str(tmp_path / "site")
-    run = subprocess.run([sys.executable, "-c", "from jepa_engine.kernels import _native as n; print(n.__file__); "
-                          "print(n.status())"], capture_output=True, text=True, env=run_env, cwd="/", timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
-    where, status = run.stdout.strip().splitlines()[-2:]
+    out = _python("from jepa_engine.kernels import _native as n; print(n.__file__); print(n.status())",
+                  JEPA_ENGINE_NATIVE=None, PYTHONPATH=str(tmp_path / "site"))
+    where, status = out.strip().splitlines()[-2:]
     assert where == str(tmp_path / "site" / "jepa_engine" / "kernels" / "_native.py")
     return wheel.name, names, status
 
@@ -94,18 +99,14 @@ def test_wheel_carries_the_native_library(tmp_path):
 def test_wheel_build_drives_cmake_for_the_native_library(tmp_path):
     """setup.py builds _C.so with CMake against the build environment's torch: the wheel carries a library
     that loads and defines its ops. (Two of the sources, for time: JEPA_ENGINE_CMAKE_ARGS reaches CMake.)"""
-    sources = "-DJEPA_ENGINE_SOURCES=csrc/ops.cpp;csrc/planning_kernels.cpp"
-    name, names, status = _wheel(tmp_path, stand_in=False, JEPA_ENGINE_CMAKE_ARGS=f"'{sources}'")
+    name, names, status = _wheel(tmp_path, stand_in=False, JEPA_ENGINE_CMAKE_ARGS=f"'{TWO_SOURCES}'")
     assert "jepa_engine/_C.so" in names and name.endswith("-py3-none-linux_x86_64.whl"), (name, sorted(names)[:5])
     assert status == f"loaded from {tmp_path / 'site' / 'jepa_engine' / '_C.so'}", status
     code = ("import torch, jepa_engine.kernels._native as n; assert n.available(); "
             "print(sorted(n.native_ops()), torch._C._dispatch_has_kernel_for_dispatch_key("
             "'jepa_engine::sample_actions', 'CPU'))")
-    run_env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "JEPA_ENGINE_NATIVE")}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120,
-                         env=dict(run_env, PYTHONPATH=str(tmp_path / "site")))
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split() == ["['elite_refit',", "'sample_actions']", "True"], run.stdout
+    out = _python(code, JEPA_ENGINE_NATIVE=None, PYTHONPATH=str(tmp_path / "site"))
+    assert out.split() == ["['elite_refit',", "'sample_actions']", "True"], out
 
 
 @pytest.mark.skipif(bool(TOOLS), reason=f"no {' or '.join(TOOLS)} on PATH to build the native library")
@@ -128,16 +129,13 @@ def test_cmake_links_a_cuda_torch_without_its_toolkit(tmp_path):
     out = tmp_path / "out"
     configure = ["cmake", "-S", str(ROOT), "-B", str(tmp_path / "build"), "-DCMAKE_BUILD_TYPE=Release",
                  f"-DCMAKE_PREFIX_PATH={fake / 'share' / 'cmake'}", f"-DJEPA_ENGINE_LIB_DIR={out}",
-                 "-DJEPA_ENGINE_RUNNER=OFF", "-DJEPA_ENGINE_SOURCES=csrc/ops.cpp;csrc/planning_kernels.cpp"]
+                 "-DJEPA_ENGINE_RUNNER=OFF", TWO_SOURCES]
     run = subprocess.run(configure, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     assert "TorchConfig.cmake cannot find: linking its CPU libraries" in run.stdout, run.stdout[-2000:]
     build = subprocess.run(["cmake", "--build", str(tmp_path / "build"), "-j2", "--target", "jepa_engine_ops"],
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, (build.stdout + build.stderr)[-3000:]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import jepa_engine.kernels._native as n; print(n.available(), sorted(n.native_ops()))")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/",
-                         env=dict(env, JEPA_ENGINE_NATIVE=str(out / "_C.so")))
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split() == ["True", "['elite_refit',", "'sample_actions']"], run.stdout
+    got = _python("import jepa_engine.kernels._native as n; print(n.available(), sorted(n.native_ops()))",
+                  JEPA_ENGINE_NATIVE=str(out / "_C.so"))
+    assert got.split() == ["True", "['elite_refit',", "'sample_actions']"], got
