@@ -81,7 +81,8 @@ def _train(args: argparse.Namespace) -> int:
     from jepa_engine import demo
     from jepa_engine.training.ijepa import NonFiniteLossError, TrainConfig, Trainer
 
-    trainer = Trainer(_run_config(args, TrainConfig, fallback=None), args.out, resume=args.resume)
+    trainer = Trainer(_run_config(args, TrainConfig, fallback=None), args.out, resume=args.resume,
+                      overwrite=args.overwrite)
     try:
         summary = trainer.fit()
     except KeyboardInterrupt:
@@ -122,7 +123,7 @@ def _train_wm(args: argparse.Namespace) -> int:
     if cfg.data:
         print(f"data: {trajectory_data.summary_line(trajectory_data.read_manifest(cfg.data))}", flush=True)
     try:
-        summary = train_world_model(cfg, args.out, resume=args.resume)
+        summary = train_world_model(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     except KeyboardInterrupt:
         return 130
     resumed = f" (resumed at step {summary['resumed_from']})" if summary.get("resumed_from") is not None else ""
@@ -300,7 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run folder: config.json, metrics.jsonl, checkpoints")
     train.add_argument("--steps", type=int_at_least(1), help="override the total number of steps")
     train.add_argument("--device", type=known_device, help="override the device (cpu, cuda, cuda:1)")
-    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    train_start = train.add_mutually_exclusive_group()
+    train_start.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    train_start.add_argument("--overwrite", action="store_true",
+                             help="delete the checkpoints already in --out and start afresh (without it, a fresh "
+                                  "run into a folder that holds checkpoints stops with an error)")
     train.set_defaults(func=_train)
     twm = sub.add_parser("train-wm", help="train the action-conditioned world model (preset or JSON config)")
     twm.add_argument("--config", help="a preset name (demo, test, lewm) or a JSON file (default: demo, or with "
@@ -308,7 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     twm.add_argument("--out", default=os.path.join("runs", "wm"), help="run folder (default: runs/wm)")
     twm.add_argument("--steps", type=int_at_least(1), help="override the number of steps")
     twm.add_argument("--device", type=known_device, help="override the device (cpu, cuda, cuda:1)")
-    twm.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in --out")
+    twm_start = twm.add_mutually_exclusive_group()
+    twm_start.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in --out")
+    twm_start.add_argument("--overwrite", action="store_true",
+                           help="delete the checkpoints already in --out and start afresh (without it, a fresh run "
+                                "into a folder that holds checkpoints stops with an error)")
     twm.add_argument("--no-report", action="store_true", help="skip the physics probe / surprise report")
     twm.add_argument("--data", help="train on a dataset folder written by `collect` (streamed from disk; frame size "
                      "and action dim from its manifest; default config: the env's preset) instead of the built-in "

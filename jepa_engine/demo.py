@@ -3,6 +3,7 @@ world model (physics probe, surprise, MPC), the planner against the matched deco
 kernel self-check; and the trainers' printed summaries the commands share."""
 from __future__ import annotations
 
+import json
 import os
 import time
 import traceback
@@ -34,6 +35,20 @@ DEMO_MPC_EPISODES = 16
 DEMO_DECODER_MAX_SECONDS = 150.0      # a slower machine stops training early rather than stall the demo
 
 
+def replaces_own_run(out, cfg) -> bool:
+    """Whether the demo may delete the checkpoints in ``out`` before training ``cfg`` afresh: only those of
+    an earlier demo, whose newest checkpoint was trained from the same config. A folder holding anything
+    else keeps it, and the trainer stops with an error that names it (nothing is lost)."""
+    found = ckpt.list_checkpoints(out)
+    if not found:
+        return False
+    try:
+        saved = json.loads(found[-1][1].read_text())["meta"]["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return saved == json.loads(json.dumps(cfg.to_dict()))
+
+
 def run(out: str) -> int:
     """The whole demo into the run folder `out`: the I-JEPA section, the world-model section, the quick profile
     and the kernel self-check, each timed. Returns the exit status (1 when a section misses or fails)."""
@@ -43,7 +58,7 @@ def run(out: str) -> int:
     print(f"== Training a tiny I-JEPA on the built-in world ({device}, budget {cfg.max_minutes:g} min, "
           f"{cfg.steps} steps max) ==", flush=True)
     t0 = time.perf_counter()
-    trainer = ijepa.Trainer(cfg, out, resume=False)
+    trainer = ijepa.Trainer(cfg, out, resume=False, overwrite=replaces_own_run(out, cfg))
     try:
         # The same probe on the untrained encoder: what training adds over random features.
         before = trainer.run_probe() or {}
@@ -94,7 +109,8 @@ def world_model_section(out: str) -> bool:
           f"{device}", flush=True)
     t0 = time.perf_counter()
     try:
-        summary = wm_training.train_world_model(cfg, out, log=lambda msg: print(msg, flush=True))
+        summary = wm_training.train_world_model(cfg, out, log=lambda msg: print(msg, flush=True),
+                                                overwrite=replaces_own_run(out, cfg))
     except Exception:
         traceback.print_exc()
         print("world model: training FAILED", flush=True)

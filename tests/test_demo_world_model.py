@@ -48,7 +48,7 @@ def test_demo_sections_run_in_order(tmp_path, capsys, monkeypatch):
     import jepa_engine.training.ijepa as train
 
     class FakeTrainer:
-        def __init__(self, cfg, out, resume=False):
+        def __init__(self, cfg, out, resume=False, overwrite=False):
             pass
 
         def run_probe(self):

@@ -1,6 +1,6 @@
 """Training state is never lost or silently replaced: resume with a new total, damaged checkpoints,
---resume without a checkpoint, clear messages, file modes and step numbers, and kill -9 during a
-checkpoint write (20 trials).
+--resume without a checkpoint, clear messages, file modes and step numbers, a fresh run into a folder
+that holds an earlier run's checkpoints, and kill -9 during a checkpoint write (20 trials).
 
 Kernels run on their PyTorch reference and the models are the tests' tiny configurations, so each test
 takes seconds on 2 CPU cores.
@@ -276,6 +276,69 @@ def test_both_trainers_count_steps_as_checkpoints_name_them(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"resumed from {tmp_path / 'w' / 'ckpt-00000004.json'} (step 4)" in out and "step     6 " in out, out
     assert [r["step"] for r in _rows(tmp_path / "w")] == [1, 2, 4, 6]
+
+
+# ---- 7. a fresh run never mixes with the checkpoints of an earlier run in its folder -------------------
+def _fresh(trainer: str, run: Path, steps: int, **kw):
+    """A fresh run of ``steps`` steps into ``run`` through the library; returns its trained weights."""
+    if trainer == "train":
+        tr = T.Trainer(tiny(steps=steps), run, progress=False, **kw)
+        tr.fit()
+        return tr.jepa.state_dict()
+    return train_world_model(wm_cfg(steps=steps), run, log=None, **kw)["model"].state_dict()
+
+
+@pytest.mark.parametrize("trainer", ["train", "train-wm"])
+def test_a_fresh_run_into_a_folder_with_checkpoints_is_refused_unless_overwrite(tmp_path, capsys, trainer):
+    run, config = tmp_path / "run", tmp_path / "config.json"
+    config.write_text(tiny(steps=2).to_json() if trainer == "train" else json.dumps(wm_cfg(steps=2).to_dict()))
+    _fresh(trainer, run, 4)                     # checkpoints 2 and 4 of the earlier run
+    before = _snapshot(run)
+    who = "train" if trainer == "train" else "train_world_model"
+    # Before the guard, a 2-step run there kept the earlier step-4 checkpoint as the newest: a resume or a
+    # load went on from the old run, and its config.json and metrics.jsonl were replaced.
+    with pytest.raises(ckpt.CheckpointError) as e:
+        _fresh(trainer, run, 2)
+    assert str(e.value) == (f"{who}: run folder {run} already holds 2 checkpoint(s) of a run (newest "
+                            f"{run / 'ckpt-00000004.json'}, step 4); a fresh run there would mix with them. Continue "
+                            f"that run with resume=True (--resume), write to another folder, or delete them and "
+                            f"start afresh with overwrite=True (--overwrite)")
+    argv = [trainer, "--config", str(config), "--out", str(run)] + (["--no-report"] if trainer == "train-wm" else [])
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert _one_line(trainer, err) and "already holds 2 checkpoint(s)" in err and "(--overwrite)" in err, err
+    assert _snapshot(run) == before             # nothing written, nothing deleted
+    assert main(argv + ["--resume", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert _one_line(trainer, err) and "argument --overwrite: not allowed with argument --resume" in err, err
+    with pytest.raises(ValueError, match="pass one of them"):
+        _fresh(trainer, run, 2, resume=True, overwrite=True)
+    assert _snapshot(run) == before
+
+    # --overwrite: the folder holds the new run alone, equal to the same run into an empty folder.
+    assert main(argv + ["--overwrite"]) == 0
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [2]
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt-00000002.json", "ckpt-00000002.safetensors",
+                                                     "config.json", "metrics.jsonl"]
+    assert [r["step"] for r in _rows(run)] == [1, 2]
+    straight = _fresh(trainer, tmp_path / "straight", 2)
+    saved = ckpt.load_checkpoint(run)[0]
+    _assert_equal({k: saved[f"model/{k}"] for k in straight}, dict(straight), "overwritten run vs straight run")
+
+
+def test_the_demo_replaces_only_its_own_earlier_run(tmp_path):
+    from jepa_engine.demo import replaces_own_run
+
+    run = tmp_path / "wm"
+    assert not replaces_own_run(run, wm_cfg(steps=2))       # no folder, no checkpoint: nothing to replace
+    train_world_model(wm_cfg(steps=2), run, log=None)
+    assert replaces_own_run(run, wm_cfg(steps=2))
+    assert not replaces_own_run(run, wm_cfg(steps=3))        # another run: it stays, the trainer refuses
+    with pytest.raises(ckpt.CheckpointError, match="already holds 1 checkpoint"):
+        train_world_model(wm_cfg(steps=3), run, log=None, overwrite=replaces_own_run(run, wm_cfg(steps=3)))
+    train_world_model(wm_cfg(steps=2), run, log=None, overwrite=replaces_own_run(run, wm_cfg(steps=2)))
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [2]
 
 
 # ---- kill -9 during checkpoint writes ------------------------------------------------------------

@@ -55,6 +55,28 @@ class RunFolder:
                  if saved_total != cfg.steps else "")
         return latest, step, f"resumed from {latest} (step {step}){total}"
 
+    def claim(self, overwrite: bool, remove: bool = True) -> None:
+        """Make the folder ready for a fresh run, before anything is trained or written.
+
+        A folder that holds checkpoints belongs to an earlier run: a fresh run there would replace its
+        config.json and metrics.jsonl, prune its own checkpoints next to the old ones (or lose them behind a
+        newer old step), and a later resume or load would pick whichever checkpoint is newest. So it raises
+        :class:`~jepa_engine.training.checkpoint.CheckpointError` naming the newest checkpoint and the ways
+        on, unless ``overwrite``: then the old checkpoints are deleted first (where ``remove``: the other
+        ranks of a data-parallel run only check)."""
+        found = ckpt.list_checkpoints(self.path)
+        if not found:
+            return
+        step, newest = found[-1]
+        if not overwrite:
+            raise ckpt.CheckpointError(
+                f"{self.who}: run folder {self.path} already holds {len(found)} checkpoint(s) of a run (newest "
+                f"{newest}, step {step}); a fresh run there would mix with them. Continue that run with "
+                f"resume=True (--resume), write to another folder, or delete them and start afresh with "
+                f"overwrite=True (--overwrite)")
+        if remove:
+            ckpt.remove_checkpoints(self.path)
+
     def start(self, cfg, resumed_at: Optional[int]) -> list[dict]:
         """Write ``config.json``; start ``metrics.jsonl`` anew, or (resumed) keep its rows through step
         ``resumed_at`` and return them: rows an interrupted run logged after its checkpoint describe steps

@@ -111,10 +111,15 @@ class WorldModelTrainer:
     """
 
     def __init__(self, cfg: WMTrainConfig, out_dir: Union[str, os.PathLike, None] = None, resume: bool = False,
-                 log: Optional[Callable[[str], None]] = print):
+                 log: Optional[Callable[[str], None]] = print, overwrite: bool = False):
+        if resume and overwrite:
+            raise ValueError("train_world_model: resume=True continues the run in out_dir and overwrite=True deletes "
+                             "it; pass one of them")
         self.cfg, self.log = cfg, log
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.folder = RunFolder(self.out_dir, "train_world_model") if self.out_dir is not None else None
+        if self.folder is not None and not resume:
+            self.folder.claim(overwrite)
         self.device = cfg.resolved_device()
         self.model, self.ema = build_world_model(cfg, self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -230,7 +235,8 @@ class WorldModelTrainer:
 
 
 def train_world_model(cfg: WMTrainConfig, out_dir: Union[str, os.PathLike, None] = None,
-                      log: Optional[Callable[[str], None]] = print, resume: bool = False) -> dict:
+                      log: Optional[Callable[[str], None]] = print, resume: bool = False,
+                      overwrite: bool = False) -> dict:
     """Train ``cfg``; writes config.json, metrics.jsonl and checkpoints to ``out_dir`` (None: nothing).
 
     Ctrl-C (SIGINT) finishes the current step, writes a checkpoint (with ``out_dir``) and raises
@@ -244,6 +250,8 @@ def train_world_model(cfg: WMTrainConfig, out_dir: Union[str, os.PathLike, None]
     raised on resume to train further: the LR and EMA schedules follow the new total. It raises
     :class:`~jepa_engine.training.checkpoint.CheckpointError` when ``out_dir`` holds no checkpoint, when
     its newest checkpoint is damaged (never skipped silently), or when that checkpoint is past ``cfg.steps``.
+    A fresh run into an ``out_dir`` that already holds checkpoints raises it too, unless ``overwrite=True``,
+    which deletes them first: the two runs' checkpoints would otherwise mix.
 
     Steps are counted as checkpoints name them: log lines and metrics rows ``step s`` describe the
     ``s``-th step (1-based; the first step, every ``log_every``-th and the last are logged), and
@@ -254,7 +262,7 @@ def train_world_model(cfg: WMTrainConfig, out_dir: Union[str, os.PathLike, None]
     checkpoint path, the step resumed from (``resumed_from``, None for a fresh run) and the model
     (``summary["model"]``, in eval mode).
     """
-    return WorldModelTrainer(cfg, out_dir, resume=resume, log=log).fit()
+    return WorldModelTrainer(cfg, out_dir, resume=resume, log=log, overwrite=overwrite).fit()
 
 
 # --------------------------------------------------------------------------------------------------
