@@ -84,16 +84,18 @@ def test_decision_step_bad_arguments():
 
 
 # ---- the decision step exported for CUDA: the planning ops as their Triton kernels, no Python-only op
-@needs_native
 @pytest.mark.skipif(not _launch.triton_available(), reason="triton is not installed")
 def test_cuda_export_holds_triton_ops_only():
     """Traced for CUDA (on this machine's CPU: the trace only reads shapes), the graph calls no op whose
     CUDA kernel exists only in Python: sampling and refit are their ``triton_op`` twins, which
     AOTInductor compiles into the package as Triton kernels, and the attention is aten ops. In a
     process without the Triton interpreter: ``triton.jit`` makes interpreted kernels at import there,
-    which ``wrap_triton`` cannot trace."""
+    which ``wrap_triton`` cannot trace; and without the native library, as the GPU machine installs the
+    package (a CUDA package calls none of its kernels)."""
     code = f"""
 import torch
+from jepa_engine.kernels import _native
+assert not _native.available(), _native.status()
 from jepa_engine.integrations.export import TRITON_OPS, DecisionStep, export_program, graph_nodes
 from jepa_engine.models.world_model import WorldModel, WorldModelConfig
 from jepa_engine.planning import PlannerConfig
@@ -106,12 +108,11 @@ assert ops == {{f"jepa_engine.{{name}}.default" for name in TRITON_OPS}}, ops
 assert any(str(n.target) == "while_loop" for n in graph_nodes(ep))
 print("ok", sorted(ops))
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "JEPA_ENGINE_NATIVE": "0"}
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "ok" in run.stdout, (run.stdout + run.stderr)[-3000:]
 
 
-@needs_native
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: a CUDA package compiles and runs there")
 @pytest.mark.skipif(_launch.interpreting(), reason="TRITON_INTERPRET is set: the package compiles the Triton kernels")
 def test_cuda_package_equals_the_eager_decision_step(tmp_path_factory, tmp_path):
@@ -165,10 +166,19 @@ def test_triton_ops_equal_the_planning_ops(kernel_device, mode):
 
 
 def test_export_without_the_native_library(monkeypatch, tmp_path, capsys):
+    """A CPU package calls the C++ kernels: without the library it is refused, before any tracing. A CUDA
+    package calls none (the GPU machine installs without the C++ build): the library is not asked for, so
+    here the next check, the missing device, is what stops it. The decision step itself runs eagerly."""
     monkeypatch.setattr(_native, "_loaded", False)
     monkeypatch.setattr(_native, "_reason", "JEPA_ENGINE_NATIVE=0: the native library is not loaded")
+    model, config = _model(), PlannerConfig(action_dim=2, **BUDGET)
+    step = DecisionStep(model, config, num_envs=ENVS, loop=False)
+    assert step(*decision_inputs(model, config, ENVS))[1].shape == (ENVS, config.horizon, 2)
     with pytest.raises(ExportError, match="need the native library jepa_engine/_C.so; JEPA_ENGINE_NATIVE=0"):
-        DecisionStep(_model(), PlannerConfig(**BUDGET))
+        export_decision(model, config, tmp_path / "p.pt2")
+    if _launch.triton_available() and not torch.cuda.is_available():
+        with pytest.raises(ExportError, match="^export: device cuda asked, but no CUDA device is available here$"):
+            export_decision(model, config, tmp_path / "p.pt2", device="cuda")
     save_world_model(tmp_path / "run", 1, _model(), WMTrainConfig.from_name("test"))
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "p.pt2")]) == 2
     assert "need the native library jepa_engine/_C.so" in capsys.readouterr().err

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch._higher_order_ops.while_loop import while_loop
 
-from jepa_engine.kernels import _native, use_backend
+from jepa_engine.kernels import _launch, _native, use_backend
 from jepa_engine.kernels.masked_attention import masked_attention_reference
 from jepa_engine.models.world_model import WorldModel
 from jepa_engine.planning import PlannerConfig
@@ -78,9 +78,6 @@ class DecisionStep(nn.Module):
     def __init__(self, model: WorldModel, config: PlannerConfig, mode: str = "cem", num_envs: int = 1,
                  cost: str = "l2", reduce: str = "final", loop: bool = True):
         super().__init__()
-        if not _native.available():
-            raise ExportError(f"DecisionStep: the planning ops jepa_engine::sample_actions / elite_refit need the "
-                              f"native library jepa_engine/_C.so; {_native.status()}")
         if mode not in MODES:
             raise ExportError(f"DecisionStep: mode must be one of {MODES}, got {mode!r}")
         if cost not in COSTS:
@@ -258,16 +255,22 @@ def export_decision(model: WorldModel, config: PlannerConfig, out: Union[str, os
     """Export :class:`DecisionStep` and compile it with AOTInductor for ``device`` (the CPU, or a CUDA
     device, where the planning ops' Triton kernels are compiled into the package) into ``out`` (a
     ``.pt2`` file, written atomically). The package's metadata (:func:`package_metadata`) gives the
-    shapes of the inputs and the device, which the C++ planner (cpp/include/jepa_engine/planner.h) reads."""
-    if not _native.available():
-        raise ExportError(f"export: the planning ops need the native library jepa_engine/_C.so in the graph; "
-                          f"{_native.status()}")
+    shapes of the inputs and the device, which the C++ planner (cpp/include/jepa_engine/planner.h) reads.
+
+    A CPU package calls the native library's C++ kernels, so it needs ``jepa_engine/_C.so``; a CUDA package
+    calls no ``jepa_engine`` op (the Triton kernels are compiled into it), so it does not."""
     out = Path(out)
     if out.suffix != ".pt2":
         raise ExportError(f"export: out must be a .pt2 file name, got {str(out)!r}")
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         raise ExportError(f"export: device must be cpu or cuda, got {str(device)!r}")
+    if device.type == "cpu" and not _native.available():
+        raise ExportError(f"export: a CPU package calls the planning ops' C++ kernels, which need the native "
+                          f"library jepa_engine/_C.so; {_native.status()}")
+    if device.type == "cuda" and not _launch.triton_available():
+        raise ExportError("export: device cuda asked, but triton is not installed: a CUDA package compiles the "
+                          "Triton kernels into it")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ExportError("export: device cuda asked, but no CUDA device is available here")
     if any(p.device != device for p in model.parameters()):
