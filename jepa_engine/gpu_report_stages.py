@@ -33,16 +33,18 @@ PARTS = {"all": ORDER, "tests": ("install", "facts", "tests", "selfcheck"),
 # benches/ files in the order they run (the kernel families first, the whole-step suites last), with
 # their share in seconds of the bench stage (unused time carries on; they sum to its limit less
 # TABLE_S). On an H100 under the report (2026-11-25): ema 18 s, masked attention 96 s, plan 55 s for
-# its E=1 group, latent loss 25 s, planning 11 s (swm and sampling not yet run there); train and accelerate need minutes (a torch.compile
+# its E=1 group, latent loss 25 s, planning 11 s (swm not yet run there); train and accelerate need minutes (a torch.compile
 # peer per group), so they keep the groups that fit: a file cut off at its share gets SIGINT and
 # writes the rows it finished.
 BENCH_FILES = (("bench_ema.py", 22), ("bench_masked_attention.py", 105), ("bench_plan.py", 68),
-               ("bench_latent_loss.py", 26), ("bench_planning.py", 14), ("bench_swm.py", 18),
-               ("bench_sampling.py", 6), ("bench_train.py", 30), ("bench_accelerate.py", 28))
+               ("bench_latent_loss.py", 26), ("bench_planning.py", 14), ("bench_swm.py", 24),
+               ("bench_train.py", 30), ("bench_accelerate.py", 28))
 # benches/ files the report does not run, and why: the shares above fill the stage, and the stages fill
 # the report's two 9.5-minute parts.
 BENCH_LEFT_OUT = {"bench_export.py": "a CPU measurement (the exported package in the C++ runner against the "
-                                     "Python planner) whose AOTInductor export alone takes about 40 s on 2 cores"}
+                                     "Python planner) whose AOTInductor export alone takes about 40 s on 2 cores",
+                  "bench_sampling.py": "the native C++ sampling and refit on the CPU; it skips itself on a CUDA "
+                                       "machine (the Triton kernels' rows are in bench_planning.py)"}
 # Under the report the benches time slow functions with fewer calls (benches/conftest.py).
 BENCH_ENV = {"JEPA_BENCH_QUICK": "1"}
 # A bench file's pytest: SIGINT this long before its share ends (its JSON is written in a second or
