@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from jepa_engine.profiling import measure
-from jepa_engine.profiling.hardware import peak_for, percentile, sync
+from jepa_engine.profiling.hardware import peak_for, percentile, sync, time_calls
 
 from .config import DecoderConfig
 from .decoder import Decoder, DynamicKVCache
@@ -64,15 +64,8 @@ def decoding_cost(cfg: DecoderConfig, reasoning_tokens: int = 0, device="cpu", c
     def decide():
         return model.generate(obs, goal, reasoning_tokens, cache=cache, compile=compile)
 
-    decide()  # warm-up (and compilation)
-    decide()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        decide()
-        sync(device)
-        times.append(time.perf_counter() - t0)
+    # two warm-up calls (the first compiles), then `repeats` synchronised calls
+    timed = time_calls(decide, device, min_seconds=0.0, min_calls=repeats, max_calls=repeats, warmup=2)
     # prefill alone: the same call with no token after the first (a decision of one token)
     with torch.no_grad():
         prefix = model.embed_prompt(obs, goal)
@@ -86,7 +79,7 @@ def decoding_cost(cfg: DecoderConfig, reasoning_tokens: int = 0, device="cpu", c
         sync(device)
         prefill_s = (time.perf_counter() - t0) / repeats
     n_tokens = reasoning_tokens + cfg.action_tokens
-    latency = statistics.median(times)
+    latency = timed["latency_s"]
     steps = max(n_tokens - 1, 1)
     step_s = max(latency - prefill_s, 1e-12) / steps
     elem = torch.empty((), dtype=dtype).element_size()
@@ -100,7 +93,7 @@ def decoding_cost(cfg: DecoderConfig, reasoning_tokens: int = 0, device="cpu", c
         "impl": f"decoder-{cache}" + ("-compiled" if compile else ""), "device": str(device),
         "params": n_params, "dim": cfg.dim, "depth": cfg.depth, "batch": batch, "dtype": str(dtype).split(".")[-1],
         "reasoning_tokens": reasoning_tokens, "tokens_per_decision": n_tokens, "prefix_tokens": P,
-        "latency_s": latency, "latency_p90_s": percentile(times, 0.9), "decisions_per_s": 1.0 / latency,
+        "latency_s": latency, "latency_p90_s": timed["latency_p90_s"], "decisions_per_s": 1.0 / latency,
         "prefill_s": prefill_s, "decode_step_s": step_s, "tokens_per_s": batch / step_s,
         "bytes_per_token": bytes_per_step / batch, "achieved_gbps": achieved, "peak_gbps": peak,
         "bandwidth_utilisation": achieved / peak if peak else None,
