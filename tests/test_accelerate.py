@@ -17,7 +17,7 @@ from torch import nn
 
 import jepa_engine
 from jepa_engine.integrations.accelerate import patch_model_ema
-from jepa_engine.integrations.masks import to_key_padding
+from jepa_engine.integrations.masks import to_attention_plan, to_key_padding
 from jepa_engine.kernels import use_backend
 from tests.helpers import assert_close, needs_triton
 from tests.timm_compat import import_timm
@@ -218,8 +218,16 @@ def test_timm_fallbacks_keep_results():
     full[..., 0] = True
     assert_close(attn(x, full), plain(x, full), what="full mask")
     assert_close(attn(x, is_causal=True), plain(x, is_causal=True), what="is_causal")
-    with pytest.raises(ValueError, match="not expressible as key padding"):
+    with pytest.raises(ValueError, match="^to_key_padding: mask is not expressible as key padding: "):
         to_key_padding(full, B, N, N)
+    with pytest.raises(ValueError, match="^to_attention_plan: mask is neither key padding nor frame-causal: "):
+        to_attention_plan(full, B, N, N)
+    causal = torch.ones(N, N, dtype=torch.bool).tril()
+    kp, frame_len = to_attention_plan(causal, B, N, N)
+    assert frame_len == 1 and (kp is None or bool(kp.all()))
+    with pytest.raises(ValueError, match="^to_key_padding: mask is not expressible as key padding: it is frame-causal "
+                                         "with 1 tokens per frame$"):
+        to_key_padding(causal, B, N, N)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -170,11 +170,12 @@ def to_key_padding(mask: Any, batch: int, num_queries: int, num_keys: int, *,
 
     Raises ``ValueError`` when the mask is not expressible as key padding (a frame-causal mask is
     not: :func:`to_attention_plan` gives its frame length)."""
-    kp, frame_len = to_attention_plan(mask, batch, num_queries, num_keys, device=device, user_format=user_format)
-    if frame_len:
+    plan = _user_plan("to_key_padding", "not expressible as key padding", mask, batch, num_queries, num_keys,
+                      device, user_format)
+    if plan.frame_len:
         raise ValueError(f"to_key_padding: mask is not expressible as key padding: it is frame-causal "
-                         f"with {frame_len} tokens per frame")
-    return kp
+                         f"with {plan.frame_len} tokens per frame")
+    return plan.key_padding
 
 
 def to_attention_plan(mask: Any, batch: int, num_queries: int, num_keys: int, *,
@@ -184,13 +185,21 @@ def to_attention_plan(mask: Any, batch: int, num_queries: int, num_keys: int, *,
     (``key_padding=``, ``frame_size=frame_len``; frame_len 0 = not frame-causal).
 
     Raises ``ValueError`` when the mask is neither key padding nor frame-causal (with key padding)."""
+    plan = _user_plan("to_attention_plan", "neither key padding nor frame-causal", mask, batch, num_queries,
+                      num_keys, device, user_format)
+    return plan.key_padding, plan.frame_len
+
+
+def _user_plan(who: str, what: str, mask: Any, batch: int, num_queries: int, num_keys: int,
+               device: Optional[torch.device], user_format: bool) -> Plan:
+    """The plan of a mask given to the public conversion ``who`` (values inspected); ``ValueError``
+    "``who``: mask is ``what``: why" when it has none."""
     device = device or (mask.device if torch.is_tensor(mask) else torch.device("cpu"))
     try:
-        plan = _convert(mask, batch, num_queries, num_keys, torch.device(device), user_format=user_format,
+        return _convert(mask, batch, num_queries, num_keys, torch.device(device), user_format=user_format,
                         inspect_values=True)
     except Unsupported as e:
-        raise ValueError(f"to_key_padding: mask is not expressible as key padding: {e}") from None
-    return plan.key_padding, plan.frame_len
+        raise ValueError(f"{who}: mask is {what}: {e}") from None
 
 
 def mask_plan(mask, B, N_q, N_k, device, *, user_format: bool, compile_safe: bool) -> Plan:
