@@ -34,6 +34,15 @@ def kernel_device() -> str:
 
 
 @pytest.fixture
+def plain_cpu(monkeypatch) -> None:
+    """A user's CPU process: no Triton interpreter (``TRITON_INTERPRET=0``), so CPU calls take the ops'
+    plain-CPU dispatch (the native C++ kernels where loaded). Set through the test's ``monkeypatch``
+    rather than :func:`jepa_engine.kernels._launch.interpreter_off`: ``monkeypatch.undo()`` in the test
+    undoes it too, and the test's own ``TRITON_INTERPRET`` changes unwind in order with it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture
 def backend_device(backend: str, request) -> str:
     """Where a test parametrized by ``backend`` runs: for ``"triton"``, :func:`kernel_device` (CUDA,
     compiled, where a device is present; else CPU under the interpreter; else a skip), since a forced

@@ -33,12 +33,6 @@ def native():
         pytest.skip(f"no compiler to build the native library: {_native.status()}")
 
 
-@pytest.fixture
-def plain_cpu(monkeypatch):
-    """The process as a user's CPU process: no Triton interpreter, so the public ops take the C++ path."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-
-
 def sampling_args(E, P, A, seed, offset):
     g = torch.Generator().manual_seed(E * 1000 + P)
     mean = torch.randn(E, P, generator=g) * 0.7

@@ -31,12 +31,6 @@ def native():
         pytest.skip(f"no compiler to build the native library: {_native.status()}")
 
 
-@pytest.fixture
-def plain_cpu(monkeypatch):
-    """A user's CPU process: no Triton interpreter, so the public op may take the C++ path."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-
-
 def qkv(shape, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return tuple((torch.randn(shape, generator=g) * 1.5).to(dtype) for _ in range(3))

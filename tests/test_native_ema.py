@@ -34,12 +34,6 @@ def native():
         pytest.skip(f"no compiler to build the native library: {_native.status()}")
 
 
-@pytest.fixture
-def plain_cpu(monkeypatch):
-    """The process as a user's CPU process: no Triton interpreter, so the public op takes the C++ path."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-
-
 def _dense_pair(shape, perm, g, td, od):
     """A target and an online of the same dense, non-contiguous layout (a permuted contiguous tensor)."""
     base = [shape[p] for p in perm]

@@ -31,12 +31,6 @@ def native():
         pytest.skip(f"no compiler to build the native library; {why}")
 
 
-@pytest.fixture
-def plain_cpu(monkeypatch):
-    """The process as a user's CPU process: no Triton interpreter, so the public ops take the C++ path."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-
-
 def make(M, K, N, dtype=torch.float32, seed=0, G=None):
     """x (shifted mean: layer norm matters), weight, bias, residual, goal; drawn in fp32, then cast."""
     g = torch.Generator().manual_seed(seed)

@@ -36,12 +36,6 @@ def native():
         pytest.skip(f"no compiler to build the native library: {why}")
 
 
-@pytest.fixture
-def plain_cpu(monkeypatch):
-    """The process as a user's CPU process: no Triton interpreter, so the public ops take the C++ path."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-
-
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 

@@ -22,11 +22,10 @@ def quadratic(actions: torch.Tensor) -> torch.Tensor:  # [E, N, H, A] -> [E, N]
 
 
 @pytest.fixture
-def native_cpu(monkeypatch):
+def native_cpu(plain_cpu):
     """A user's CPU process with the native library: no Triton interpreter, so the C++ path is taken."""
     if not (_native.schema("sample_actions") and _native.schema("elite_refit")):
         pytest.skip(f"the native planning ops are not loaded: {_native.status()}")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
 def public_ops(*args):
