@@ -458,6 +458,55 @@ def test_sdpa_flag_set_and_restored_and_deepcopy():
     assert "forward" not in attn.__dict__ and "forward" not in twin.__dict__
 
 
+class FlaggedAttention(nn.Module):
+    """V-JEPA 2 ``RoPEAttention``'s two branches: SDPA (which drops with ``proj_drop_prob`` and scales by
+    1/sqrt(head dim)) when ``use_sdpa``, else an explicit one scaled by ``qk_scale`` with ``attn_drop``."""
+
+    def __init__(self, dim, num_heads=2, qk_scale=None, attn_drop=0.0, proj_drop_prob=0.0, use_sdpa=False):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.scale = qk_scale or self.head_dim ** -0.5
+        self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+        self.attn_drop, self.proj_drop_prob, self.use_sdpa = nn.Dropout(attn_drop), proj_drop_prob, use_sdpa
+
+    def forward(self, x, attn_mask=None):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
+        if self.use_sdpa:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.proj_drop_prob)
+        else:
+            x = self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(-1)) @ v
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+@pytest.mark.parametrize("kw, skipped", [
+    (dict(), ""),
+    (dict(qk_scale=0.05), "use_sdpa=False: its explicit attention scales by 0.05, not 1/sqrt(head dim 32)"),
+    (dict(attn_drop=0.5), "use_sdpa=False: its explicit attention drops weights with p=0.5, which its SDPA "
+                          "branch may not"),
+    (dict(proj_drop_prob=0.1), "use_sdpa=False: its SDPA branch would drop attention weights with proj_drop_prob=0.1"),
+    (dict(qk_scale=0.05, use_sdpa=True), ""),          # its own SDPA branch ignores qk_scale: so does the fused op
+])
+def test_sdpa_flag_is_switched_only_where_both_branches_compute_the_same(kw, skipped):
+    """Switching V-JEPA 2's use_sdpa on used to drop a custom qk_scale and the explicit branch's attention
+    dropout without a word: such a module now keeps its own code and is listed as skipped, with why."""
+    torch.manual_seed(0)
+    plain = FlaggedAttention(64, **kw).eval()
+    attn = copy.deepcopy(plain)
+    report = jepa_engine.accelerate(attn)
+    x = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        assert_close(attn(x), plain(x), what=str(kw))
+    if skipped:
+        assert not report.patched and "forward" not in attn.__dict__ and attn.use_sdpa is False
+        assert [r.reason for r in report.skipped] == [skipped + "; its own code runs"], report.skipped
+    else:
+        assert [p.kind for p in report.patched] == ["sdpa"] and attn.use_sdpa is True
+        assert jepa_engine.stats(attn).fused == 1
+        jepa_engine.restore(attn)
+        assert attn.use_sdpa is plain.use_sdpa
+
+
 def test_ema_pairs_a_compiled_online_model_with_a_plain_target():
     online = Tree(IJepaAttention, seed=0)
     target = Tree(IJepaAttention, seed=1).requires_grad_(False)

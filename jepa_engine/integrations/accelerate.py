@@ -27,6 +27,11 @@ kind            detected by                                                  cal
                 ``Attention2d``)
 ==============  ==========================================================  ==========================
 
+A module that picks SDPA by a flag that is off (V-JEPA 2 ``use_sdpa=False``, timm ``fused_attn=False``) is
+switched to its SDPA branch only where both branches compute the same (scale 1/sqrt(head dim), no
+attention dropout in either); otherwise it keeps its own code and is listed as skipped, with the reason
+(:func:`jepa_engine.integrations.sdpa.flag_switch_reason`).
+
 Head dims 1 to 256 fuse (80, 88, 104 of ViT-H/g/G run in the kernel's 128-wide tile). Per call, a
 patched module falls back to what it did before (the class forward, or real SDPA) whenever the fused
 op cannot compute the same thing: attention dropout in training, GQA, ``is_causal`` with a mask or

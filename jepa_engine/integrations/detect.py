@@ -7,7 +7,7 @@ import inspect
 from torch import nn
 
 from jepa_engine.integrations.ijepa import recognise as recognise_ijepa
-from jepa_engine.integrations.sdpa import sdpa_aliases
+from jepa_engine.integrations.sdpa import flag_switch_reason, sdpa_aliases
 from jepa_engine.integrations.timm import recognise as recognise_timm
 from jepa_engine.kernels.masked_attention import MAX_HEAD_DIM, supports_head_dim
 from jepa_engine.nn import MaskedSelfAttention
@@ -52,7 +52,8 @@ def classify(mod: nn.Module) -> tuple[str, str]:
         head_dim = getattr(mod, "head_dim", None)
         if isinstance(head_dim, int) and _head_dim_reason(head_dim):
             return "", _head_dim_reason(head_dim)
-        return "sdpa", ""
+        reason = flag_switch_reason(mod)
+        return ("", reason) if reason else ("sdpa", "")
     if reason:
         return "", reason
     name = cls.__name__.lower()

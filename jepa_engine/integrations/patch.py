@@ -10,7 +10,7 @@ from torch import nn
 
 from jepa_engine.integrations.ijepa import forward as ijepa_forward
 from jepa_engine.integrations.record import MISSING, RECORD, Patch, count_fallback
-from jepa_engine.integrations.sdpa import routed_forward, sdpa_forward, traced
+from jepa_engine.integrations.sdpa import flags_off, routed_forward, sdpa_forward, traced
 from jepa_engine.integrations.timm import forward as timm_forward
 
 
@@ -88,11 +88,11 @@ class _GetState:
 def patch(mod: nn.Module, kind: str, compile_safe: bool) -> None:
     changed = {}
     if kind == "sdpa":
-        # Modules that pick SDPA with a flag (timm's fused_attn, V-JEPA's use_sdpa) take the SDPA path.
-        for flag in ("fused_attn", "use_sdpa"):
-            if getattr(mod, flag, True) is False:
-                changed[flag] = mod.__dict__.get(flag, MISSING)
-                object.__setattr__(mod, flag, True)
+        # Modules that pick SDPA with a flag (timm's fused_attn, V-JEPA's use_sdpa) take the SDPA path
+        # (classify patches them only where that computes the same: sdpa.flag_switch_reason).
+        for flag in flags_off(mod):
+            changed[flag] = mod.__dict__.get(flag, MISSING)
+            object.__setattr__(mod, flag, True)
     mod.__dict__[RECORD] = Patch(kind, compile_safe, changed)
     mod.__dict__["forward"] = _patched_forward(mod, kind, compile_safe)
     mod.__dict__["__getstate__"] = _GetState(mod)

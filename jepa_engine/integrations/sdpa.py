@@ -20,6 +20,53 @@ from jepa_engine.kernels.masked_attention import MAX_HEAD_DIM, masked_attention,
 
 SDPA_NAME = "scaled_dot_product_attention"
 _REAL_SDPA = F.scaled_dot_product_attention
+# Flags by which a module picks its SDPA branch over an explicit matmul-softmax one (timm's fused_attn,
+# V-JEPA 2's use_sdpa): a patched module takes the SDPA branch, whose calls are rerouted, when switching
+# it on computes the same thing (:func:`flag_switch_reason`).
+SDPA_FLAGS = ("fused_attn", "use_sdpa")
+
+
+def flags_off(mod: nn.Module) -> list[str]:
+    """The module's SDPA flags that are set to False."""
+    return [f for f in SDPA_FLAGS if getattr(mod, f, True) is False]
+
+
+def _head_dim(mod: nn.Module):
+    for name in ("head_dim", "dim_head"):          # V-JEPA 2, timm Attention2d
+        value = getattr(mod, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    heads, qkv = getattr(mod, "num_heads", None), getattr(mod, "qkv", None)
+    if isinstance(heads, int) and heads > 0 and isinstance(qkv, nn.Linear):
+        return qkv.out_features // (3 * heads)
+    return None
+
+
+def flag_switch_reason(mod: nn.Module) -> str:
+    """Why switching the module's SDPA flag on could change what it computes ("" when it cannot, or no
+    flag is off). Its explicit branch scales by ``mod.scale`` and drops attention weights with
+    ``mod.attn_drop``; an SDPA branch scales by 1/sqrt(head dim) unless told otherwise, and may drop with
+    another probability (V-JEPA 2's passes ``dropout_p=proj_drop_prob`` and ignores ``qk_scale``). So the
+    switch is made only where the scale is 1/sqrt(head dim) and neither branch drops attention weights;
+    elsewhere the module keeps its own code (listed as skipped with this reason)."""
+    off = flags_off(mod)
+    if not off:
+        return ""
+    flag = f"{off[0]}=False"
+    scale, head_dim = getattr(mod, "scale", None), _head_dim(mod)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        if head_dim is None:
+            return f"{flag}: its explicit attention scales by {scale} and its head dim is unknown; its own code runs"
+        if abs(scale - head_dim ** -0.5) > 1e-6 * head_dim ** -0.5:
+            return f"{flag}: its explicit attention scales by {scale}, not 1/sqrt(head dim {head_dim}); its own code runs"
+    drop = getattr(mod, "attn_drop", None)
+    p = drop.p if isinstance(drop, nn.Dropout) else drop
+    if isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0:
+        return f"{flag}: its explicit attention drops weights with p={p}, which its SDPA branch may not; its own code runs"
+    p = getattr(mod, "proj_drop_prob", None)
+    if isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0:
+        return f"{flag}: its SDPA branch would drop attention weights with proj_drop_prob={p}; its own code runs"
+    return ""
 
 
 def traced(args, kwargs) -> bool:
