@@ -49,6 +49,7 @@ fp32 forward exact (IEEE dots), fp32 backward with TF32 dots (IEEE ones spill at
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -663,7 +664,7 @@ def masked_attention_reference(q, k, v, *, key_padding=None, cu_seqlens=None, fr
     cast back to q's dtype.
 
     The specification of :func:`masked_attention` (same arguments; differentiable with autograd) and
-    the path it takes on plain CPU tensors.
+    the path it takes on plain CPU tensors with a gradient where one SDPA call does not (:func:`_plain_sdpa`).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     frame_len = (frame_size + frame_extra_tokens) if frame_size else 0
@@ -808,6 +809,38 @@ def _check_values(key_padding, cu_seqlens, keep_index, N_k: int, T: int) -> None
                              f"(sample {row} does); duplicates would double-count that key")
 
 
+@functools.lru_cache(maxsize=16)
+def _frame_causal_mask(n_q: int, n_k: int, frame_len: int) -> torch.Tensor:
+    """The bool frame-causal mask ``[n_q, n_k]`` (CPU), made once per shape: query i sees key j iff
+    ``j // frame_len <= i // frame_len``. Shared between calls, never written."""
+    return (torch.arange(n_k) // frame_len)[None, :] <= (torch.arange(n_q) // frame_len)[:, None]
+
+
+def _plain_sdpa(q, k, v, key_padding, frame_len: int, scale: float) -> Optional[torch.Tensor]:
+    """Plain CPU fp32 attention (key padding and / or frame-causal) as one SDPA call with a bool mask,
+    or None where it does not apply: other dtypes, traced or compiled calls, the interpreter or a forced
+    backend, or a query row that may have no visible key (SDPA's result there depends on the torch
+    version; the reference gives 0).
+
+    On the CPU the fused SDPA kernel is the kernel: the reference (an explicit [B, N_q, N_k] mask and a
+    zeroing pass) and the C++ op (the same kernel behind the dispatcher, an additive mask and copies into
+    the op's layout) spend 25-110 us more per call around it at the shapes of the JEPA encoders and
+    predictors ([2, 3, 64, 64]: 75 us for SDPA, 122 us for the op, 130 us for the reference). The
+    output is the reference's: the same SDPA on the same mask, rows all visible."""
+    if not (q.dtype == torch.float32 and _native.cpu_kernel_runs(q, k, v) and not torch.compiler.is_compiling()):
+        return None
+    mask = None
+    if frame_len:
+        mask = _frame_causal_mask(q.shape[2], k.shape[2], frame_len)
+    if key_padding is not None:
+        # Every row sees a key iff every sample has one among the keys its first rows see.
+        if not bool(key_padding[:, :frame_len or None].any(1).all()):
+            return None
+        kp = key_padding[:, None, None, :]
+        mask = kp if mask is None else kp & mask
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
 def _cpp_forward_runs(q, k, v) -> bool:
     """Whether a plain CPU call takes the C++ kernel (csrc/attention.cpp): the native library defines it
     and no gradient is asked. It runs the fused CPU attention the reference's SDPA runs, on the same
@@ -894,6 +927,10 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_p
     scale = D ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"{OP}: scale must be finite, got {scale}")
+    if not varlen and keep_index is None:
+        out = _plain_sdpa(q, k, v, key_padding, frame_len, scale)
+        if out is not None:
+            return out
     cpp = _cpp_forward_runs(q, k, v)
     if not cpp:   # the C++ kernel makes these checks itself, last as here, with the same messages
         _check_values(key_padding, cu_seqlens, keep_index, N_k, T)

@@ -136,25 +136,65 @@ def test_gradients_through_the_native_forward_equal_the_reference(plain_cpu):
         assert_close(a, b, torch.float32, what=f"d{name}", scale=4)
 
 
-def test_public_op_takes_the_native_path_under_no_grad(plain_cpu, monkeypatch):
-    q, k, v = qkv((2, 2, 10, 16), seed=11)
-    want = masked_attention_reference(q, k, v, frame_size=3)
+def _forbid(monkeypatch, *names):
     mod = sys.modules["jepa_engine.kernels.masked_attention"]
+    for name in names:
+        def fail(*a, _name=name, **kw):
+            raise AssertionError(f"{_name} ran")
+        monkeypatch.setattr(mod, name, fail)
 
-    def fail(*a, **kw):
-        raise AssertionError("the Python reference ran instead of the C++ kernel")
-    monkeypatch.setattr(mod, "masked_attention_reference", fail)
-    monkeypatch.setattr(mod, "_reference_forward", fail)
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_public_op_on_plain_cpu_fp32_is_one_sdpa_call(plain_cpu, monkeypatch, grad):
+    """Key padding and frame-causal fp32 calls on plain CPU are one SDPA call with a bool mask (the
+    kernel the reference and the C++ op run, without the 25-110 us around it): neither the op nor the
+    reference runs, and the result is the reference's, its gradients too."""
+    q, k, v = qkv((2, 2, 10, 16), seed=11)
+    pad = torch.ones(2, 10, dtype=torch.bool)
+    pad[1, 7:] = False
+    cases = [dict(), dict(frame_size=3), dict(key_padding=pad), dict(key_padding=pad, frame_size=3)]
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    want = []
+    for kw in cases:
+        x = [t.clone().requires_grad_(grad) for t in (q, k, v)]
+        with torch.set_grad_enabled(grad):
+            out = masked_attention_reference(*x, **kw)
+        want.append((out.detach(), torch.autograd.grad(out, x, g) if grad else ()))
+    _forbid(monkeypatch, "_masked_attention_op", "masked_attention_reference", "_reference_forward")
+    for kw, (ref, ref_grads) in zip(cases, want):
+        x = [t.clone().requires_grad_(grad) for t in (q, k, v)]
+        with torch.set_grad_enabled(grad):
+            out = masked_attention(*x, **kw)
+        assert torch.equal(out.detach(), ref), kw
+        for name, a, b in zip("qkv", torch.autograd.grad(out, x, g) if grad else (), ref_grads):
+            assert_close(a, b, torch.float32, what=f"d{name} {kw}")
+
+
+def test_public_op_takes_the_native_path_where_sdpa_does_not_apply(plain_cpu, monkeypatch):
+    """A row with no visible key (SDPA's result there depends on the torch version), a kept-index set,
+    packed sequences and half precision take the C++ kernel under no_grad, the reference with a gradient
+    or under use_backend("reference")."""
+    q, k, v = qkv((2, 2, 10, 16), seed=11)
+    empty = torch.ones(2, 10, dtype=torch.bool)
+    empty[1] = False
+    t = torch.randn(10, 2, 16)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    cases = [((q, k, v), dict(key_padding=empty)), ((q, k, v), dict(key_padding=empty, frame_size=3)),
+             ((q, k, v), dict(keep_index=torch.tensor([[0, 3, -1], [1, 2, 9]]))),
+             ((t, t, t), dict(cu_seqlens=cu, frame_size=2)), (tuple(x.half() for x in (q, k, v)), dict(frame_size=3))]
+    want = [masked_attention_reference(*x, **kw) for x, kw in cases]
+    assert want[0][1].abs().max() == 0
+    _forbid(monkeypatch, "masked_attention_reference", "_reference_forward")
     with torch.no_grad():
-        got = masked_attention(q, k, v, frame_size=3)
-    assert_close(got, want, torch.float32, what="public op on the native path")
+        for (x, kw), ref in zip(cases, want):
+            assert_close(masked_attention(*x, **kw), ref, x[0].dtype, what=f"native path {kw}")
     monkeypatch.undo()
     monkeypatch.setenv("TRITON_INTERPRET", "0")     # undo() also undid plain_cpu's
-    # with a gradient asked, the reference (SDPA's backward) runs; use_backend("reference") forces it
+    mod = sys.modules["jepa_engine.kernels.masked_attention"]
     calls = []
-    monkeypatch.setattr(mod, "masked_attention_reference", lambda *a, **kw: calls.append(1) or want)
+    monkeypatch.setattr(mod, "masked_attention_reference", lambda *a, **kw: calls.append(1) or want[0])
     with torch.enable_grad():
-        masked_attention(q.requires_grad_(True), k, v, frame_size=3)
+        masked_attention(q.clone().requires_grad_(True), k, v, key_padding=empty)
     with torch.no_grad(), use_backend("reference"):
         masked_attention(q, k, v, frame_size=3)
     assert len(calls) == 2
