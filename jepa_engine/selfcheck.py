@@ -139,6 +139,11 @@ OPS: dict[str, str] = {
 _CHILD = "JEPA_ENGINE_SELFCHECK_INTERPRETED"   # set in the re-run under the interpreter
 
 
+# Plain-CPU calls an op hands to a PyTorch kernel before its own, where that kernel is the one its own
+# path would run (kernels/masked_attention.py::_plain_sdpa).
+CPU_FIRST = {"masked_attention": "SDPA (fp32 padding / frame-causal), else "}
+
+
 def op_paths() -> list[tuple[str, str, str, str]]:
     """``(op, schema, CUDA tensors, CPU tensors)`` for every op, as this process dispatches them."""
     import torch
@@ -157,9 +162,9 @@ def op_paths() -> list[tuple[str, str, str, str]]:
         if interpreting() and triton_available():
             cpu = "Triton interpreter (TRITON_INTERPRET=1)"
         elif native:
-            cpu = "native C++"
+            cpu = CPU_FIRST.get(op, "") + "native C++"
         else:
-            cpu = "Python reference"
+            cpu = CPU_FIRST.get(op, "") + "Python reference"
         rows.append((op, schema, cuda, cpu))
     return rows
 
