@@ -141,7 +141,7 @@ _CHILD = "JEPA_ENGINE_SELFCHECK_INTERPRETED"   # set in the re-run under the int
 
 # Plain-CPU calls an op hands to a PyTorch kernel before its own, where that kernel is the one its own
 # path would run (kernels/masked_attention.py::_plain_sdpa).
-CPU_FIRST = {"masked_attention": "SDPA (fp32 padding / frame-causal), else "}
+CPU_FIRST = {"masked_attention": "SDPA (fp32, not packed), else "}
 
 
 def op_paths() -> list[tuple[str, str, str, str]]:

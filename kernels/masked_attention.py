@@ -816,11 +816,12 @@ def _frame_causal_mask(n_q: int, n_k: int, frame_len: int) -> torch.Tensor:
     return (torch.arange(n_k) // frame_len)[None, :] <= (torch.arange(n_q) // frame_len)[:, None]
 
 
-def _plain_sdpa(q, k, v, key_padding, frame_len: int, scale: float) -> Optional[torch.Tensor]:
-    """Plain CPU fp32 attention (key padding and / or frame-causal) as one SDPA call with a bool mask,
-    or None where it does not apply: other dtypes, traced or compiled calls, the interpreter or a forced
-    backend, or a query row that may have no visible key (SDPA's result there depends on the torch
-    version; the reference gives 0).
+def _plain_sdpa(q, k, v, key_padding, frame_len: int, scale: float, keep_index=None) -> Optional[torch.Tensor]:
+    """Plain CPU fp32 attention (key padding, a kept-index set, and / or frame-causal) as one SDPA call
+    with a bool mask, or None where it does not apply: other dtypes, traced or compiled calls, the
+    interpreter or a forced backend, or a query row that may have no visible key (SDPA's result there
+    depends on the torch version; the reference gives 0). A kept-index set is key padding: its values are
+    checked first (:func:`_check_values`), then scattered into one.
 
     On the CPU the fused SDPA kernel is the kernel: the reference (an explicit [B, N_q, N_k] mask and a
     zeroing pass) and the C++ op (the same kernel behind the dispatcher, an additive mask and copies into
@@ -832,6 +833,12 @@ def _plain_sdpa(q, k, v, key_padding, frame_len: int, scale: float) -> Optional[
     mask = None
     if frame_len:
         mask = _frame_causal_mask(q.shape[2], k.shape[2], frame_len)
+    if keep_index is not None:
+        N_k = k.shape[2]
+        _check_values(None, None, keep_index, N_k, 0)
+        idx = keep_index.long()
+        key_padding = torch.zeros(idx.shape[0], N_k + 1, dtype=torch.bool).scatter_(
+            1, torch.where(idx < 0, N_k, idx), True)[:, :N_k]     # unused slots land in a spare column
     if key_padding is not None:
         # Every row sees a key iff every sample has one among the keys its first rows see.
         if not bool(key_padding[:, :frame_len or None].any(1).all()):
@@ -927,8 +934,8 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_p
     scale = D ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"{OP}: scale must be finite, got {scale}")
-    if not varlen and keep_index is None:
-        out = _plain_sdpa(q, k, v, key_padding, frame_len, scale)
+    if not varlen:
+        out = _plain_sdpa(q, k, v, key_padding, frame_len, scale, keep_index)
         if out is not None:
             return out
     cpp = _cpp_forward_runs(q, k, v)

@@ -304,7 +304,7 @@ def test_selfcheck_names_each_ops_path(plain_cpu):
     assert paths["elite_refit"] == ("C++ TORCH_LIBRARY", "native C++")
     for op in _native.NATIVE_OPS:
         assert paths[op] == ("C++ TORCH_LIBRARY", selfcheck.CPU_FIRST.get(op, "") + "native C++"), op
-    assert paths["masked_attention"][1] == "SDPA (fp32 padding / frame-causal), else native C++"
+    assert paths["masked_attention"][1] == "SDPA (fp32, not packed), else native C++"
     differ, total, worst = selfcheck.native_vs_reference()
     assert differ == 0 and total == 9000 and worst <= 1e-5
 

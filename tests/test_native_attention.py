@@ -146,13 +146,15 @@ def _forbid(monkeypatch, *names):
 
 @pytest.mark.parametrize("grad", [False, True])
 def test_public_op_on_plain_cpu_fp32_is_one_sdpa_call(plain_cpu, monkeypatch, grad):
-    """Key padding and frame-causal fp32 calls on plain CPU are one SDPA call with a bool mask (the
-    kernel the reference and the C++ op run, without the 25-110 us around it): neither the op nor the
-    reference runs, and the result is the reference's, its gradients too."""
+    """Key padding, kept-index and frame-causal fp32 calls on plain CPU are one SDPA call with a bool mask
+    (the kernel the reference and the C++ op run, without the 25-110 us around it): neither the op nor
+    the reference runs, and the result is the reference's, its gradients too."""
     q, k, v = qkv((2, 2, 10, 16), seed=11)
     pad = torch.ones(2, 10, dtype=torch.bool)
     pad[1, 7:] = False
-    cases = [dict(), dict(frame_size=3), dict(key_padding=pad), dict(key_padding=pad, frame_size=3)]
+    keep = torch.tensor([[0, 3, -1, 8], [9, 1, 2, 5]])
+    cases = [dict(), dict(frame_size=3), dict(key_padding=pad), dict(key_padding=pad, frame_size=3),
+             dict(keep_index=keep), dict(keep_index=keep.int())]
     g = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
     want = []
     for kw in cases:
@@ -171,16 +173,16 @@ def test_public_op_on_plain_cpu_fp32_is_one_sdpa_call(plain_cpu, monkeypatch, gr
 
 
 def test_public_op_takes_the_native_path_where_sdpa_does_not_apply(plain_cpu, monkeypatch):
-    """A row with no visible key (SDPA's result there depends on the torch version), a kept-index set,
-    packed sequences and half precision take the C++ kernel under no_grad, the reference with a gradient
-    or under use_backend("reference")."""
+    """A row with no visible key (SDPA's result there depends on the torch version), packed sequences and
+    half precision take the C++ kernel under no_grad, the reference with a gradient or under
+    use_backend("reference")."""
     q, k, v = qkv((2, 2, 10, 16), seed=11)
     empty = torch.ones(2, 10, dtype=torch.bool)
     empty[1] = False
     t = torch.randn(10, 2, 16)
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
     cases = [((q, k, v), dict(key_padding=empty)), ((q, k, v), dict(key_padding=empty, frame_size=3)),
-             ((q, k, v), dict(keep_index=torch.tensor([[0, 3, -1], [1, 2, 9]]))),
+             ((q, k, v), dict(keep_index=torch.tensor([[0, 3, -1], [-1, -1, -1]]))),
              ((t, t, t), dict(cu_seqlens=cu, frame_size=2)), (tuple(x.half() for x in (q, k, v)), dict(frame_size=3))]
     want = [masked_attention_reference(*x, **kw) for x, kw in cases]
     assert want[0][1].abs().max() == 0
@@ -258,6 +260,6 @@ def test_errors_match_python(case, plain_cpu):
         masked_attention(q, k, v, **kw)
     with pytest.raises(exc, match=f"^{OP}: " + match) as native:
         torch.ops.jepa_engine.masked_attention(q, k, v, *args, 0)
-    with torch.no_grad(), pytest.raises(exc) as public:   # the public op on the native path
+    with torch.no_grad(), pytest.raises(exc) as public:   # the public op on its plain-CPU path (SDPA or C++)
         masked_attention(q, k, v, **kw)
     assert str(native.value) == str(py.value) == str(public.value)
