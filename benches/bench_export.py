@@ -86,7 +86,7 @@ def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench_export")
     obs = tmp / "obs.f32"
     np.concatenate([frames.numpy().ravel(), past.numpy().ravel(), goal.numpy().ravel()]).astype("<f4").tofile(obs)
-    report = export_decision(model, config, tmp / "plan.pt2")
+    report = export_decision(model, config, tmp / "plan.pt2", histories="full")   # what is timed: T frames
     with torch.no_grad(), _launch.interpreter_off():
         z_hist, z_goal = model.encode_frames(frames), model.encode(goal)
         ref = CEMPlanner(config).plan(latent_cost(model, z_hist, past, z_goal), 1)

@@ -1,11 +1,14 @@
 // jepa_plan: one decision of a world model's planner from C++ (no Python), through jepa_engine::Planner.
 //
-//   jepa_plan PACKAGE.pt2 [--obs FILE] [--decisions K] [--repeat N] [--threads N] [--out FILE] [--ops LIB]
+//   jepa_plan PACKAGE.pt2 [--obs FILE] [--history H] [--decisions K] [--repeat N] [--threads N] [--out FILE]
+//             [--ops LIB]
 //
-// --obs FILE    the observations: raw little-endian float32, the values of frames [E, T, C, S, S],
-//               then past [E, T-1, A], then goal [E, C, S, S], each row-major (numpy's
+// --obs FILE    the observations: raw little-endian float32, the values of frames [E, H, C, S, S],
+//               then past [E, H-1, A], then goal [E, C, S, S], each row-major (numpy's
 //               np.concatenate([frames.ravel(), past.ravel(), goal.ravel()]).astype("<f4").tofile(FILE));
 //               without it every input is zeros (a latency check).
+// --history H   the number of frames in --obs: one of the package's history lengths (default: all T of
+//               the model's history; fewer, as at an episode's start, where it was exported with them).
 // --decisions K report the K-th of K consecutive decisions from these observations, each warm-started
 //               from the one before (default 1: a cold start).
 // --repeat N    time N cold-start decisions after one warm-up (default 1); the median is reported.
@@ -31,14 +34,15 @@ namespace {
 
 struct Args {
   std::string package, obs, out, ops;
+  int history = 0;   // 0: the model's full history
   int repeat = 1;
   int decisions = 1;
   int threads = 0;
 };
 
 [[noreturn]] void usage_error(const std::string& msg) {
-  std::cerr << "jepa_plan: " << msg << "\nusage: jepa_plan PACKAGE.pt2 [--obs FILE] [--decisions K] [--repeat N] "
-            << "[--threads N] [--out FILE] [--ops LIB]\n";
+  std::cerr << "jepa_plan: " << msg << "\nusage: jepa_plan PACKAGE.pt2 [--obs FILE] [--history H] [--decisions K] "
+            << "[--repeat N] [--threads N] [--out FILE] [--ops LIB]\n";
   std::exit(2);
 }
 
@@ -63,6 +67,7 @@ Args parse(int argc, char** argv) {
     if (s == "--obs") a.obs = value();
     else if (s == "--out") a.out = value();
     else if (s == "--ops") a.ops = value();
+    else if (s == "--history") a.history = positive(s, value());
     else if (s == "--repeat") a.repeat = positive(s, value());
     else if (s == "--decisions") a.decisions = positive(s, value());
     else if (s == "--threads") a.threads = positive(s, value());
@@ -88,14 +93,21 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   return s + "]";
 }
 
-// frames, past, goal from the raw float32 file (or zeros).
-std::vector<at::Tensor> observations(const jepa_engine::Planner& planner, const std::string& path) {
+// frames, past, goal of `history` frames (0: the full history) from the raw float32 file (or zeros).
+std::vector<at::Tensor> observations(const jepa_engine::Planner& planner, const std::string& path, int history) {
+  const auto& have = planner.histories();
+  if (history && std::find(have.begin(), have.end(), history) == have.end()) {
+    std::string list;
+    for (int64_t h : have) list += (list.empty() ? "" : ", ") + std::to_string(h);
+    usage_error("argument --history: must be one of the package's history lengths (" + list + "), got " +
+                std::to_string(history));
+  }
   const char* names[] = {"frames", "past", "goal"};
   std::vector<at::Tensor> t;
   int64_t total = 0;
-  for (const char* n : names) total += numel(planner.shape(n));
+  for (const char* n : names) total += numel(planner.shape(n, history));
   if (path.empty()) {
-    for (const char* n : names) t.push_back(at::zeros(planner.shape(n), at::kFloat));
+    for (const char* n : names) t.push_back(at::zeros(planner.shape(n, history), at::kFloat));
     return t;
   }
   std::ifstream f(path, std::ios::binary | std::ios::ate);
@@ -103,13 +115,14 @@ std::vector<at::Tensor> observations(const jepa_engine::Planner& planner, const 
   const int64_t bytes = f.tellg();
   if (bytes != total * 4) {
     std::string want;
-    for (const char* n : names) want += std::string(want.empty() ? "" : ", ") + n + " " + shape_str(planner.shape(n));
+    for (const char* n : names)
+      want += std::string(want.empty() ? "" : ", ") + n + " " + shape_str(planner.shape(n, history));
     usage_error("argument --obs: " + path + " must hold " + std::to_string(total) + " float32 values (" + want +
                 "), got " + std::to_string(bytes) + " bytes");
   }
   f.seekg(0);
   for (const char* n : names) {
-    at::Tensor x = at::empty(planner.shape(n), at::kFloat);
+    at::Tensor x = at::empty(planner.shape(n, history), at::kFloat);
     f.read(reinterpret_cast<char*>(x.data_ptr<float>()), x.numel() * 4);
     t.push_back(x);
   }
@@ -135,7 +148,7 @@ int main(int argc, char** argv) {
   if (args.threads) at::set_num_threads(args.threads);
   try {
     jepa_engine::Planner planner(args.package, args.ops);
-    std::vector<at::Tensor> obs = observations(planner, args.obs);
+    std::vector<at::Tensor> obs = observations(planner, args.obs, args.history);
     jepa_engine::Decision shown = planner.decide(obs[0], obs[1], obs[2]);   // also the warm-up
     for (int k = 1; k < args.decisions; ++k) shown = planner.decide(obs[0], obs[1], obs[2]);
     std::vector<double> ms;
@@ -165,7 +178,8 @@ int main(int argc, char** argv) {
     char buf[64];
     std::snprintf(buf, sizeof buf, "%.4f", median);
     o << ", \"median_ms\": " << buf << ", \"repeat\": " << args.repeat << ", \"threads\": " << at::get_num_threads()
-      << ", \"planner\": \"" << planner.metadata("jepa_engine.planner") << "\"}";
+      << ", \"history\": " << obs[0].size(1) << ", \"planner\": \"" << planner.metadata("jepa_engine.planner")
+      << "\"}";
     std::cout << o.str() << std::endl;
   } catch (const std::invalid_argument& e) {
     std::cerr << "jepa_plan: " << e.what() << "\n";

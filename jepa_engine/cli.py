@@ -217,12 +217,13 @@ def _export(args: argparse.Namespace) -> int:
           flush=True)
     try:
         report = export_decision(model, config, args.out, mode=args.planner, num_envs=args.num_envs, cost=args.cost,
-                                 reduce=args.reduce, device=args.device)
+                                 reduce=args.reduce, device=args.device, histories=args.histories)
     except ExportError as e:
         return _error("export", str(e))
     shapes = ", ".join(f"{k.rsplit('.', 1)[1]} [{v}]" for k, v in report.meta.items()
                        if k.startswith("jepa_engine.input."))
-    print(f"wrote {report.path}: export {report.export_s:.1f} s, compile {report.compile_s:.1f} s; inputs {shapes}")
+    print(f"wrote {report.path}: export {report.export_s:.1f} s, compile {report.compile_s:.1f} s; inputs {shapes}; "
+          f"history lengths {report.meta['jepa_engine.histories']}")
     return 0
 
 
@@ -379,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--seed", type=int_at_least(0), default=0, help="the planner's sampling seed (default 0)")
     exp.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                      help="the package's device (default cpu); cuda compiles the planning ops' Triton kernels into it")
+    exp.add_argument("--histories", default="all", choices=("all", "full"),
+                     help="all (default): one model per history length 1..T, so an episode's first decisions plan "
+                          "from the frames there are, as the Python MPC does; full: the T-frame model only (1/T of "
+                          "the compile time)")
     exp.set_defaults(func=_export)
     prof = sub.add_parser("profile", help="JEPA planner vs token-by-token decoding: latency, energy, FLOPs, success")
     prof.add_argument("--quick", action="store_true",

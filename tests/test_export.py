@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from jepa_engine.cli import main
-from jepa_engine.integrations.export import DecisionStep, ExportError, decision_inputs, export_decision
+from jepa_engine.integrations.export import DecisionStep, ExportError, decision_inputs, export_decision, model_name
 from jepa_engine.kernels import _launch, _native, elite_refit, sample_actions, use_backend
 from jepa_engine.models.world_model import WorldModel, WorldModelConfig
 from jepa_engine.planning import CEMPlanner, MPPIPlanner, Plan, PlannerConfig, latent_cost
@@ -214,8 +214,8 @@ def _runner(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
-    """(runner, package, checkpoint folder, model, config): the test world model saved as a run's
-    checkpoint, exported by the CLI."""
+    """(runner, package, model, config): the test world model saved as a run's checkpoint, exported by the
+    CLI (a model per history length 1..3, the default)."""
     if not _native.available():
         pytest.skip(f"no native library: {_native.status()}")
     if TOOLS:
@@ -282,6 +282,46 @@ def test_cpp_decision_equals_the_python_planner(package, tmp_path):
 
 
 @needs_cxx
+@pytest.mark.parametrize("history", [1, 2])
+def test_cpp_decision_from_fewer_frames_equals_the_python_planner(package, tmp_path, history):
+    """An episode's first decisions: the Python MPC plans from the 1, 2, ... frames it has, and the
+    package holds a model for each (``history<h>``), which the runner and the C++ planner pick by the
+    number of frames they are given."""
+    runner, pt2, model, config = package
+    frames, past, goal, _ = decision_inputs(model, config, ENVS, torch.Generator().manual_seed(4), history=history)
+    assert frames.shape[1] == history and past.shape[1] == history - 1
+    obs = tmp_path / "obs.f32"
+    np.concatenate([frames.numpy().ravel(), past.numpy().ravel(), goal.numpy().ravel()]).astype("<f4").tofile(obs)
+    run = _run(runner, pt2, "--obs", obs, "--history", str(history), "--threads", "1")
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    ref = _python_plan(model, config, frames, past, goal)
+    assert got["history"] == history
+    np.testing.assert_allclose(got["plan"], ref.actions.flatten().numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got["cost"], ref.cost.numpy(), rtol=1e-5, atol=1e-6)
+    # the same model from Python, by its name in the package
+    from torch._inductor.package import load_package
+    short = load_package(str(pt2), model_name(history, model.cfg.history))
+    assert short.get_metadata()["jepa_engine.history"] == str(history)
+    assert short.get_metadata()["jepa_engine.histories"] == "1,2,3"
+    np.testing.assert_allclose(short(frames, past, goal, torch.zeros(ENVS, config.horizon * 2))[1].flatten().numpy(),
+                               got["plan"], rtol=0, atol=1e-5)
+
+
+@needs_native
+def test_decision_step_history_argument():
+    model = _model()
+    config = PlannerConfig(action_dim=2, **BUDGET)
+    assert DecisionStep(model, config, history=1).example_inputs()[0].shape[1] == 1
+    for bad in (0, 4, 2.0, True):
+        with pytest.raises(ExportError, match=rf"^DecisionStep: history must be an int in \[1, 3\] \(the model's "
+                                              rf"history\), got {bad!r}$"):
+            DecisionStep(model, config, history=bad)
+    with pytest.raises(ExportError, match=r"^export: histories must be one of \('all', 'full'\), got 'some'$"):
+        export_decision(model, config, "plan.pt2", histories="some")
+
+
+@needs_cxx
 def test_cpp_runner_bad_input(package, tmp_path):
     runner, pt2, model, config = package
     bad = tmp_path / "short.f32"
@@ -296,6 +336,9 @@ def test_cpp_runner_bad_input(package, tmp_path):
     assert run.returncode == 2 and "package: no readable file" in run.stderr
     run = _run(runner, pt2, "--repeat", "0")
     assert run.returncode == 2 and "argument --repeat: must be an int >= 1, got '0'" in run.stderr
+    run = _run(runner, pt2, "--history", str(T + 1))
+    assert run.returncode == 2 and (f"argument --history: must be one of the package's history lengths (1, 2, 3), "
+                                    f"got {T + 1}") in run.stderr
     not_a_package = tmp_path / "junk.pt2"
     not_a_package.write_bytes(b"not a zip")
     run = _run(runner, not_a_package)

@@ -3,7 +3,7 @@
 :class:`DecisionStep` is one receding-horizon decision of :class:`jepa_engine.evaluation.mpc.MPC` as an
 ``nn.Module`` of fixed shapes::
 
-    frames [E, T, C, S, S]   the last T observed frames (T = the model's history)
+    frames [E, T, C, S, S]   the last T observed frames (T = the model's history, or ``history``)
     past   [E, T-1, A]       the actions taken between them
     goal   [E, C, S, S]      the goal frame
     prev   [E, H*A]          the previous decision's mean (zeros: a cold start)
@@ -18,9 +18,11 @@ the native library's C++ kernels (csrc/), so a C++ program that loads ``jepa_eng
 ``prev`` is shifted by one step as :meth:`Planner.initial` shifts a warm start, so a cold start is
 zeros and a warm start is the last decision's ``mean``.
 
-:func:`export_decision` exports it with ``torch.export`` and compiles it with
-``torch._inductor.aoti_compile_and_package`` for the CPU; ``cpp/jepa_plan.cpp`` (and the one-header
-API ``cpp/include/jepa_engine/planner.h``) loads the package with ``torch::inductor::AOTIModelPackageLoader``.
+:func:`export_decision` exports it with ``torch.export`` and compiles it with AOTInductor for the CPU
+or CUDA, by default once per history length 1..T into one package (models ``model`` for T frames and
+``history1`` ... for fewer): the Python MPC plans an episode's first decisions from the frames it has,
+and so does the C++ planner. ``cpp/jepa_plan.cpp`` (and the one-header API
+``cpp/include/jepa_engine/planner.h``) loads the package with ``torch::inductor::AOTIModelPackageLoader``.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 from torch._higher_order_ops.while_loop import while_loop
+from torch._inductor.package import package_aoti
 
 from jepa_engine.kernels import _launch, _native, use_backend
 from jepa_engine.kernels.masked_attention import masked_attention_reference
@@ -43,7 +46,8 @@ from jepa_engine.planning import PlannerConfig
 from jepa_engine.planning.latent_cost import COSTS, REDUCTIONS
 from jepa_engine.planning.rollout import FusedRollout
 
-__all__ = ["DecisionStep", "ExportError", "ExportReport", "decision_inputs", "export_decision", "MODES"]
+__all__ = ["DecisionStep", "ExportError", "ExportReport", "decision_inputs", "export_decision", "model_name",
+           "HISTORIES", "MODES"]
 
 MODES = ("cem", "mppi")
 
@@ -71,13 +75,20 @@ class _ExportRollout(FusedRollout):
 
 
 class DecisionStep(nn.Module):
-    """``DecisionStep(model, config, mode="cem", num_envs=1, cost="l2", reduce="final", loop=True)``: see the
-    module docstring. ``loop=False`` runs the iterations as a Python loop (the same ops; eager use and
-    tests, no tracing)."""
+    """``DecisionStep(model, config, mode="cem", num_envs=1, cost="l2", reduce="final", loop=True,
+    history=None)``: see the module docstring. ``loop=False`` runs the iterations as a Python loop (the
+    same ops; eager use and tests, no tracing). ``history``: the frames it plans from, 1 to the model's
+    history T (default T), as the MPC at an episode's first steps."""
 
     def __init__(self, model: WorldModel, config: PlannerConfig, mode: str = "cem", num_envs: int = 1,
-                 cost: str = "l2", reduce: str = "final", loop: bool = True):
+                 cost: str = "l2", reduce: str = "final", loop: bool = True, history: Optional[int] = None):
         super().__init__()
+        T = model.cfg.history
+        history = T if history is None else history
+        if not (isinstance(history, int) and not isinstance(history, bool) and 1 <= history <= T):
+            raise ExportError(f"DecisionStep: history must be an int in [1, {T}] (the model's history), got "
+                              f"{history!r}")
+        self.history = history
         if mode not in MODES:
             raise ExportError(f"DecisionStep: mode must be one of {MODES}, got {mode!r}")
         if cost not in COSTS:
@@ -103,7 +114,7 @@ class DecisionStep(nn.Module):
         self.register_buffer("high", torch.full((c.action_dim,), c.high), persistent=False)
 
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
-        return decision_inputs(self.model, self.config, self.num_envs)
+        return decision_inputs(self.model, self.config, self.num_envs, history=self.history)
 
     def forward(self, frames: torch.Tensor, past: torch.Tensor, goal: torch.Tensor, prev: torch.Tensor):
         c, m = self.config, self.model
@@ -141,10 +152,12 @@ class DecisionStep(nn.Module):
 
 
 def decision_inputs(model: WorldModel, config: PlannerConfig, num_envs: int = 1,
-                    generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, ...]:
-    """Random inputs of the decision step's shapes: ``(frames, past, goal, prev)`` (prev = zeros)."""
+                    generator: Optional[torch.Generator] = None, history: Optional[int] = None
+                    ) -> tuple[torch.Tensor, ...]:
+    """Random inputs of the decision step's shapes: ``(frames, past, goal, prev)`` (prev = zeros), from
+    ``history`` frames (default the model's history)."""
     mc, E = model.cfg, num_envs
-    T, C, S, A = mc.history, mc.in_chans, mc.img_size, mc.action_dim
+    T, C, S, A = history or mc.history, mc.in_chans, mc.img_size, mc.action_dim
     frames = torch.rand(E, T, C, S, S, generator=generator)
     past = torch.rand(E, T - 1, A, generator=generator) * 2 - 1
     goal = torch.rand(E, C, S, S, generator=generator)
@@ -226,19 +239,43 @@ def graph_nodes(ep: torch.export.ExportedProgram):
             yield from module.graph.nodes
 
 
-def package_metadata(step: DecisionStep, device: torch.device = torch.device("cpu")) -> dict[str, str]:
+def package_metadata(step: DecisionStep, device: torch.device = torch.device("cpu"),
+                     histories: Optional[list[int]] = None) -> dict[str, str]:
     """What the C++ planner reads from the package (strings): the shape of each input
-    (``jepa_engine.input.<name>``: comma-separated sizes, in call order), the output names and the
-    planning budget."""
-    mc, c, E = step.model.cfg, step.config, step.num_envs
-    shapes = {"frames": [E, mc.history, mc.in_chans, mc.img_size, mc.img_size],
-              "past": [E, mc.history - 1, mc.action_dim],
+    (``jepa_engine.input.<name>``: comma-separated sizes, in call order), the output names, the planning
+    budget, the frames this model plans from (``jepa_engine.history``) and the history lengths the
+    package holds a model for (``jepa_engine.histories``; default: this one)."""
+    mc, c, E, T = step.model.cfg, step.config, step.num_envs, step.history
+    shapes = {"frames": [E, T, mc.in_chans, mc.img_size, mc.img_size],
+              "past": [E, T - 1, mc.action_dim],
               "goal": [E, mc.in_chans, mc.img_size, mc.img_size], "prev": [E, c.horizon * mc.action_dim]}
     meta = {f"jepa_engine.input.{k}": ",".join(map(str, v)) for k, v in shapes.items()}
     meta.update({"jepa_engine.inputs": ",".join(shapes), "jepa_engine.outputs": "action,plan,cost,mean",
                  "jepa_engine.planner": step.mode, "jepa_engine.cost": step.cost, "jepa_engine.reduce": step.reduce,
-                 "jepa_engine.config": json.dumps(c.to_dict(), sort_keys=True), "jepa_engine.device": device.type})
+                 "jepa_engine.config": json.dumps(c.to_dict(), sort_keys=True), "jepa_engine.device": device.type,
+                 "jepa_engine.history": str(T),
+                 "jepa_engine.histories": ",".join(map(str, histories or [T]))})
     return meta
+
+
+HISTORIES = ("all", "full")
+
+
+def model_name(history: int, full: int) -> str:
+    """The name of the package's model that plans from ``history`` of the ``full`` history's frames:
+    ``model`` (what a loader opens by default) for the full history, ``history<h>`` for fewer."""
+    return "model" if history == full else f"history{history}"
+
+
+def _aoti_files(ep: torch.export.ExportedProgram, configs: dict) -> list:
+    """AOTInductor's compiled files of one program, to be packaged with others (what
+    ``torch._inductor.aoti_compile_and_package`` does for one)."""
+    try:
+        gm = ep.module(check_guards=False)
+    except TypeError:            # torch < 2.12: no guard nodes to leave out
+        gm = ep.module()
+    args, kwargs = ep.example_inputs
+    return torch._inductor.aot_compile(gm, args, kwargs, options={**configs, "aot_inductor.package": True})
 
 
 @dataclass
@@ -251,11 +288,14 @@ class ExportReport:
 
 def export_decision(model: WorldModel, config: PlannerConfig, out: Union[str, os.PathLike], mode: str = "cem",
                     num_envs: int = 1, cost: str = "l2", reduce: str = "final",
-                    device: Union[str, torch.device] = "cpu") -> ExportReport:
+                    device: Union[str, torch.device] = "cpu", histories: str = "all") -> ExportReport:
     """Export :class:`DecisionStep` and compile it with AOTInductor for ``device`` (the CPU, or a CUDA
     device, where the planning ops' Triton kernels are compiled into the package) into ``out`` (a
-    ``.pt2`` file, written atomically). The package's metadata (:func:`package_metadata`) gives the
-    shapes of the inputs and the device, which the C++ planner (cpp/include/jepa_engine/planner.h) reads.
+    ``.pt2`` file, written atomically). ``histories="all"`` (default) compiles one model per history
+    length 1..T (:func:`model_name`), so an episode's first decisions plan from the frames there are, as
+    the Python MPC does; ``"full"`` only the T-frame one (1/T of the compile time). The package's
+    metadata (:func:`package_metadata`) gives the shapes of the inputs, the history lengths and the
+    device, which the C++ planner (cpp/include/jepa_engine/planner.h) reads.
 
     A CPU package calls the native library's C++ kernels, so it needs ``jepa_engine/_C.so``; a CUDA package
     calls no ``jepa_engine`` op (the Triton kernels are compiled into it), so it does not."""
@@ -273,21 +313,27 @@ def export_decision(model: WorldModel, config: PlannerConfig, out: Union[str, os
                           "Triton kernels into it")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ExportError("export: device cuda asked, but no CUDA device is available here")
+    if histories not in HISTORIES:
+        raise ExportError(f"export: histories must be one of {HISTORIES}, got {histories!r}")
     if any(p.device != device for p in model.parameters()):
         model = copy.deepcopy(model).to(device)    # the caller's model stays where it is
-    step = DecisionStep(model, config, mode, num_envs, cost, reduce).to(device)
-    example = tuple(t.to(device) for t in step.example_inputs())
-    t0 = time.perf_counter()
-    ep = export_program(step, example)
-    t1 = time.perf_counter()
+    T = model.cfg.history
+    lengths = list(range(1, T + 1)) if histories == "all" else [T]
+    programs, export_s = {}, 0.0
+    for h in lengths:
+        step = DecisionStep(model, config, mode, num_envs, cost, reduce, history=h).to(device)
+        example = tuple(t.to(device) for t in step.example_inputs())
+        t0 = time.perf_counter()
+        programs[h] = (export_program(step, example), package_metadata(step, device, lengths))
+        export_s += time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = package_metadata(step, device)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.pt2")
+    t1 = time.perf_counter()
     try:
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp),
-                                                 inductor_configs={"aot_inductor.metadata": meta})
+        files = {model_name(h, T): _aoti_files(ep, {"aot_inductor.metadata": meta})
+                 for h, (ep, meta) in programs.items()}
+        package_aoti(str(tmp), files)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    t2 = time.perf_counter()
-    return ExportReport(out, t1 - t0, t2 - t1, meta)
+    return ExportReport(out, export_s, time.perf_counter() - t1, programs[T][1])

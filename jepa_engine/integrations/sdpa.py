@@ -58,11 +58,13 @@ def flag_switch_reason(mod: nn.Module) -> str:
         if head_dim is None:
             return f"{flag}: its explicit attention scales by {scale} and its head dim is unknown; its own code runs"
         if abs(scale - head_dim ** -0.5) > 1e-6 * head_dim ** -0.5:
-            return f"{flag}: its explicit attention scales by {scale}, not 1/sqrt(head dim {head_dim}); its own code runs"
+            return (f"{flag}: its explicit attention scales by {scale}, not 1/sqrt(head dim {head_dim}); its own "
+                    f"code runs")
     drop = getattr(mod, "attn_drop", None)
     p = drop.p if isinstance(drop, nn.Dropout) else drop
     if isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0:
-        return f"{flag}: its explicit attention drops weights with p={p}, which its SDPA branch may not; its own code runs"
+        return (f"{flag}: its explicit attention drops weights with p={p}, which its SDPA branch may not; its own "
+                f"code runs")
     p = getattr(mod, "proj_drop_prob", None)
     if isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0:
         return f"{flag}: its SDPA branch would drop attention weights with proj_drop_prob={p}; its own code runs"

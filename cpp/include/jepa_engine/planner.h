@@ -7,10 +7,12 @@
 //   jepa_engine::Planner planner("plan.pt2");
 //   jepa_engine::Decision d = planner.decide(frames, past, goal);   // execute d.action, then decide again
 //
-// Inputs (float32 CPU tensors, shapes fixed at export; Planner::shape(name) gives them; a CUDA package
+// Inputs (float32 CPU tensors, shapes fixed at export; Planner::shape(name, h) gives them; a CUDA package
 // copies them to the device and returns the decision on the CPU):
-//   frames [E, T, C, S, S]  the last T observed frames in [0, 1] (T = the model's history)
-//   past   [E, T-1, A]      the actions taken between them
+//   frames [E, h, C, S, S]  the last h observed frames in [0, 1]: h = T (the model's history), or fewer at
+//                           an episode's start where the package holds a model for h (`export --histories
+//                           all`, the default: every h in 1..T; Planner::histories() lists them)
+//   past   [E, h-1, A]      the actions taken between them
 //   goal   [E, C, S, S]     the goal frame
 // decide() warm-starts from the previous decision (its mean shifted by one step, as the Python planner
 // does with warm_start); reset() makes the next decision a cold start (a new episode).
@@ -77,16 +79,37 @@ class Planner {
     // observations come from the host, are copied there, and the decision comes back to the host.
     auto dev = meta.find("jepa_engine.device");
     device_ = at::Device(dev == meta.end() || dev->second == "cpu" ? at::kCPU : at::kCUDA);
-    loader_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(package, "model");
+    // One model per history length: "model" plans from T frames, "history<h>" from h < T (packages from
+    // before history lengths hold "model" alone).
+    const int64_t T = shape("frames").at(1);
+    auto lengths = meta.find("jepa_engine.histories");
+    if (lengths == meta.end()) {
+      histories_ = {T};
+    } else {
+      for (const auto& h : split(lengths->second, ',')) histories_.push_back(std::stoll(h));
+    }
+    for (int64_t h : histories_) {
+      const std::string name = h == T ? "model" : "history" + std::to_string(h);
+      loaders_[h] = std::make_unique<torch::inductor::AOTIModelPackageLoader>(package, name);
+    }
     reset();
   }
 
-  // The fixed shape of input `name` ("frames", "past", "goal"; "prev" is the planner's own state).
-  const std::vector<int64_t>& shape(const std::string& name) const {
-    for (size_t i = 0; i < names_.size(); ++i)
-      if (names_[i] == name) return shapes_[i];
+  // The shape of input `name` ("frames", "past", "goal"; "prev" is the planner's own state) for the
+  // model's full history T, or for `history` frames (one of histories()).
+  std::vector<int64_t> shape(const std::string& name, int64_t history = 0) const {
+    for (size_t i = 0; i < names_.size(); ++i) {
+      if (names_[i] != name) continue;
+      std::vector<int64_t> s = shapes_[i];
+      if (history > 0 && name == "frames") s.at(1) = history;
+      if (history > 0 && name == "past") s.at(1) = history - 1;
+      return s;
+    }
     throw std::invalid_argument("jepa_engine::Planner::shape: no input named " + name);
   }
+
+  // The numbers of frames the package can plan from, ascending (T last).
+  const std::vector<int64_t>& histories() const { return histories_; }
 
   // A package metadata entry ("jepa_engine.planner", "jepa_engine.config", ...), or "" when absent.
   std::string metadata(const std::string& key) const {
@@ -100,12 +123,22 @@ class Planner {
   // Where the package computes: the CPU, or CUDA for a package exported for it.
   at::Device device() const { return device_; }
 
+  // One decision from the last h observed frames (h one of histories()), warm-started from the last one.
   Decision decide(const at::Tensor& frames, const at::Tensor& past, const at::Tensor& goal) {
-    check("frames", frames);
-    check("past", past);
-    check("goal", goal);
+    const int64_t h = frames.defined() && frames.dim() == 5 ? frames.size(1) : shape("frames").at(1);
+    auto loader = loaders_.find(h);
+    if (loader == loaders_.end()) {
+      std::string have;
+      for (int64_t x : histories_) have += (have.empty() ? "" : ", ") + std::to_string(x);
+      throw std::invalid_argument("jepa_engine::Planner::decide: frames must be [E, h, C, S, S] with h one of the "
+                                  "package's history lengths (" + have + "; `jepa-engine export --histories all` "
+                                  "compiles every one), got " + str(frames.sizes()));
+    }
+    check("frames", frames, h);
+    check("past", past, h);
+    check("goal", goal, h);
     auto on = [&](const at::Tensor& t) { return t.to(device_).contiguous(); };
-    std::vector<at::Tensor> out = loader_->run({on(frames), on(past), on(goal), prev_});
+    std::vector<at::Tensor> out = loader->second->run({on(frames), on(past), on(goal), prev_});
     if (out.size() != 4)
       throw std::runtime_error("jepa_engine::Planner::decide: the package returned " + std::to_string(out.size()) +
                                " outputs, expected 4 (action, plan, cost, mean)");
@@ -128,8 +161,8 @@ class Planner {
     return s + "]";
   }
 
-  void check(const std::string& name, const at::Tensor& t) const {
-    const auto& want = shape(name);
+  void check(const std::string& name, const at::Tensor& t, int64_t history) const {
+    const auto want = shape(name, history);
     if (!t.defined() || t.sizes() != at::IntArrayRef(want))
       throw std::invalid_argument("jepa_engine::Planner::decide: " + name + " must be " + str(want) + ", got " +
                                   (t.defined() ? str(t.sizes()) : std::string("an undefined tensor")));
@@ -138,7 +171,8 @@ class Planner {
                                   std::string(c10::toString(t.scalar_type())) + " on " + t.device().str());
   }
 
-  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader_;
+  std::vector<int64_t> histories_;
+  std::map<int64_t, std::unique_ptr<torch::inductor::AOTIModelPackageLoader>> loaders_;
   std::map<std::string, std::string> meta_;
   std::vector<std::string> names_;
   std::vector<std::vector<int64_t>> shapes_;
