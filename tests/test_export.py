@@ -1,16 +1,16 @@
 """The decision step exported with AOTInductor and run by the C++ runner: the same plan as the Python
 planner for the same seed, and clear errors for bad input.
 
-One package (the test-sized world model, two environments, CEM 16 x 3, horizon 3: about 40 s of export and compile on
-2 cores) serves the C++ tests; the runner comes from ``make native`` (build/native/jepa_plan) or is
-built here into a temporary folder. Both planners and the warm start are also checked on the eager
+One package (the test-sized world model with a history of 2, two environments, CEM 16 x 3, horizon 3, a
+model per history length: about 55 s of export and compile on one core, written in the background
+while the other tests run: tests/export_fixtures.py) serves the C++ tests, marked ``package``; the
+runner comes from ``make native`` (build/native/jepa_plan) or is built here into a temporary folder. Both planners and the warm start are also checked on the eager
 decision step (the module that is exported, its iterations a Python loop), against the Python planners.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,23 +22,19 @@ import torch
 from jepa_engine.cli import main
 from jepa_engine.integrations.export import DecisionStep, ExportError, decision_inputs, export_decision, model_name
 from jepa_engine.kernels import _launch, _native, elite_refit, sample_actions, use_backend
-from jepa_engine.models.world_model import WorldModel, WorldModelConfig
+from jepa_engine.models.world_model import WorldModel
 from jepa_engine.planning import CEMPlanner, MPPIPlanner, Plan, PlannerConfig, latent_cost
 from jepa_engine.training.configs import WMTrainConfig
 from jepa_engine.training.world_model import save_world_model
-
-ROOT = Path(__file__).resolve().parents[1]
-BUDGET = dict(samples=16, iterations=3, elites=4, horizon=3, seed=5)
-ENVS = 2                                  # environments per decision in the exported package
-TOOLS = [t for t in ("cmake", "c++") if shutil.which(t) is None]
+from tests import export_fixtures
+from tests.export_fixtures import BUDGET, ENVS, ROOT, TOOLS
 
 needs_native = pytest.mark.skipif(not _native.available(), reason=f"no native library: {_native.status()}")
 needs_cxx = pytest.mark.skipif(bool(TOOLS), reason=f"no {' or '.join(TOOLS)} on PATH to build the C++ runner")
 
 
 def _model() -> WorldModel:
-    torch.manual_seed(0)
-    return WorldModel(WorldModelConfig.from_name("test")).eval()
+    return export_fixtures.export_model()
 
 
 def _python_plan(model: WorldModel, config: PlannerConfig, frames, past, goal, mode="cem", warm=None) -> Plan:
@@ -173,7 +169,8 @@ def test_export_without_the_native_library(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(_native, "_reason", "JEPA_ENGINE_NATIVE=0: the native library is not loaded")
     model, config = _model(), PlannerConfig(action_dim=2, **BUDGET)
     step = DecisionStep(model, config, num_envs=ENVS, loop=False)
-    assert step(*decision_inputs(model, config, ENVS))[1].shape == (ENVS, config.horizon, 2)
+    with _launch.interpreter_off():            # a user's process: the Python CPU kernels
+        assert step(*decision_inputs(model, config, ENVS))[1].shape == (ENVS, config.horizon, 2)
     with pytest.raises(ExportError, match="need the native library jepa_engine/_C.so; JEPA_ENGINE_NATIVE=0"):
         export_decision(model, config, tmp_path / "p.pt2")
     if _launch.triton_available() and not torch.cuda.is_available():
@@ -214,29 +211,20 @@ def _runner(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
-    """(runner, package, model, config): the test world model saved as a run's checkpoint, exported by the
-    CLI (a model per history length 1..3, the default)."""
-    if not _native.available():
-        pytest.skip(f"no native library: {_native.status()}")
-    if TOOLS:
-        pytest.skip(f"no {' or '.join(TOOLS)} on PATH to build the C++ runner")
+    """(runner, package, model, config): tests/export_fixtures.py's package of the test world model."""
+    reason = export_fixtures.unavailable()
+    if reason:
+        pytest.skip(reason)
     runner = _runner(tmp_path_factory)
-    tmp = tmp_path_factory.mktemp("export")
-    model = _model()
-    save_world_model(tmp / "run", 1, model, WMTrainConfig.from_name("test"))
-    out = tmp / "plan.pt2"
-    args = ["export", "--checkpoint", str(tmp / "run"), "--out", str(out), "--num-envs", str(ENVS)]
-    for k, v in BUDGET.items():
-        args += [f"--{k}", str(v)]
-    assert main(args) == 0
-    assert out.is_file()
-    return runner, out, model, PlannerConfig(action_dim=2, **BUDGET)
+    out = export_fixtures.package(tmp_path_factory.mktemp("export"))
+    return runner, out, _model(), PlannerConfig(action_dim=2, **BUDGET)
 
 
 def _run(runner: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(runner), *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.package
 @needs_cxx
 def test_cpp_decision_equals_the_python_planner(package, tmp_path):
     runner, pt2, model, config = package
@@ -281,8 +269,9 @@ def test_cpp_decision_equals_the_python_planner(package, tmp_path):
     assert np.abs(np.subtract(warm["plan"], got["plan"])).max() > 1e-4
 
 
+@pytest.mark.package
 @needs_cxx
-@pytest.mark.parametrize("history", [1, 2])
+@pytest.mark.parametrize("history", [1])
 def test_cpp_decision_from_fewer_frames_equals_the_python_planner(package, tmp_path, history):
     """An episode's first decisions: the Python MPC plans from the 1, 2, ... frames it has, and the
     package holds a model for each (``history<h>``), which the runner and the C++ planner pick by the
@@ -303,7 +292,7 @@ def test_cpp_decision_from_fewer_frames_equals_the_python_planner(package, tmp_p
     from torch._inductor.package import load_package
     short = load_package(str(pt2), model_name(history, model.cfg.history))
     assert short.get_metadata()["jepa_engine.history"] == str(history)
-    assert short.get_metadata()["jepa_engine.histories"] == "1,2,3"
+    assert short.get_metadata()["jepa_engine.histories"] == "1,2"
     np.testing.assert_allclose(short(frames, past, goal, torch.zeros(ENVS, config.horizon * 2))[1].flatten().numpy(),
                                got["plan"], rtol=0, atol=1e-5)
 
@@ -313,14 +302,15 @@ def test_decision_step_history_argument():
     model = _model()
     config = PlannerConfig(action_dim=2, **BUDGET)
     assert DecisionStep(model, config, history=1).example_inputs()[0].shape[1] == 1
-    for bad in (0, 4, 2.0, True):
-        with pytest.raises(ExportError, match=rf"^DecisionStep: history must be an int in \[1, 3\] \(the model's "
+    for bad in (0, 3, 2.0, True):
+        with pytest.raises(ExportError, match=rf"^DecisionStep: history must be an int in \[1, 2\] \(the model's "
                                               rf"history\), got {bad!r}$"):
             DecisionStep(model, config, history=bad)
     with pytest.raises(ExportError, match=r"^export: histories must be one of \('all', 'full'\), got 'some'$"):
         export_decision(model, config, "plan.pt2", histories="some")
 
 
+@pytest.mark.package
 @needs_cxx
 def test_cpp_runner_bad_input(package, tmp_path):
     runner, pt2, model, config = package
@@ -337,7 +327,7 @@ def test_cpp_runner_bad_input(package, tmp_path):
     run = _run(runner, pt2, "--repeat", "0")
     assert run.returncode == 2 and "argument --repeat: must be an int >= 1, got '0'" in run.stderr
     run = _run(runner, pt2, "--history", str(T + 1))
-    assert run.returncode == 2 and (f"argument --history: must be one of the package's history lengths (1, 2, 3), "
+    assert run.returncode == 2 and (f"argument --history: must be one of the package's history lengths (1, 2), "
                                     f"got {T + 1}") in run.stderr
     not_a_package = tmp_path / "junk.pt2"
     not_a_package.write_bytes(b"not a zip")
