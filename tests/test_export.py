@@ -4,8 +4,9 @@ planner for the same seed, and clear errors for bad input.
 One package (the test-sized world model with a history of 2, two environments, CEM 16 x 3, horizon 3, a
 model per history length: about 55 s of export and compile on one core, written in the background
 while the other tests run: tests/export_fixtures.py) serves the C++ tests, marked ``package``; the
-runner comes from ``make native`` (build/native/jepa_plan) or is built here into a temporary folder. Both planners and the warm start are also checked on the eager
-decision step (the module that is exported, its iterations a Python loop), against the Python planners.
+runner comes from ``make native`` (build/native/jepa_plan) or is built here into a temporary folder.
+Both planners and the warm start are also checked on the eager decision step (the module that is
+exported, its iterations a Python loop), against the Python planners.
 """
 from __future__ import annotations
 
