@@ -4,34 +4,24 @@ from __future__ import annotations
 import pytest
 
 from jepa_engine.kernels._launch import triton_available
-from tests import export_fixtures
 from tests.helpers import in_background, require_kernel_device, start_audit, stop_jobs
-
-# marker -> what starts the background job its tests read (tests/helpers.py): the ahead-of-time audit's
-# rows (run_audit), the export tests' AOTInductor package (tests/export_fixtures.py)
-BACKGROUND = {"package": export_fixtures.start_package,
-              "audit": lambda: start_audit() if triton_available() else None}
 
 
 @pytest.hookimpl(trylast=True)  # after -m and -k deselected theirs
 def pytest_collection_modifyitems(session, config, items):
-    """The tests marked ``package`` or ``audit`` read the result of a background job: it starts now,
-    and those tests run last, so that it computes while the rest of the suite runs."""
-    late = {m: [item for item in items if item.get_closest_marker(m)] for m in BACKGROUND}
-    if not any(late.values()):
+    """The tests marked ``audit`` read the rows of one ahead-of-time audit process (tests/helpers.py
+    run_audit): it starts now in the background, and those tests run last, so that it compiles while
+    the rest of the suite runs."""
+    audit = [item for item in items if item.get_closest_marker("audit")]
+    if not audit:
         return
-    items[:] = [item for item in items if not any(item.get_closest_marker(m) for m in BACKGROUND)] + [
-        item for m in BACKGROUND for item in late[m]]
-    if config.option.collectonly or not in_background():
-        return
-    for marker, start in BACKGROUND.items():
-        if late[marker]:
-            start()
+    items[:] = [item for item in items if not item.get_closest_marker("audit")] + audit
+    if triton_available() and not config.option.collectonly and in_background():
+        start_audit()
 
 
 def pytest_sessionfinish(session, exitstatus):
     stop_jobs()
-    export_fixtures.remove_folders()
 
 
 @pytest.fixture(scope="session")

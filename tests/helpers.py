@@ -171,11 +171,11 @@ def reference_ops_one_thread():
         torch.set_num_threads(threads)
 
 
-# Work that takes minutes of one core and whose result a few tests read (the ahead-of-time audit, the
-# AOTInductor package of the export tests) runs as a background process started as the session's
-# collection ends (tests/conftest.py); the tests that read it run last, so it overlaps the others, which
-# keep one core busy. Under pytest-xdist nothing starts in the background (every worker would start its
-# own): the first test that needs a result computes it.
+# Work that takes minutes of one core and whose result a few tests read (the ahead-of-time audit) runs as
+# a background process started as the session's collection ends (tests/conftest.py); the tests that
+# read it run last, so it overlaps the others, which keep one core busy. Under pytest-xdist nothing
+# starts in the background (every worker would start its own): the first test that needs a result
+# computes it.
 _JOBS: dict[str, tuple[subprocess.Popen, object, object]] = {}
 
 

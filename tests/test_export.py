@@ -2,9 +2,9 @@
 planner for the same seed, and clear errors for bad input.
 
 One package (the test-sized world model with a history of 2, two environments, CEM 16 x 3, horizon 3, a
-model per history length: about 55 s of export and compile on one core, written in the background
-while the other tests run: tests/export_fixtures.py) serves the C++ tests, marked ``package``; the
-runner comes from ``make native`` (build/native/jepa_plan) or is built here into a temporary folder.
+model per history length: about 50 s of export and compile on 2 cores, tests/export_fixtures.py)
+serves the C++ tests; the runner comes from ``make native`` (build/native/jepa_plan) or is built here
+into a temporary folder.
 Both planners and the warm start are also checked on the eager decision step (the module that is
 exported, its iterations a Python loop), against the Python planners.
 """
@@ -217,7 +217,7 @@ def package(tmp_path_factory):
     if reason:
         pytest.skip(reason)
     runner = _runner(tmp_path_factory)
-    out = export_fixtures.package(tmp_path_factory.mktemp("export"))
+    out = export_fixtures.write_package(tmp_path_factory.mktemp("export"))
     return runner, out, _model(), PlannerConfig(action_dim=2, **BUDGET)
 
 
@@ -225,7 +225,6 @@ def _run(runner: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(runner), *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.package
 @needs_cxx
 def test_cpp_decision_equals_the_python_planner(package, tmp_path):
     runner, pt2, model, config = package
@@ -270,7 +269,6 @@ def test_cpp_decision_equals_the_python_planner(package, tmp_path):
     assert np.abs(np.subtract(warm["plan"], got["plan"])).max() > 1e-4
 
 
-@pytest.mark.package
 @needs_cxx
 @pytest.mark.parametrize("history", [1])
 def test_cpp_decision_from_fewer_frames_equals_the_python_planner(package, tmp_path, history):
@@ -311,7 +309,6 @@ def test_decision_step_history_argument():
         export_decision(model, config, "plan.pt2", histories="some")
 
 
-@pytest.mark.package
 @needs_cxx
 def test_cpp_runner_bad_input(package, tmp_path):
     runner, pt2, model, config = package
