@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from jepa_engine.kernels._launch import triton_available
-from tests.helpers import in_background, require_kernel_device, start_audit, stop_jobs
+from tests.helpers import require_kernel_device, start_audit, stop_audit
 
 
 @pytest.hookimpl(trylast=True)  # after -m and -k deselected theirs
@@ -16,12 +16,12 @@ def pytest_collection_modifyitems(session, config, items):
     if not audit:
         return
     items[:] = [item for item in items if not item.get_closest_marker("audit")] + audit
-    if triton_available() and not config.option.collectonly and in_background():
+    if triton_available() and not config.option.collectonly:
         start_audit()
 
 
 def pytest_sessionfinish(session, exitstatus):
-    stop_jobs()
+    stop_audit()
 
 
 @pytest.fixture(scope="session")

@@ -171,61 +171,13 @@ def reference_ops_one_thread():
         torch.set_num_threads(threads)
 
 
-# Work that takes minutes of one core and whose result a few tests read (the ahead-of-time audit) runs as
-# a background process started as the session's collection ends (tests/conftest.py); the tests that
-# read it run last, so it overlaps the others, which keep one core busy. Under pytest-xdist nothing
-# starts in the background (every worker would start its own): the first test that needs a result
-# computes it.
-_JOBS: dict[str, tuple[subprocess.Popen, object, object]] = {}
-
-
-def in_background() -> bool:
-    """Whether this session starts background jobs (not in a pytest-xdist worker)."""
-    return "PYTEST_XDIST_WORKER" not in os.environ
-
-
-def start_job(name: str, args: list[str], env: dict, cwd: str | None = None) -> None:
-    """Start job ``name`` (once): its output goes to temporary files, which no pipe buffer can block."""
-    if name in _JOBS:
-        return
-    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-    _JOBS[name] = (subprocess.Popen(args, stdout=out, stderr=err, text=True, env=env, cwd=cwd), out, err)
-
-
-def job_started(name: str) -> bool:
-    return name in _JOBS
-
-
-def finish_job(name: str, timeout: float = 900) -> tuple[int, str, str]:
-    """Wait for job ``name``: (exit status, stdout, stderr)."""
-    proc, out, err = entry = _JOBS.pop(name)
-    try:
-        returncode = proc.wait(timeout=timeout)
-        out.seek(0)
-        err.seek(0)
-        return returncode, out.read(), err.read()
-    finally:
-        _end(*entry)
-
-
-def _end(proc: subprocess.Popen, out, err) -> None:
-    proc.kill()
-    proc.wait()
-    out.close()
-    err.close()
-
-
-def stop_jobs() -> None:
-    """End the background jobs nobody read (the session ends, or fails, before their tests)."""
-    while _JOBS:
-        _end(*_JOBS.pop(next(iter(_JOBS))))
-
-
 # Every kernel an audit test looks at: one audit process compiles them all (its compile pool shared),
-# and every run_audit call reads its rows.
+# started in the background as the session's collection ends (tests/conftest.py: the tests marked
+# ``audit`` run last, while the other tests keep one core busy), and every run_audit call reads its rows.
 AUDITED = ("latent_loss_fwd", "latent_loss_bwd", "elite_refit", "sample_actions", "fused_linear", "linear_goal_cost",
            "latent_cost_fwd", "ema", "masked_attention_fwd", "masked_attention_bwd_preprocess", "masked_attention_bwd")
 _ROWS: list[dict] = []
+_BACKGROUND: list[tuple[subprocess.Popen, object, object]] = []
 
 
 def _audit_args(kernels, jobs: int | None = None) -> tuple[list[str], dict]:
@@ -253,9 +205,39 @@ def _audit_process(kernels) -> list[dict]:
 
 
 def start_audit() -> None:
-    """Compile every kernel of AUDITED in the background on one core; :func:`run_audit` waits for it."""
-    if not _ROWS:
-        start_job("audit", *_audit_args(AUDITED, jobs=max(1, (os.cpu_count() or 2) - 1)))
+    """Start compiling every kernel of AUDITED in a background process on one core (the other core
+    runs the tests); :func:`run_audit` waits for it. Its output goes to temporary files, which no
+    pipe buffer can block. Not in a pytest-xdist worker: every worker would start its own, and the one
+    that runs the audit tests compiles them when they ask."""
+    if _ROWS or _BACKGROUND or "PYTEST_XDIST_WORKER" in os.environ:
+        return
+    args, env = _audit_args(AUDITED, jobs=max(1, (os.cpu_count() or 2) - 1))
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    _BACKGROUND.append((subprocess.Popen(args, stdout=out, stderr=err, text=True, env=env), out, err))
+
+
+def _end(proc: subprocess.Popen, out, err) -> None:
+    proc.kill()
+    proc.wait()
+    out.close()
+    err.close()
+
+
+def stop_audit() -> None:
+    """End a background audit nobody read (the session ends, or fails, before the audit tests)."""
+    while _BACKGROUND:
+        _end(*_BACKGROUND.pop())
+
+
+def _background_rows() -> list[dict]:
+    proc, out, err = entry = _BACKGROUND.pop()
+    try:
+        returncode = proc.wait(timeout=900)
+        out.seek(0)
+        err.seek(0)
+        return _rows_of(returncode, out.read(), err.read())
+    finally:
+        _end(*entry)
 
 
 def run_audit(*kernels: str) -> list[dict]:
@@ -263,5 +245,5 @@ def run_audit(*kernels: str) -> list[dict]:
     if not set(kernels) <= set(AUDITED):
         return _audit_process(kernels)
     if not _ROWS:
-        _ROWS.extend(_rows_of(*finish_job("audit")) if job_started("audit") else _audit_process(AUDITED))
+        _ROWS.extend(_background_rows() if _BACKGROUND else _audit_process(AUDITED))
     return [r for r in _ROWS if r["kernel"] in kernels]
