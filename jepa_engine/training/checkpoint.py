@@ -167,20 +167,17 @@ def _remove_leftovers(directory: Path, step: int) -> None:
             (directory / name).unlink(missing_ok=True)
 
 
-def remove_checkpoints(directory: PathLike) -> int:
-    """Delete every checkpoint in ``directory`` (JSON first, so none is left half-valid), the tensors files
-    without a JSON and the temp files of an interrupted save; returns how many checkpoints were deleted.
-    What a fresh run that replaces an earlier one in the same folder calls before it writes anything."""
-    found = list_checkpoints(directory)
-    for step, json_path in found:
+def remove_checkpoints(directory: PathLike) -> None:
+    """Delete every checkpoint in ``directory``: the JSON files first (so none is left half-valid), then
+    every tensors file and the temp files of an interrupted save. What a fresh run that replaces an
+    earlier one in the same folder calls before it writes anything."""
+    for _, json_path in list_checkpoints(directory):
         json_path.unlink(missing_ok=True)
-        checkpoint_paths(directory, step)[0].unlink(missing_ok=True)
     d = Path(directory)
     if d.is_dir():
         for name in os.listdir(d):
             if _TMP_NAME.match(name) or _TENSORS_NAME.match(name):
                 (d / name).unlink(missing_ok=True)
-    return len(found)
 
 
 def list_checkpoints(directory: PathLike) -> list[tuple[int, Path]]:

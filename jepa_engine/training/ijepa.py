@@ -207,16 +207,12 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, out_dir: Union[str, os.PathLike], resume: bool = False,
                  progress: bool = True, overwrite: bool = False):
-        if resume and overwrite:
-            raise ValueError("train: resume=True continues the run in out_dir and overwrite=True deletes it; pass "
-                             "one of them")
         self.cfg, self.out_dir, self.progress = cfg, Path(out_dir), progress
         self.folder = RunFolder(self.out_dir, "train")
         self.dp = DataParallel(cfg.resolved_device(), cfg.batch_size)
         self.device, self.rank, self.world_size, self.is_main = (self.dp.device, self.dp.rank, self.dp.world_size,
                                                                  self.dp.is_main)
-        if not resume:
-            self.folder.claim(overwrite, remove=self.is_main)
+        self.folder.claim(resume, overwrite, remove=self.is_main)
 
         torch.manual_seed(cfg.seed)
         encoder, predictor, self.encoder_config = build_models(cfg)

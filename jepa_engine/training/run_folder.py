@@ -55,8 +55,9 @@ class RunFolder:
                  if saved_total != cfg.steps else "")
         return latest, step, f"resumed from {latest} (step {step}){total}"
 
-    def claim(self, overwrite: bool, remove: bool = True) -> None:
-        """Make the folder ready for a fresh run, before anything is trained or written.
+    def claim(self, resume: bool, overwrite: bool, remove: bool = True) -> None:
+        """Make the folder ready for a run, before anything is trained or written: a resumed run finds it as
+        it is (``resume`` and ``overwrite`` together raise ``ValueError``); for a fresh run:
 
         A folder that holds checkpoints belongs to an earlier run: a fresh run there would replace its
         config.json and metrics.jsonl, prune its own checkpoints next to the old ones (or lose them behind a
@@ -64,6 +65,11 @@ class RunFolder:
         :class:`~jepa_engine.training.checkpoint.CheckpointError` naming the newest checkpoint and the ways
         on, unless ``overwrite``: then the old checkpoints are deleted first (where ``remove``: the other
         ranks of a data-parallel run only check)."""
+        if resume and overwrite:
+            raise ValueError(f"{self.who}: resume=True continues the run in out_dir and overwrite=True deletes it; "
+                             f"pass one of them")
+        if resume:
+            return
         found = ckpt.list_checkpoints(self.path)
         if not found:
             return

@@ -112,14 +112,11 @@ class WorldModelTrainer:
 
     def __init__(self, cfg: WMTrainConfig, out_dir: Union[str, os.PathLike, None] = None, resume: bool = False,
                  log: Optional[Callable[[str], None]] = print, overwrite: bool = False):
-        if resume and overwrite:
-            raise ValueError("train_world_model: resume=True continues the run in out_dir and overwrite=True deletes "
-                             "it; pass one of them")
         self.cfg, self.log = cfg, log
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.folder = RunFolder(self.out_dir, "train_world_model") if self.out_dir is not None else None
-        if self.folder is not None and not resume:
-            self.folder.claim(overwrite)
+        if self.folder is not None:
+            self.folder.claim(resume, overwrite)
         self.device = cfg.resolved_device()
         self.model, self.ema = build_world_model(cfg, self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
