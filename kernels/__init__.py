@@ -11,6 +11,7 @@ from .fused_linear import (fold_layernorm, fused_linear, fused_linear_reference,
 from .latent_cost import latent_cost, latent_cost_reference
 from .latent_loss import latent_loss, latent_loss_reference
 from .masked_attention import masked_attention, masked_attention_reference
+from .predictor_step import fused_mlp, fused_mlp_reference, window_attention, window_attention_reference
 from .sample_actions import sample_actions, sample_actions_reference
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
     "latent_cost", "latent_cost_reference",
     "latent_loss", "latent_loss_reference",
     "masked_attention", "masked_attention_reference",
+    "fused_mlp", "fused_mlp_reference", "window_attention", "window_attention_reference",
     "sample_actions", "sample_actions_reference",
 ]

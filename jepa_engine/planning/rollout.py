@@ -46,9 +46,11 @@ from typing import Iterator, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from jepa_engine.kernels import _native, backend_for, fused_linear, linear_goal_cost
+from jepa_engine.kernels import (_native, backend_for, fused_linear, fused_mlp, linear_goal_cost,
+                                 window_attention)
 from jepa_engine.kernels._launch import forced_backend
 from jepa_engine.kernels.fused_linear import fused_linear_reference, linear_goal_cost_reference
+from jepa_engine.kernels.precision import check_precision, matmul_precision, round_tf32, storage_dtype
 from jepa_engine.models.world_model import FoldedBlock, WorldModel
 
 __all__ = ["FusedRollout", "Window", "windows"]
@@ -62,19 +64,54 @@ def _native_goal_cost(x, weight, bias, goal, *, normalize=True, eps=1e-6, metric
     return torch.ops.jepa_engine.linear_goal_cost.default(x, weight, bias, goal, normalize, eps, metric)
 
 
-def _ops(device: torch.device):
-    """``(linear, goal_cost)``: the fused ops, or where the dispatch would take them anyway, called
-    directly (the rollout validates its inputs once, not in each of its ~15 linear calls per step): on
-    plain CPU tensors the native library's C++ kernels (1.1-1.8x the reference ops at the rollout's
-    shapes, kernels/fused_linear.py), else under ``use_backend("reference")`` or without the library
-    the references. The C++ kernels are inference-only: with grad mode on (the gradient planner) the
-    references run."""
+def _tf32_linear(x, weight, bias=None, *, normalize=False, eps=1e-6, activation=None, residual=None):
+    """:func:`fused_linear_reference` with both operands of the product rounded to TF32 (the CPU's
+    emulation of ``precision="tf32"``)."""
+    if normalize:
+        x = F.layer_norm(x, (x.shape[-1],), eps=eps)
+    y = torch.mm(round_tf32(x), round_tf32(weight).t())
+    if bias is not None:
+        y.add_(bias)
+    if activation == "gelu":
+        y = F.gelu(y)
+    if residual is not None:
+        y.add_(residual)
+    return y
+
+
+def _tf32_goal_cost(x, weight, bias, goal, *, normalize=True, eps=1e-6, metric="l2"):
+    z = _tf32_linear(x, weight, bias, normalize=normalize, eps=eps)
+    M, D = z.shape
+    diff = z.view(goal.shape[0], M // goal.shape[0], D) - goal[:, None, :]
+    return z, (diff.abs() if metric == "l1" else diff.square()).sum(-1).view(M)
+
+
+class _Ops(NamedTuple):
+    """What one rollout runs: ``linear`` and ``goal_cost`` (fused_linear / linear_goal_cost forms),
+    ``attention(block, q, kv, mask, pack)`` and ``kernels``: True on the Triton path, whose blocks run
+    as qkv linear, :func:`window_attention`, projection linear and :func:`fused_mlp` (four launches)."""
+
+    linear: object
+    goal_cost: object
+    attention: object
+    kernels: bool
+
+
+def _ops(device: torch.device, precision: str = "fp32") -> _Ops:
+    """The rollout's ops: the fused ops, or where the dispatch would take them anyway, called directly
+    (the rollout validates its inputs once, not in each of its ~15 linear calls per step): on plain CPU
+    tensors the native library's C++ kernels (1.1-1.8x the reference ops at the rollout's shapes,
+    kernels/fused_linear.py), else under ``use_backend("reference")`` or without the library the
+    references. The C++ kernels are inference-only: with grad mode on (the gradient planner) the
+    references run. ``precision="tf32"`` off CUDA is emulated on the references (:func:`round_tf32`)."""
+    if precision == "tf32" and device.type != "cuda":
+        return _Ops(_tf32_linear, _tf32_goal_cost, _Block.attention_tf32, False)
     if backend_for("fused_linear", device) == "reference":
         if (device.type == "cpu" and forced_backend() is None and not torch.is_grad_enabled()
                 and {"fused_linear", "linear_goal_cost"} <= _native.native_ops()):
-            return _native_linear, _native_goal_cost
-        return fused_linear_reference, linear_goal_cost_reference
-    return fused_linear, linear_goal_cost
+            return _Ops(_native_linear, _native_goal_cost, _Block.attention, False)
+        return _Ops(fused_linear_reference, linear_goal_cost_reference, _Block.attention, False)
+    return _Ops(fused_linear, linear_goal_cost, _Block.attention, True)
 
 
 class Window(NamedTuple):
@@ -132,6 +169,20 @@ class _Block:
                                            attn_mask=mask, scale=self.scale)
         return o.transpose(1, 2).reshape(B, L, C)
 
+    def attention_tf32(self, q: torch.Tensor, kv: torch.Tensor, mask: Optional[torch.Tensor], pack: int = 1
+                       ) -> torch.Tensor:
+        """:meth:`attention` with the operands of both products rounded to TF32 (CPU emulation)."""
+        B, L, C = q.shape
+        S = kv.shape[1]
+        if pack > 1:
+            q, kv = q.reshape(B // pack, pack * L, C), kv.reshape(B // pack, pack * S, 2 * C)
+        qh, kh, vh = (round_tf32(self._heads(t).contiguous()) for t in (q, kv[..., :C], kv[..., C:]))
+        s = torch.matmul(qh, kh.transpose(-1, -2)) * self.scale
+        if mask is not None:
+            s = s + mask
+        o = torch.matmul(round_tf32(s.softmax(-1)), vh)
+        return o.transpose(1, 2).reshape(B, L, C)
+
     def finish(self, lin, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """The block's output for tokens ``x [R, C]`` from their attention output ``o [R, C]``:
         projection + residual, MLP + residual."""
@@ -153,12 +204,35 @@ class FusedRollout:
     through :meth:`WorldModel.rollout_spec` only.
     """
 
-    def __init__(self, model: WorldModel, dtype: Optional[torch.dtype] = None):
+    def __init__(self, model: WorldModel, dtype: Optional[torch.dtype] = None, precision: Optional[str] = None):
+        device = next(model.parameters()).device
+        if precision is not None:
+            precision = check_precision("FusedRollout", precision, device)
+            if dtype is not None and dtype != storage_dtype(precision):
+                raise ValueError(f"FusedRollout: dtype {dtype} contradicts precision {precision!r} (which stores "
+                                 f"{storage_dtype(precision)}); pass one of them")
+            dtype = storage_dtype(precision)
         self.spec = spec = model.rollout_spec(dtype)
         self.dtype = spec.dtype
+        # Without an explicit precision: the device's default for fp32 models, bf16 for bf16 ones, and
+        # fp16 models run as they are (tensor cores, as bf16).
+        self.precision = precision or ("bf16" if self.dtype != torch.float32 else check_precision(
+            "FusedRollout", None, device))
         self.blocks = [_Block(b) for b in spec.blocks]
         self.masks: dict = {}
         self._obs_cache: Optional[tuple] = None
+        self._out_embed: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def out_embed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output projection and the next step's embedding as one linear ``(weight [C, C], bias [C])``
+        (fp32 products, stored in the rollout's dtype): the Triton path's cost runs it where the
+        prediction itself is not read. Computed at its first use."""
+        if self._out_embed is None:
+            sp = self.spec
+            w_e = sp.w_embed.float()
+            self._out_embed = ((w_e @ sp.w_out.float()).to(self.dtype),
+                               (w_e @ sp.b_out.float() + sp.b_embed.float()).to(self.dtype))
+        return self._out_embed
 
     # ---------------------------------------------------------------------------------------------
     def _mask(self, prefix: int, frames: int, device, pack: int = 1) -> Optional[torch.Tensor]:
@@ -192,17 +266,18 @@ class FusedRollout:
                 return g
         return 1
 
-    def _prefix_kv(self, lin, tokens: torch.Tensor) -> list[torch.Tensor]:
+    def _prefix_kv(self, ops: _Ops, tokens: torch.Tensor) -> list[torch.Tensor]:
         """The shared frames ``tokens [E, 2s, Dp]`` through every block: keys and values ``[E, 2s, 2 Dp]``
         per block."""
         E, P, C = tokens.shape
+        lin = ops.linear
         out = []
         x = tokens.reshape(E * P, C)
         mask = self._mask(0, P // 2, tokens.device)
         for blk in self.blocks[:-1]:
             qkv = lin(x, blk.w_qkv, blk.b_qkv, normalize=True, eps=blk.eps1).view(E, P, 3 * C)
             out.append(qkv[..., C:])
-            x = blk.finish(lin, x, blk.attention(qkv[..., :C], qkv[..., C:], mask).view(E * P, C))
+            x = blk.finish(lin, x, ops.attention(blk, qkv[..., :C], qkv[..., C:], mask).view(E * P, C))
         blk = self.blocks[-1]
         out.append(lin(x, blk.w_kv, blk.b_kv, normalize=True, eps=blk.eps1).view(E, P, 2 * C))
         return out
@@ -238,23 +313,34 @@ class FusedRollout:
         return out
 
     def _run(self, z_hist, past_actions, actions, z_goal=None, metric="l2", reduce="final"):
+        if torch.compiler.is_compiling():      # traced (export): the precision flag is the caller's
+            return self._steps(z_hist, past_actions, actions, z_goal, metric, reduce)
+        with matmul_precision(self.precision):
+            return self._steps(z_hist, past_actions, actions, z_goal, metric, reduce)
+
+    def _steps(self, z_hist, past_actions, actions, z_goal, metric, reduce):
         sp = self.spec
         E, observed, _ = z_hist.shape
         _, N, horizon, A = actions.shape
         dt, dev = self.dtype, z_hist.device
         EN = E * N
         C = sp.width
-        lin, goal_cost = _ops(dev)
+        ops = _ops(dev, self.precision)
+        lin, goal_cost = ops.linear, ops.goal_cost
         emb_obs, act_obs, prefixes = self._observed(lin, z_hist, past_actions)
         actions = actions.to(dt)
         # The candidates' frames observed-1 .. observed+horizon-2 without positions, [E*N, horizon, 2, C]:
         # (embedding, action) token contents, written once (the predicted embeddings as the rollout
         # reaches them).
-        cand = torch.empty(E, N, horizon, 2, C, dtype=dt, device=dev)
-        cand[:, :, 0, 0] = emb_obs[:, None, observed - 1]
-        cand[:, :, :, 1] = self._action_tokens(lin, actions.reshape(EN, horizon, A)).view(E, N, horizon, C)
+        # One copy: the last observed embedding (broadcast to every frame; frames 1.. are overwritten by
+        # the predictions) beside the action tokens.
+        act_tok = self._action_tokens(lin, actions.reshape(EN, horizon, A)).view(E, N, horizon, C)
+        cand = torch.stack([emb_obs[:, None, None, observed - 1].expand(E, N, horizon, C), act_tok], 3)
         cand = cand.view(EN, horizon, 2, C)
         last = len(self.blocks) - 1
+        # Triton path, cost of the final step only: the predictions before it are not read, so their
+        # output projection and the next step's embedding run as one linear.
+        composed = ops.kernels and z_goal is not None and reduce == "final"
         outs, cost = [], None
         for k, start, s, t in windows(observed, horizon, sp.window):   # s shared frames, t own frames
             L, P = 2 * t, 2 * s
@@ -262,39 +348,73 @@ class FusedRollout:
             if s:
                 if (start, s) not in prefixes:
                     shared = torch.stack([emb_obs[:, start:start + s], act_obs[:, start:start + s]], 2)  # [E, s, 2, C]
-                    prefixes[start, s] = self._prefix_kv(lin, (shared + sp.pos_type[:s]).view(E, P, C))
+                    prefixes[start, s] = self._prefix_kv(ops, (shared + sp.pos_type[:s]).view(E, P, C))
                 prefix = prefixes[start, s]
             x = (cand[:, k + 1 - t:k + 1] + sp.pos_type[s:s + t]).view(EN * L, C)       # [E*N*L, C]
-            pack = self._pack(dev, EN, L)                     # block 0 .. last-1: L query rows
-            mask = self._mask(P, t, dev, pack)
-            pack1 = self._pack(dev, EN, 1)                     # the last block: one row
-            mask1 = self._mask(P + L, 0, dev, pack1)
-            for bi, blk in enumerate(self.blocks):
-                if bi < last:
-                    qkv = lin(x, blk.w_qkv, blk.b_qkv, normalize=True, eps=blk.eps1).view(EN, L, 3 * C)
-                    q, kv = qkv[..., :C], qkv[..., C:]
-                else:
-                    kv = lin(x, blk.w_kv, blk.b_kv, normalize=True, eps=blk.eps1).view(EN, L, 2 * C)
-                    x = x.view(EN, L, C)[:, -1]               # the last action token: the only row read
-                    q = lin(x, blk.w_q, blk.b_q, normalize=True, eps=blk.eps1)
-                if prefix is not None:                         # shared keys/values, broadcast to the candidates
-                    kv = torch.cat([prefix[bi][:, None].expand(E, N, P, 2 * C), kv.view(E, N, L, 2 * C)], 2)
-                    kv = kv.view(EN, P + L, 2 * C)
-                if bi < last:
-                    o = blk.attention(q, kv, mask, pack).view(EN * L, C)
-                else:
-                    o = blk.attention(q[:, None], kv, mask1, pack1).view(EN, C)
-                x = blk.finish(lin, x, o)
+            if ops.kernels:
+                x = self._blocks_kernels(x, prefix, L)
+            else:
+                x = self._blocks_torch(ops, x, prefix, EN, L, P, t, dev)
             final = k == horizon - 1                           # x: [E*N, C]
             if z_goal is not None and (final or reduce == "sum"):
                 z, c = goal_cost(x, sp.w_out, sp.b_out, z_goal.to(dt), normalize=True, eps=sp.eps_out, metric=metric)
                 cost = c if cost is None else cost + c
+            elif composed:
+                cand[:, k + 1, 0] = lin(x, *self.out_embed(), normalize=True, eps=sp.eps_out)
+                continue
             else:
                 z = lin(x, sp.w_out, sp.b_out, normalize=True, eps=sp.eps_out)
             outs.append(z)
             if not final:
                 cand[:, k + 1, 0] = lin(z, sp.w_embed, sp.b_embed)
         return outs, cost
+
+    def _blocks_torch(self, ops: _Ops, x, prefix, EN: int, L: int, P: int, t: int, dev) -> torch.Tensor:
+        """The blocks on torch ops / the C++ kernels: SDPA with a mask over the concatenated shared and own
+        keys (several candidates per sequence on the CPU), the last block's queries for its last row only.
+        ``x [E*N*L, C]`` -> the last rows' outputs ``[E*N, C]``."""
+        lin = ops.linear
+        C = self.spec.width
+        E = EN if prefix is None else prefix[0].shape[0]
+        N = EN // E
+        pack = self._pack(dev, EN, L)                      # block 0 .. last-1: L query rows
+        mask = self._mask(P, t, dev, pack)
+        pack1 = self._pack(dev, EN, 1)                     # the last block: one row
+        mask1 = self._mask(P + L, 0, dev, pack1)
+        last = len(self.blocks) - 1
+        for bi, blk in enumerate(self.blocks):
+            if bi < last:
+                qkv = lin(x, blk.w_qkv, blk.b_qkv, normalize=True, eps=blk.eps1).view(EN, L, 3 * C)
+                q, kv = qkv[..., :C], qkv[..., C:]
+            else:
+                kv = lin(x, blk.w_kv, blk.b_kv, normalize=True, eps=blk.eps1).view(EN, L, 2 * C)
+                x = x.view(EN, L, C)[:, -1]               # the last action token: the only row read
+                q = lin(x, blk.w_q, blk.b_q, normalize=True, eps=blk.eps1)
+            if prefix is not None:                         # shared keys/values, broadcast to the candidates
+                kv = torch.cat([prefix[bi][:, None].expand(E, N, P, 2 * C), kv.view(E, N, L, 2 * C)], 2)
+                kv = kv.view(EN, P + L, 2 * C)
+            if bi < last:
+                o = ops.attention(blk, q, kv, mask, pack).view(EN * L, C)
+            else:
+                o = ops.attention(blk, q[:, None], kv, mask1, pack1).view(EN, C)
+            x = blk.finish(lin, x, o)
+        return x
+
+    def _blocks_kernels(self, x, prefix, L: int) -> torch.Tensor:
+        """The blocks on the Triton path, four launches each: qkv linear (layer norm folded),
+        :func:`window_attention` (the shared prefix read in place, the frame-causal mask computed, the last
+        block's last row only), projection linear + residual, :func:`fused_mlp` (+ residual).
+        ``x [E*N*L, C]`` -> the last rows' outputs ``[E*N, C]``."""
+        C = self.spec.width
+        last = len(self.blocks) - 1
+        for bi, blk in enumerate(self.blocks):
+            qkv = fused_linear(x, blk.w_qkv, blk.b_qkv, normalize=True, eps=blk.eps1)
+            pre = prefix[bi] if prefix is not None else None
+            o = window_attention(qkv, pre, heads=blk.heads, window=L, last_only=bi == last, scale=blk.scale)
+            res = x if bi < last else x.view(-1, L, C)[:, -1]
+            x = fused_linear(o, blk.w_proj, blk.b_proj, residual=res)
+            x = fused_mlp(x, blk.w_fc1, blk.b_fc1, blk.w_fc2, blk.b_fc2, eps=blk.eps2)
+        return x
 
     def _check(self, z_hist, past_actions, actions, z_goal=None):
         sp = self.spec
