@@ -54,6 +54,14 @@ def _selfcheck(args: argparse.Namespace) -> int:
     return selfcheck.run()
 
 
+def _ledger(args: argparse.Namespace) -> int:
+    from jepa_engine import ledger
+
+    if args.group is not None and args.group not in ledger.GROUPS:
+        return _error("ledger", f"argument --group: must be one of {', '.join(ledger.GROUPS)}, got {args.group!r}")
+    return ledger.run(args.group, args.json)
+
+
 def _run_config(args: argparse.Namespace, config_class, fallback: str | None):
     """The run's config: ``--config``, else (with ``--resume``) the run folder's own ``config.json``, else
     ``fallback``; ``--steps``/``--device`` override it. ``--resume`` needs a checkpoint in ``--out``, with or
@@ -154,6 +162,7 @@ def _collect(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from jepa_engine.evaluation.mpc import MPC, MPCConfig
+    from jepa_engine.kernels.precision import default_precision
     from jepa_engine.runtime import resolved_device
     from jepa_engine.training.checkpoint import CheckpointError
     from jepa_engine.training.world_model import load_world_model
@@ -168,7 +177,7 @@ def _plan(args: argparse.Namespace) -> int:
     num_envs = args.num_envs if args.num_envs is not None else min(args.episodes, PLAN_NUM_ENVS)
     try:
         mpc_cfg = MPCConfig(planner=args.planner, horizon=args.horizon, elites=args.elites, cost=args.cost,
-                            reduce=args.reduce, seed=args.seed, **budget)
+                            reduce=args.reduce, seed=args.seed, precision=args.precision, **budget)
     except ValueError as e:
         return _error("plan", str(e))
     try:
@@ -181,7 +190,7 @@ def _plan(args: argparse.Namespace) -> int:
             else f"samples x I={I} iterations (K={mpc_cfg.elites})")
     print(f"MPC in the {world.layout!r} world with {args.planner}: N={budget['samples']} {what}, horizon "
           f"{args.horizon}; {args.episodes} episode(s) of <= {budget['max_steps']} steps, {num_envs} planned at "
-          f"once; {device}", flush=True)
+          f"once; {device}, precision {mpc_cfg.precision or default_precision(device)}", flush=True)
     defaulted = [k for k in defaults if k not in given]
     if defaulted:
         other = PLAN_BUDGETS[("cpu" if device.type == "cuda" else "cuda", args.planner)]
@@ -361,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--max-steps", type=int_at_least(1),
                       help="control steps per episode (default: 60 on CUDA, 40 on the CPU)")
     plan.add_argument("--seed", type=int_at_least(0), default=0)
+    plan.add_argument("--precision", choices=("fp32", "tf32", "bf16"),
+                      help="the planning rollout's products: fp32, tf32 (tensor cores on CUDA, emulated on the CPU) "
+                           "or bf16 (default: tf32 on CUDA, fp32 on the CPU)")
     plan.add_argument("--device", type=known_device, help="cpu, cuda, cuda:1 (default: cuda if available)")
     plan.add_argument("--no-progress", action="store_true", help="no progress bar")
     plan.set_defaults(func=_plan)
@@ -443,6 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("audit", help="compile every kernel for sm_90a/sm_80, print registers/spills/smem").set_defaults(
         func=_audit)
     sub.add_parser("selfcheck", help="each kernel against its PyTorch reference").set_defaults(func=_selfcheck)
+    led = sub.add_parser("ledger", help="per benchmark group and kernel: launched vs useful FLOPs, bytes, H100 roofline")
+    led.add_argument("--group", help="one group (planning, cem, masked_attention, encoders, ema, latent_loss, train)")
+    led.add_argument("--json", action="store_true", help="print JSON")
+    led.set_defaults(func=_ledger)
     from jepa_engine import gpu_report  # standard library only: the parser stays light
 
     gpu = sub.add_parser("gpu-report", help="every GPU measurement in one command: facts, tests, self-check, "

@@ -22,10 +22,13 @@ from typing import Optional
 import torch
 
 from jepa_engine.envs import PointMassWorld, WorldConfig, render
+from jepa_engine.kernels.precision import PRECISIONS, check_precision
 from jepa_engine.models.world_model import WorldModel
 from jepa_engine.planning import Plan, Planner, PlannerConfig
+from jepa_engine.planning.graphs import GraphedPlanner
 from jepa_engine.planning.latent_cost import COSTS, REDUCTIONS, latent_cost
 from jepa_engine.planning.registry import PLANNERS
+from jepa_engine.planning.sampling import _SamplingPlanner
 from jepa_engine.runtime import progress_mininterval
 
 
@@ -48,6 +51,8 @@ class MPCConfig:
     max_steps: int = 60              # control steps per episode
     warm_start: bool = True
     seed: int = 0
+    precision: Optional[str] = None  # "fp32", "tf32", "bf16"; None: the device's (tf32 on CUDA, fp32 elsewhere)
+    graphed: bool = True             # on CUDA, CEM / MPPI plans replay one CUDA graph (planning/graphs.py)
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -59,6 +64,8 @@ class MPCConfig:
             raise bad("cost", f"one of {COSTS}")
         if self.reduce not in REDUCTIONS:
             raise bad("reduce", f"one of {REDUCTIONS}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise bad("precision", f"one of {PRECISIONS} or None (the device's default)")
         for name in ("horizon", "max_steps", "samples", "iterations"):
             v = getattr(self, name)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
@@ -86,6 +93,7 @@ class MPCResult:
     final_distance: list[float]      # per episode, at the end (or when the goal was reached)
     plan_ms: list[float]             # wall time of every plan call (E environments at once)
     num_envs: int
+    precision: str = "fp32"          # the planning rollout's precision
 
     @property
     def success_rate(self) -> float:
@@ -105,7 +113,7 @@ class MPCResult:
         steps = f", {sum(reached) / len(reached):.1f} steps on average when reached" if reached else ""
         return (f"success {sum(self.success)}/{len(self.success)} = {self.success_rate:.0%}{steps}; plan latency "
                 f"median {lat['median']:.1f} ms (p20 {lat['p20']:.1f}, p80 {lat['p80']:.1f}) for "
-                f"{self.num_envs} env(s) per plan, {len(self.plan_ms)} plans")
+                f"{self.num_envs} env(s) per plan, {len(self.plan_ms)} plans; precision {self.precision}")
 
 
 class MPC:
@@ -121,6 +129,12 @@ class MPC:
                              f"the model expects {mc.in_chans}x{mc.img_size}x{mc.img_size}")
         self.world_config = world
         self.planner = planner or PLANNERS[self.config.planner](self.config.planner_config(mc.action_dim))
+        self.precision = check_precision("MPC", self.config.precision, self.device)
+        # CUDA: one captured plan per (environments, history length), replayed with the history, the
+        # goal and the warm start copied into its static inputs (no host sync inside a plan).
+        self.graphed = (self.config.graphed and self.device.type == "cuda"
+                        and isinstance(self.planner, _SamplingPlanner))
+        self._graphs: dict = {}
         if self.planner.config.action_dim != mc.action_dim:
             raise ValueError(f"MPC: planner action_dim must be the model's {mc.action_dim}, "
                              f"got {self.planner.config.action_dim}")
@@ -148,7 +162,7 @@ class MPC:
         if max_steps is not None and not (isinstance(max_steps, int) and max_steps >= 1):
             raise ValueError(f"MPC.run: max_steps must be an int >= 1 or None, got {max_steps!r}")
         steps = max_steps or self.config.max_steps
-        result = MPCResult([], [], [], [], num_envs)
+        result = MPCResult([], [], [], [], num_envs, self.precision)
         with tqdm(total=episodes, unit="episode", desc=f"MPC ({self.config.planner})", disable=not progress,
                   dynamic_ncols=True, mininterval=progress_mininterval()) as bar:
             def on_step(step: int, world: PointMassWorld) -> None:
@@ -162,6 +176,18 @@ class MPC:
                 bar.set_postfix_str(f"{sum(result.success)} reached", refresh=False)
                 bar.update(n)
         return result
+
+    def _graphed(self, z_hist: torch.Tensor, past: torch.Tensor, z_goal: torch.Tensor) -> GraphedPlanner:
+        """The captured plan for these shapes, its static history and goal set to these values."""
+        key = (z_hist.shape[0], z_hist.shape[1])
+        if key not in self._graphs:
+            static = (z_hist.clone(), past.clone(), z_goal.clone())
+            cost_fn = latent_cost(self.model, *static, self.config.cost, self.config.reduce, precision=self.precision)
+            self._graphs[key] = (GraphedPlanner(self.planner, cost_fn, key[0], self.device), static)
+        graphed, static = self._graphs[key]
+        for buf, value in zip(static, (z_hist, past, z_goal)):
+            buf.copy_(value)
+        return graphed
 
     @torch.no_grad()
     def encode_goal(self, goals: torch.Tensor) -> torch.Tensor:
@@ -183,7 +209,7 @@ class MPC:
             if not torch.isfinite(t).all():
                 raise ValueError(f"MPC: the {name} must be finite, got NaN/inf in rows "
                                  f"{torch.nonzero(~torch.isfinite(t).all(1)).flatten().tolist()}")
-        result = result or MPCResult([], [], [], [], E)
+        result = result or MPCResult([], [], [], [], E, self.precision)
         max_steps = max_steps or self.config.max_steps
         model, cfg, h = self.model, self.config, self.model.cfg.history
         was_training = model.training
@@ -204,10 +230,14 @@ class MPC:
             for step in range(max_steps):
                 if bool(done.all()):
                     break
-                cost_fn = latent_cost(model, z_hist, past, z_goal, cfg.cost, cfg.reduce)
                 t0 = time.perf_counter()
                 with torch.no_grad():
-                    plan = self.planner.plan(cost_fn, E, self.device, warm_start=warm)
+                    if self.graphed:
+                        plan = self._graphed(z_hist, past, z_goal).plan(warm_start=warm)
+                    else:
+                        cost_fn = latent_cost(model, z_hist, past, z_goal, cfg.cost, cfg.reduce,
+                                              precision=self.precision)
+                        plan = self.planner.plan(cost_fn, E, self.device, warm_start=warm)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 result.plan_ms.append(1e3 * (time.perf_counter() - t0))
