@@ -9,8 +9,9 @@ tensor-core dots compiled on the GPU; exact fp32 under the interpreter).
 
 First it lists which path each op takes in this process (:func:`op_paths`): where its schema is
 defined (C++ ``TORCH_LIBRARY`` in the native library ``jepa_engine/_C.so``, a Python
-``torch.library.custom_op``, or none: a plain function), and what runs on CUDA tensors and on CPU
-tensors (native C++, Triton compiled or interpreted, or the Python reference).
+``torch.library.custom_op``, or none: a plain function), and what runs on CUDA tensors (as the route
+table decides, :func:`print_routes` lists its rows and their evidence) and on CPU tensors (native C++,
+Triton interpreted, or the Python reference).
 """
 from __future__ import annotations
 
@@ -148,7 +149,7 @@ def op_paths() -> list[tuple[str, str, str, str]]:
     """``(op, schema, CUDA tensors, CPU tensors)`` for every op, as this process dispatches them."""
     import torch
 
-    from jepa_engine.kernels import _native
+    from jepa_engine.kernels import _native, routes
     from jepa_engine.kernels._launch import interpreting, triton_available
 
     rows = []
@@ -158,7 +159,7 @@ def op_paths() -> list[tuple[str, str, str, str]]:
         if not triton_available():
             cuda = "Python reference (no triton)"
         else:
-            cuda = "Triton, compiled" if torch.cuda.is_available() else "Triton, compiled (no CUDA device here)"
+            cuda = routes.summary(op)
         if interpreting() and triton_available():
             cpu = "Triton interpreter (TRITON_INTERPRET=1)"
         elif native:
@@ -176,6 +177,28 @@ def print_op_paths() -> None:
     print(f"  {'op':18s} {'schema':24s} {'CUDA tensors':40s} CPU tensors")
     for op, schema, cuda, cpu in op_paths():
         print(f"  {op:18s} {schema:24s} {cuda:40s} {cpu}")
+    print(flush=True)
+
+
+def print_routes() -> None:
+    """The CUDA route table (``kernels/routes.py``), one row a line: op, device class, shape class, route
+    and its evidence; rows no GPU measured are marked UNMEASURED."""
+    import torch
+
+    from jepa_engine.kernels import routes
+
+    here = "no CUDA device"
+    if torch.cuda.is_available():
+        try:
+            here = routes.device_class(torch.device("cuda", torch.cuda.current_device()))
+        except (RuntimeError, AssertionError) as e:   # a CUDA runtime that cannot be queried
+            here = f"CUDA device not queried: {e}"
+    unmeasured = sum(r.evidence == routes.UNMEASURED for r in routes.ROWS)
+    print(f"CUDA route table (kernels/routes.py; this machine: {here}): the first matching row decides; "
+          f"use_backend() overrides it. {len(routes.ROWS)} rows, {unmeasured} unmeasured")
+    print(f"  {'op':17s} {'device':10s} {'shape class':31s} {'route':7s} evidence")
+    for line in routes.format_rows():
+        print(f"  {line}")
     print(flush=True)
 
 
@@ -232,6 +255,7 @@ def run() -> int:
     native_failed = 0
     if not os.environ.get(_CHILD):
         print_op_paths()
+        print_routes()
         native_failed = _print_native_check()
     device, reason = kernel_test_device()
     if device is None:

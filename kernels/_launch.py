@@ -5,7 +5,8 @@ the expected and the actual), then asks :func:`backend_for` which implementation
 
 - ``"triton"``: the Triton kernel, compiled on CUDA tensors, or run by the Triton interpreter on CPU
   tensors when ``TRITON_INTERPRET=1`` (how the test suite checks kernels on machines without a GPU);
-- ``"reference"``: the op's PyTorch reference, which is its specification (plain CPU tensors).
+- ``"reference"``: the op's PyTorch reference, which is its specification (plain CPU tensors), or on
+  CUDA tensors the op's PyTorch path where the route table (:mod:`.routes`) says it is the faster one.
 
 :func:`use_backend` forces one of them inside a ``with`` block (benchmarks use it to time the
 reference as a peer; tests use it to compare the two on the same inputs).
@@ -20,6 +21,7 @@ from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 
+from . import routes
 from ._registry import LaunchConfig
 
 BACKENDS = ("triton", "reference")
@@ -109,25 +111,20 @@ def kernel_test_device() -> KernelTestDevice:
                                   "here (TRITON_INTERPRET=1 runs them on CPU)")
 
 
-# Ops whose kernels measured slower than their PyTorch reference on CUDA at every benched shape: there
-# the reference is the default until a kernel wins a measured shape (``use_backend("triton")`` still
-# runs the kernels). Op -> the measurement.
-CUDA_REFERENCE_DEFAULT = {
-    # H100, benches/results/h100-2026-11-25-bench.json (bench_latent_loss.py), bf16 forward + backward at
-    # M x D = 40960 x 768 and 20480 x 1280: kernels 1.63 and 1.16 ms, reference ops 1.28 and 0.84 ms.
-    "latent_loss": "0.73-0.76x of the reference ops on an H100",
-}
+def backend_for(op: str, device: torch.device, shape: Optional[tuple] = None) -> str:
+    """The single dispatch decision of an op: ``"triton"`` or ``"reference"`` for tensors on ``device``.
 
-
-def backend_for(op: str, device: torch.device) -> str:
-    """The single dispatch decision of an op: ``"triton"`` or ``"reference"`` for tensors on ``device``
-    (:data:`CUDA_REFERENCE_DEFAULT` ops take the reference on CUDA unless the kernels are forced)."""
+    A forced backend (:func:`use_backend`) wins. Otherwise CUDA tensors follow the route table
+    (:mod:`.routes`, one dict lookup): ``shape`` is the call's shape class there (e.g.
+    :func:`.routes.attention_class`), None for the op's default row; a ``"torch"`` route is returned as
+    ``"reference"``, the branch that runs the op's PyTorch path. CPU tensors take the kernel under the
+    Triton interpreter, the reference (or the native C++ kernel, decided by the op) otherwise."""
     forced = _forced[-1] if _forced else None
     if forced == "reference":
         return "reference"
     if triton_runs_on(device):
-        if forced is None and device.type == "cuda" and op in CUDA_REFERENCE_DEFAULT:
-            return "reference"
+        if forced is None and device.type == "cuda":
+            return routes.backend(op, device, shape)
         return "triton"
     if forced == "triton":
         raise RuntimeError(

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _launch, _native
+from . import _launch, _native, routes
 from ._launch import tl, triton
 from ._registry import KernelSpec, LaunchConfig, register_kernel, signature
 
@@ -249,7 +249,9 @@ SCHEMA = ("elite_refit(Tensor costs, Tensor samples, Tensor mean, Tensor std, st
 def _op_kernel(costs, samples, mean, std, mode="cem", k=1, temperature=1.0, momentum=0.0, min_std=0.0):
     """The Python kernel of the op (CUDA tensors; CPU tensors without the C++ kernel)."""
     _check(costs, samples, mean, std, mode, k, temperature, momentum)
-    if _launch.backend_for(OP, samples.device) == "reference":
+    # The route table decides CUDA calls by the environment count (one kernel program per environment).
+    shape = routes.refit_class(samples.shape[0]) if samples.is_cuda else None
+    if _launch.backend_for(OP, samples.device, shape) == "reference":
         return elite_refit_reference(costs, samples, mean, std, mode=mode, k=k, temperature=temperature,
                                      momentum=momentum, min_std=min_std)
     return elite_refit_forward(costs.contiguous(), samples.contiguous(), mean.contiguous(), std.contiguous(),

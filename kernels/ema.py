@@ -46,7 +46,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import _launch, _native
+from . import _launch, _native, routes
 from ._launch import tl, triton
 from ._registry import KernelSpec, LaunchConfig, register_kernel, signature
 
@@ -433,24 +433,24 @@ def get_plan(targets, onlines, target_buffers=(), online_buffers=(), *, validate
     return plan
 
 
-def _foreach_wins(targets, onlines, momentum, device: torch.device, distance: bool) -> bool:
-    """Where ``torch._foreach_lerp_`` beats the kernel, it takes the update (unless a
-    ``use_backend("triton")`` block forces the kernel).
-
-    Measured on an H100 (benches/results/h100-2026-11-25-measure-console.log, ``bench_ema.py``,
-    ViT-Tiny to ViT-Huge, fp32 and bf16, one synchronised call after an L2 flush): the plain update
-    of a same-dtype list with a Python float momentum ran 1.1x to 1.6x slower in the kernel than in
-    one ``_foreach_lerp_`` (e.g. ViT-B bf16 443 us against 274 us), the gap growing with the tensor
-    count (host work per call). The kernel keeps what the foreach path cannot do in one pass without
-    a host synchronisation: a device-tensor momentum (CUDA graphs replay whatever it holds), the
-    fused distance, and mixed target/online dtypes.
-    """
-    if device.type != "cuda" or distance or isinstance(momentum, torch.Tensor):
-        return False
-    if _launch.forced_backend() == "triton":
-        return False
+def _route_class(targets, onlines, momentum, distance: bool) -> tuple:
+    """The update's shape class in the route table (kernels/routes.py): ``"plain"`` (a float momentum, no
+    distance, one dtype throughout: one ``torch._foreach_lerp_`` does it) or ``"fused"`` (what the foreach
+    path cannot do in one pass without a host synchronisation: a device-tensor momentum, which CUDA graphs
+    replay, the fused distance, mixed target/online dtypes)."""
+    if distance or isinstance(momentum, torch.Tensor):
+        return routes.ema_class(False)
     dtype = targets[0].dtype
-    return all(t.dtype == dtype for t in targets) and all(o.dtype == dtype for o in onlines)
+    return routes.ema_class(all(t.dtype == dtype for t in targets) and all(o.dtype == dtype for o in onlines))
+
+
+def _foreach_wins(targets, onlines, momentum, device: torch.device, distance: bool) -> bool:
+    """Whether ``torch._foreach_lerp_`` takes a CUDA update: the route table says so for its class (the
+    kernel measured slower than one ``_foreach_lerp_`` on an H100 at every size of the plain update), and
+    no ``use_backend("triton")`` block forces the kernel."""
+    if device.type != "cuda" or _launch.forced_backend() == "triton":
+        return False
+    return routes.row_for(OP, device, _route_class(targets, onlines, momentum, distance)).route == "torch"
 
 
 def _check_targets(targets) -> None:
@@ -483,10 +483,11 @@ def _validate_once(targets, onlines, target_buffers, online_buffers, device) -> 
 @torch.no_grad()
 def _python_update(targets, onlines, momentum, target_buffers, online_buffers, distance: bool):
     """The Python paths, after the momentum check: the Triton plan (CUDA, or the interpreter) unless
-    :func:`_foreach_wins`, else ``torch._foreach_lerp_``."""
+    the route table sends the update to the foreach path (:func:`_route_class`), else
+    ``torch._foreach_lerp_``."""
     device = targets[0].device
-    if _launch.backend_for(OP, device) == "triton" and not _foreach_wins(targets, onlines, momentum, device,
-                                                                          distance):
+    shape = _route_class(targets, onlines, momentum, distance) if device.type == "cuda" else None
+    if _launch.backend_for(OP, device, shape) == "triton":
         plan = get_plan(targets, onlines, target_buffers, online_buffers)
         if not isinstance(momentum, torch.Tensor):
             momentum = torch.full((1,), float(momentum), dtype=torch.float32, device=device)
@@ -602,7 +603,7 @@ def ema_update_(targets: TensorList, onlines: TensorList, momentum: Union[float,
 
     On CUDA (or under ``TRITON_INTERPRET=1``) one launch per distinct (target, online) dtype pair
     updates every tensor and floating buffer; the plain same-dtype update with a float momentum takes
-    ``torch._foreach_lerp_`` on CUDA, where it measured faster (:func:`_foreach_wins`). On the CPU the
+    ``torch._foreach_lerp_`` on CUDA, where it measured faster (kernels/routes.py). On the CPU the
     native library's C++ kernel (csrc/ema.cpp) takes the update in one multi-threaded pass, checking its
     arguments in C++ on every call; without it, ``torch._foreach_lerp_``. The device tables are cached
     per parameter set and the Python paths check the lists once per set of tensors (a cache hit skips

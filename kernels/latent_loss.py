@@ -334,7 +334,7 @@ def latent_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.T
     if native and not grad:
         with torch._C._AutoDispatchBelowAutograd():
             return _latent_loss_op.op(pred, target, mask, kind, float(beta))
-    # On CUDA the reference is the default unless the kernels are forced (_launch.CUDA_REFERENCE_DEFAULT).
+    # On CUDA the route table (kernels/routes.py) picks the reference ops unless the kernels are forced.
     if _launch.backend_for(OP, pred.device) == "reference":
         # Plain differentiable torch ops: autograd and torch.compile see through them.
         return latent_loss_reference(pred, target, mask, kind=kind, beta=float(beta))

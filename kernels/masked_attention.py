@@ -56,7 +56,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _launch, _native
+from . import _launch, _native, routes
 from ._launch import tl, triton
 from ._registry import KernelSpec, LaunchConfig, register_kernel, signature
 
@@ -721,9 +721,20 @@ SCHEMA = ("masked_attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding, T
           "Tensor? keep_index, SymInt frame_len, float scale, SymInt max_seqlen) -> (Tensor, Tensor)")
 
 
+def _route_shape(q, k, key_padding, cu_seqlens, keep_index, frame_len: int) -> Optional[tuple]:
+    """The call's shape class in the route table (kernels/routes.py) for CUDA tensors, else None."""
+    if not q.is_cuda:
+        return None
+    varlen = cu_seqlens is not None
+    return routes.attention_class(q.shape[-1], q.shape[0] if varlen else k.shape[2], q.dtype,
+                                  key_padding=key_padding is not None, frame_len=frame_len,
+                                  index=keep_index is not None, varlen=varlen)
+
+
 def _forward_kernel(q, k, v, key_padding, cu_seqlens, keep_index, frame_len, scale, max_seqlen):
     """The Python kernel of the forward op: the Triton kernel, or the reference in the kernel's layout."""
-    if _launch.backend_for(OP, q.device) == "triton":
+    shape = _route_shape(q, k, key_padding, cu_seqlens, keep_index, frame_len)
+    if _launch.backend_for(OP, q.device, shape) == "triton":
         return masked_attention_forward(q, k, v, key_padding, cu_seqlens, keep_index, frame_len, scale, max_seqlen)
     out = _empty_out(q, cu_seqlens is not None)
     ref, lse = _reference_forward(q, k, v, key_padding, cu_seqlens, keep_index, frame_len, scale)
@@ -745,7 +756,8 @@ def _masked_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: to
                                   cu_seqlens: Optional[torch.Tensor], keep_index: Optional[torch.Tensor],
                                   frame_len: int, scale: float, max_seqlen: int
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _launch.backend_for(OP, q.device) == "triton":
+    shape = _route_shape(q, k, key_padding, cu_seqlens, keep_index, frame_len)
+    if _launch.backend_for(OP, q.device, shape) == "triton":
         return masked_attention_backward(grad_out, q, k, v, out, lse, key_padding, cu_seqlens, keep_index,
                                          frame_len, scale, max_seqlen)
     return masked_attention_backward_reference(grad_out, q, k, v, key_padding=key_padding, cu_seqlens=cu_seqlens,
@@ -848,6 +860,33 @@ def _plain_sdpa(q, k, v, key_padding, frame_len: int, scale: float, keep_index=N
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def _torch_attention(q, k, v, key_padding, keep_index, frame_len: int, scale: float) -> torch.Tensor:
+    """The PyTorch path of a call the route table gives to PyTorch (kernels/routes.py): one
+    ``F.scaled_dot_product_attention`` call in q's dtype, which picks its fastest backend (flash for
+    dense attention, memory-efficient with a bool mask), traced as such by ``torch.compile``.
+
+    An index set gathers the kept keys and values (SDPA then visits K keys, not N_k; unused slots are
+    masked); frame-causal takes a ``[N_q, N_k]`` bool mask. A query row with no visible key attends to
+    every key and is then zeroed (SDPA gives NaN there, the reference 0; its gradients are 0 too)."""
+    if keep_index is not None:
+        idx = keep_index.long()
+        key_padding = idx >= 0
+        at = idx.clamp_min(0)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        k, v = k.gather(2, at), v.gather(2, at)
+    N_q, N_k = q.shape[2], k.shape[2]
+    mask = None
+    if 0 < frame_len < N_k:
+        frames_q = torch.arange(N_q, device=q.device) // frame_len
+        mask = (torch.arange(N_k, device=q.device) // frame_len)[None, :] <= frames_q[:, None]
+    if key_padding is None:      # every row sees its own frame's keys, or every key
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    kp = key_padding[:, None, None, :]
+    mask = kp if mask is None else kp & mask
+    visible = mask.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~visible, scale=scale)
+    return out * visible
+
+
 def _cpp_forward_runs(q, k, v) -> bool:
     """Whether a plain CPU call takes the C++ kernel (csrc/attention.cpp): the native library defines it
     and no gradient is asked. It runs the fused CPU attention the reference's SDPA runs, on the same
@@ -941,7 +980,12 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_p
     cpp = _cpp_forward_runs(q, k, v)
     if not cpp:   # the C++ kernel makes these checks itself, last as here, with the same messages
         _check_values(key_padding, cu_seqlens, keep_index, N_k, T)
-    if (_launch.backend_for(OP, q.device) == "reference" and not torch.compiler.is_compiling()
+    backend = _launch.backend_for(OP, q.device, _route_shape(q, k, key_padding, cu_seqlens, keep_index, frame_len))
+    if backend == "reference" and q.is_cuda and not varlen and _launch.forced_backend() is None:
+        # The route table's PyTorch path (dense attention, and the masks where SDPA is as fast); a forced
+        # reference still runs the specification below.
+        return _torch_attention(q, k, v, key_padding, keep_index, frame_len, scale)
+    if (backend == "reference" and not torch.compiler.is_compiling()
             and not cpp):
         # Plain CPU tensors: the reference (fused SDPA under autograd) is the fastest PyTorch path
         # when gradients flow (its backward is SDPA's; the op's backward recomputes the probabilities).

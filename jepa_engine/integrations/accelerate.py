@@ -66,6 +66,12 @@ forward presents it), ``torch.jit.trace`` and ``torch.fx.symbolic_trace`` run it
 ``torch.jit.is_tracing()`` and whether the inputs are FX Proxies, never from a traced value);
 ``torch.save(model)`` / ``torch.load`` and ``copy.deepcopy`` give a model patched the same way.
 
+On CUDA the route table (``jepa_engine/kernels/routes.py``) decides each call too: where it gives the
+call's class (mask kind, head dim, key count, dtype) to PyTorch, the patched module runs its original
+computation (its own SDPA call, with the user's mask), so a patched model is never slower than the
+original where the table has a measurement; the report states, per patched class of a model on a
+CUDA device, which masks run the kernel, and :func:`stats` counts those calls as fallbacks.
+
 Semantics differences, on purpose: a query row whose keys are all masked gives zeros (SDPA gives
 NaN, or a uniform average for finite masks); ``ijepa`` forwards return ``None`` in place of the
 attention weights.
@@ -82,6 +88,8 @@ from torch import nn
 from jepa_engine.integrations.detect import classify, static_note
 from jepa_engine.integrations.patch import patch, unpatch
 from jepa_engine.integrations.record import MODEL_RECORD, RECORD, AccelerationStats, ModuleStats
+from jepa_engine.integrations.sdpa import _head_dim
+from jepa_engine.kernels import routes
 from jepa_engine.kernels.ema import ema_update_
 from jepa_engine.training.ema import EMA
 
@@ -109,6 +117,8 @@ class AccelerationReport:
     skipped: list[ModuleEntry] = dataclasses.field(default_factory=list)
     already: list[ModuleEntry] = dataclasses.field(default_factory=list)
     ema: str = "not requested"
+    # patched class (of modules on a CUDA device) -> what the route table runs, by mask kind
+    routes: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"jepa_engine.accelerate: {len(self.patched)} patched, {len(self.skipped)} skipped, "
@@ -116,7 +126,20 @@ class AccelerationReport:
         for title, rows in (("patched", self.patched), ("skipped", self.skipped), ("already", self.already)):
             for e in rows:
                 lines.append(f"  {title:8s} {e.name or '<root>'} ({e.cls}) {e.kind} {e.reason}".rstrip())
+        for cls, route in self.routes.items():
+            lines.append(f"  route    {cls}: {route}")
         return "\n".join(lines)
+
+
+def _route_note(mod: nn.Module) -> str:
+    """For a patched module whose parameters are on a CUDA device: which calls the route table gives to
+    the fused kernel and which to the module's own SDPA code (the faster one there), by mask kind."""
+    p = next(mod.parameters(), None)
+    head_dim = _head_dim(mod)
+    if p is None or not p.is_cuda or head_dim is None:
+        return ""
+    dev = routes.device_class(p.device)
+    return f"on {dev}, head dim {head_dim}, {p.dtype}: {routes.attention_summary(dev, head_dim, p.dtype)}"
 
 
 def stats(model: nn.Module, *, reset: bool = False) -> AccelerationStats:
@@ -223,6 +246,9 @@ def accelerate(model: nn.Module, *, attention: bool = True, ema: Any = None,
             if kind:
                 patch(mod, kind, compile_safe)
                 report.patched.append(ModuleEntry(name, cls, kind, static_note(mod, kind)))
+                note = _route_note(mod)
+                if note:
+                    report.routes.setdefault(cls, note)
             elif reason:
                 report.skipped.append(ModuleEntry(name, cls, "-", reason))
     if ema is not None:

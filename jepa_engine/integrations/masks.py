@@ -2,7 +2,8 @@
 frame length for frame-causal masks (formats: :mod:`jepa_engine.integrations.accelerate`).
 
 ``mask_plan`` converts (cached per mask in eager mode), ``causal_plan`` folds in SDPA's
-``is_causal``, ``call_plan`` decides (and counts) one call of a patched timm / I-JEPA module;
+``is_causal``, ``call_plan`` decides (and counts) one call of a patched timm / I-JEPA module (with
+``route_reason``: on CUDA the route table may give it to the module's own SDPA code);
 ``to_key_padding`` / ``to_attention_plan`` are the public conversions. A mask that is
 neither key padding nor frame-causal raises :class:`Unsupported` (the caller falls back).
 """
@@ -16,6 +17,8 @@ from typing import Any, Optional
 import torch
 
 from jepa_engine.integrations.record import count_fallback, count_fused
+from jepa_engine.kernels import backend_for, routes
+from jepa_engine.kernels._launch import forced_backend
 
 
 class Unsupported(Exception):
@@ -222,6 +225,27 @@ def causal_plan(plan: Plan, is_causal: bool, N_q: int, N_k: int) -> Plan:
     return Plan(None, 1)
 
 
+def route_reason(plan: Plan, device: torch.device, dtype: torch.dtype, head_dim: int, n_k: int) -> str:
+    """"" when the fused op takes this call, else why the module's original computation runs instead:
+    on CUDA, where the route table (``jepa_engine/kernels/routes.py``) gives the call's shape class to
+    PyTorch, SDPA is the faster path, and the original code runs it with the user's own mask. A
+    ``use_backend`` block leaves the call to the fused op (which follows it)."""
+    if device.type != "cuda" or forced_backend() is not None:
+        return ""
+    shape = routes.attention_class(head_dim, n_k, dtype, key_padding=plan.key_padding is not None,
+                                   frame_len=plan.frame_len)
+    if backend_for("masked_attention", device, shape) == "triton":
+        return ""
+    return f"route table: PyTorch (SDPA) is the faster path on {routes.device_class(device)}"
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the attention of a module fed ``x`` runs in: autocast's on CUDA when it is on."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return x.dtype
+
+
 def call_plan(mod, rec, x: torch.Tensor, mask, *, is_causal: bool = False, reason: str = ""
               ) -> tuple[Optional[Plan], str]:
     """One call of a patched timm / I-JEPA attention ``mod`` on ``x`` ``[B, N, C]``: ``(plan, "")`` when
@@ -241,6 +265,9 @@ def call_plan(mod, rec, x: torch.Tensor, mask, *, is_causal: bool = False, reaso
                                          compile_safe=rec.compile_safe), is_causal, N, N)
         except Unsupported as e:
             reason = e.args[0]
+        else:
+            head_dim = getattr(mod, "head_dim", None) or x.shape[-1] // mod.num_heads
+            reason = route_reason(plan, x.device, _compute_dtype(x), head_dim, N)
     if reason:
         count_fallback(rec, reason)
         return None, reason

@@ -1,7 +1,8 @@
 """Rerouting the SDPA calls of foreign forwards (V-JEPA 2 ``RoPEAttention``, timm ``Attention2d``, ...) to
 the fused op: the class forward runs with globals whose ``torch`` / ``torch.nn`` / ``F`` / SDPA alias
 reach :func:`_fused_sdpa`, which computes ``masked_attention`` where that is the same computation and
-real SDPA otherwise. Also :func:`traced`: whether a call is being traced (the original code runs).
+the route table does not give the call to PyTorch (on CUDA), and real SDPA otherwise. Also
+:func:`traced`: whether a call is being traced (the original code runs).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jepa_engine.integrations.masks import Unsupported, causal_plan, mask_plan
+from jepa_engine.integrations.masks import Unsupported, causal_plan, mask_plan, route_reason
 from jepa_engine.integrations.record import count_fallback, count_fused
 from jepa_engine.kernels.masked_attention import MAX_HEAD_DIM, masked_attention, supports_head_dim
 
@@ -126,6 +127,8 @@ def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
                                          compile_safe=_compile_safe), is_causal, N_q, N_k)
         except Unsupported as e:
             reason = e.args[0]
+        else:
+            reason = route_reason(plan, query.device, query.dtype, query.shape[-1], N_k)
     if reason:
         count_fallback(rec, reason)
         return _REAL_SDPA(*args, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,

@@ -128,14 +128,15 @@ def test_cpu_cuda_mix_rejected():
 
 
 def test_cuda_default_is_the_reference_unless_the_kernels_are_forced(monkeypatch):
-    """The measured dispatch (the kernels lost on an H100 at the benched shapes): CUDA tensors take the
-    reference ops by default, the kernels inside ``use_backend("triton")``; other devices are untouched
-    (the decision reads only the device: a machine where the kernels run everywhere is simulated)."""
-    from jepa_engine.kernels import _launch
+    """The measured dispatch (the kernels lost on an H100 at the benched shapes; kernels/routes.py): CUDA
+    tensors take the reference ops by default, the kernels inside ``use_backend("triton")``; other devices
+    are untouched (a machine where the kernels run everywhere is simulated)."""
+    from jepa_engine.kernels import _launch, routes
 
     monkeypatch.setattr(_launch, "triton_runs_on", lambda device: True)
     assert _launch.backend_for("latent_loss", torch.device("cuda")) == "reference"
     assert _launch.backend_for("latent_loss", torch.device("cpu")) == "triton"
-    assert _launch.backend_for("masked_attention", torch.device("cuda")) == "triton"
+    varlen = routes.attention_class(64, 4096, torch.bfloat16, varlen=True)
+    assert _launch.backend_for("masked_attention", torch.device("cuda"), varlen) == "triton"
     with use_backend("triton"):
         assert _launch.backend_for("latent_loss", torch.device("cuda")) == "triton"
