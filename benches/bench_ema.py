@@ -11,46 +11,19 @@ same-dtype update takes ``_foreach_lerp_``, which measured faster there) and ``j
 """
 from __future__ import annotations
 
-from typing import Iterator
-
 import pytest
 import torch
 
 from jepa_engine.kernels import ema_update_
+# The ViTs' parameter shapes, shared with `jepa-engine ledger`.
+from jepa_engine.profiling.bench_shapes import VITS, vit_param_shapes
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 MOMENTUM = 0.996
 
-# name: (depth, width, mlp ratio, patch size); parameter counts match timm's ViTs at 224 px.
-VITS = {
-    "vit_tiny": (12, 192, 4.0, 16),   # 5.5M
-    "vit_small": (12, 384, 4.0, 16),  # 21.7M
-    "vit_base": (12, 768, 4.0, 16),   # 85.8M
-    "vit_large": (24, 1024, 4.0, 16),  # 303.3M
-    "vit_huge": (32, 1280, 4.0, 14),  # 630.8M
-}
 MODELS = list(VITS) if CUDA else ["vit_small"]
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-def vit_param_shapes(depth: int, width: int, mlp_ratio: float = 4.0, patch: int = 16,
-                     img: int = 224, in_chans: int = 3) -> Iterator[tuple[int, ...]]:
-    """The parameter shapes of a ViT encoder (no classifier head), in ``named_parameters`` order."""
-    hidden = int(width * mlp_ratio)
-    n_tokens = (img // patch) ** 2 + 1
-    yield (1, 1, width)                          # cls_token
-    yield (1, n_tokens, width)                   # pos_embed
-    yield (width, in_chans, patch, patch)        # patch_embed.proj.weight
-    yield (width,)                               # patch_embed.proj.bias
-    for _ in range(depth):
-        yield from [(width,), (width,)]                      # norm1
-        yield from [(3 * width, width), (3 * width,)]        # attn.qkv
-        yield from [(width, width), (width,)]                # attn.proj
-        yield from [(width,), (width,)]                      # norm2
-        yield from [(hidden, width), (hidden,)]              # mlp.fc1
-        yield from [(width, hidden), (width,)]               # mlp.fc2
-    yield from [(width,), (width,)]                          # final norm
 
 
 def _lists(model: str, dtype: torch.dtype):

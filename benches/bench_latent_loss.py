@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from jepa_engine.kernels import latent_loss, latent_loss_reference, use_backend
+from jepa_engine.profiling.bench_shapes import LATENT_LOSS_SHAPES
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 # (tokens, D): I-JEPA ViT-B/H predictor targets (4 blocks x ~40 patches x batch), CPU-sized when no GPU.
-SHAPES = [(256 * 160, 768), (128 * 160, 1280)] if CUDA else [(64 * 40, 384)]
+SHAPES = LATENT_LOSS_SHAPES if CUDA else [(64 * 40, 384)]
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 
 

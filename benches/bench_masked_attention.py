@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from jepa_engine.kernels import masked_attention, masked_attention_reference, use_backend
+from jepa_engine.profiling import bench_shapes as shapes
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -26,12 +27,12 @@ try:  # FlexAttention: a peer only where it compiles (CUDA)
 except ImportError:  # pragma: no cover - older torch
     _flex = None
 
+# The GPU shapes live in jepa_engine/profiling/bench_shapes.py (shared with `jepa-engine ledger`).
 # (name, batch, heads, N, D) for the context problem; fractions of visible keys.
-CONTEXT = ([("vit_b", 64, 12, 197, 64), ("vit_b", 256, 12, 197, 64), ("vit_l", 64, 16, 197, 64)]
-           if CUDA else [("tiny", 2, 2, 37, 16)])
-FRACTIONS = [0.25, 0.5, 0.85] if CUDA else [0.5]
-FRAME = (4, 16, 8, 256, 2, 64) if CUDA else (1, 2, 3, 6, 1, 16)  # batch, heads, frames, patches, extra, D
-LONG = [(1024, 16), (4096, 4), (16384, 1)] if CUDA else [(64, 1)]  # (N, batch), heads 16 (2 on CPU), D 128
+CONTEXT = shapes.ATTENTION_CONTEXT if CUDA else [("tiny", 2, 2, 37, 16)]
+FRACTIONS = shapes.ATTENTION_FRACTIONS if CUDA else [0.5]
+FRAME = shapes.ATTENTION_FRAME if CUDA else (1, 2, 3, 6, 1, 16)  # batch, heads, frames, patches, extra, D
+LONG = shapes.ATTENTION_LONG if CUDA else [(64, 1)]  # (N, batch), heads 16 (2 on CPU), D 128
 
 
 def _qkv(B, H, N, D, seed=0):
@@ -42,7 +43,7 @@ def _qkv(B, H, N, D, seed=0):
 def _visible(B, N, frac, seed=0):
     """Per-sample visible counts in frac +- 0.1 of N; returns (keep_index [B, Kmax] padded with -1, bool [B, N])."""
     g = torch.Generator().manual_seed(seed)
-    counts = ((frac + (torch.rand(B, generator=g) - 0.5) * 0.2).clamp(0.05, 1.0) * N).long().clamp(1, N)
+    counts = shapes.visible_counts(B, N, frac, g)
     kmax = int(counts.max())
     idx = torch.full((B, kmax), -1, dtype=torch.int32)
     pad = torch.zeros(B, N, dtype=torch.bool)
@@ -140,7 +141,7 @@ def test_frame_causal_attention(benchmark, run_bench, impl):
 @pytest.mark.parametrize("impl", ["jepa_engine", "sdpa"])
 @pytest.mark.parametrize("N,B", LONG)
 def test_long_dense_attention(benchmark, run_bench, impl, N, B):
-    H, D = (16, 128) if CUDA else (2, 16)
+    H, D = (shapes.ATTENTION_LONG_HEADS, shapes.ATTENTION_LONG_HEAD_DIM) if CUDA else (2, 16)
     q, k, v = _qkv(B, H, N, D)
     fn = ((lambda: masked_attention(q, k, v)) if impl == "jepa_engine"
           else (lambda: F.scaled_dot_product_attention(q, k, v)))

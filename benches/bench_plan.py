@@ -39,13 +39,14 @@ import torch
 from jepa_engine.models.world_model import WorldModel, WorldModelConfig
 from jepa_engine.planning import CEMPlanner, PlannerConfig, latent_cost
 from jepa_engine.planning.graphs import GraphedPlanner
+from jepa_engine.profiling.bench_shapes import PLAN_BUDGET, PLAN_ENVS, PLAN_PRESET
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 QUICK = os.environ.get("JEPA_BENCH_QUICK") == "1"
-FULL = dict(N=300, H=5, I=30, K=30)
+FULL = dict(PLAN_BUDGET)
 BUDGET = FULL if CUDA or os.environ.get("BENCH_PLAN_FULL") else dict(N=16, H=5, I=2, K=4)
-ENVS = ([1, 16] if QUICK else [1, 64]) if CUDA else [1, 4]
+ENVS = ([1, 16] if QUICK else PLAN_ENVS) if CUDA else [1, 4]
 IMPLS = ["eager_loop", "jepa_engine", "torch_compile"]   # a run cut off in a group's compile keeps ours
 SUCCESS_NOTE = "untrained weights (fixed seed): timing only, task success undefined"
 
@@ -160,7 +161,7 @@ def test_plan_lewm(benchmark, run_bench, impl, E):
     if impl == "torch_compile" and not CUDA and not os.environ.get("BENCH_PLAN_COMPILE"):
         pytest.skip("CPU: inductor compiles the lewm predictor in about 3 minutes on 2 cores; "
                     "set BENCH_PLAN_COMPILE=1 to include it")
-    _run(benchmark, run_bench, "lewm", impl, E, BUDGET)
+    _run(benchmark, run_bench, PLAN_PRESET, impl, E, BUDGET)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from jepa_engine.planning import CEMPlanner, PlannerConfig
+from jepa_engine.profiling.bench_shapes import CEM_BUDGET, CEM_ENVS
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-N, H, A, I, K = 300, 5, 2, 30, 30  # LeWorldModel's CEM budget
-ENVS = [1, 64] if CUDA else [1, 8]
+N, H, A, I, K = (CEM_BUDGET[k] for k in "NHAIK")  # LeWorldModel's CEM budget
+ENVS = CEM_ENVS if CUDA else [1, 8]
 
 
 def quadratic(actions):  # [E, N, H, A] -> [E, N]

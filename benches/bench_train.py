@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from jepa_engine.kernels import use_backend
+from jepa_engine.profiling.bench_shapes import TRAIN_CONFIGS
 from jepa_engine.training.configs import TrainConfig
 from jepa_engine.training.ema import EMA
 from jepa_engine.training.ijepa import (JEPA, build_masker, build_models, build_world, make_batch, make_masks,
@@ -18,7 +19,7 @@ from jepa_engine.training.ijepa import (JEPA, build_masker, build_models, build_
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-CONFIGS = {"demo": dict(batch_size=32), "small": dict(batch_size=256 if CUDA else 8)}
+CONFIGS = TRAIN_CONFIGS if CUDA else {**TRAIN_CONFIGS, "small": dict(batch_size=8)}
 NAMES = ["demo", "small"]
 
 

@@ -125,12 +125,20 @@ def _elite_refit_kernel(
 # --------------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------------
-_CONFIG = LaunchConfig({"BLOCK_N": 64, "BLOCK_P": 64}, num_warps=4, num_stages=1)
+# BLOCK_P follows the parameter count P = horizon x action_dim (16, 32, then 64 columns): a planner's P is
+# often 10-60, and a 64-wide moment tile at P = 10 computed 6.4x the moments it needs.
+_CONFIGS = {bp: LaunchConfig({"BLOCK_N": 64, "BLOCK_P": bp}, num_warps=4, num_stages=1) for bp in (16, 32, 64)}
+
+
+def _config(P: int) -> LaunchConfig:
+    """The launch config for ``P`` parameters per candidate."""
+    return _CONFIGS[min(64, max(16, _launch.next_power_of_2(P)))]
 
 
 def elite_refit_forward(costs, samples, mean, std, mode, k, temperature, momentum, min_std, traced: bool = False):
     """Launch the kernel (``traced``: through ``wrap_triton``, see :func:`_launch.launchable`)."""
     E, N, P = samples.shape
+    cfg = _config(P)
     dev = costs.device
     weights = torch.empty((E, N), device=dev, dtype=torch.float32)
     new_mean = torch.empty((E, P), device=dev, dtype=torch.float32)
@@ -140,7 +148,7 @@ def elite_refit_forward(costs, samples, mean, std, mode, k, temperature, momentu
     _launch.launchable(_elite_refit_kernel, traced)[(E,)](
         costs, samples, mean, std, weights, new_mean, new_std, best_cost, best_index,
         N, P, k, 1.0 / temperature, momentum, min_std,
-        MPPI=mode == "mppi", num_warps=_CONFIG.num_warps, num_stages=_CONFIG.num_stages, **_CONFIG.constexprs,
+        MPPI=mode == "mppi", num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )
     return new_mean, new_std, best_cost, best_index
 
@@ -168,7 +176,7 @@ def _variants():
     return out
 
 
-register_kernel(KernelSpec("elite_refit", _elite_refit_kernel, _variants(), [_CONFIG]))
+register_kernel(KernelSpec("elite_refit", _elite_refit_kernel, _variants(), list(_CONFIGS.values())))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -206,13 +206,16 @@ def _interp_config(n_cols: int) -> LaunchConfig:
     return LaunchConfig({"BLOCK_M": 16, "BLOCK_N": n_cols, "BLOCK_K": 16}, num_warps=4, num_stages=1)
 
 
-def _linear_config(dtype: torch.dtype, N: int) -> LaunchConfig:
-    return _launch.pick_config(_LINEAR_CONFIGS, dtype, 64 if N <= 64 else 128, interpret=_interp_config(32))
+def _linear_config(dtype: torch.dtype, N: int, cuda: bool = False) -> LaunchConfig:
+    """The launch config of ``N`` output columns (``cuda``: the CUDA table's, even under the interpreter)."""
+    return _launch.pick_config(_LINEAR_CONFIGS, dtype, 64 if N <= 64 else 128,
+                               interpret=None if cuda else _interp_config(32))
 
 
-def _cost_config(dtype: torch.dtype, D: int) -> LaunchConfig:
+def _cost_config(dtype: torch.dtype, D: int, cuda: bool = False) -> LaunchConfig:
+    """The launch config of a ``D``-wide goal (``cuda``: the CUDA table's, even under the interpreter)."""
     width = max(16, _launch.next_power_of_2(D))
-    return _launch.pick_config(_COST_CONFIGS, dtype, max(64, width), interpret=_interp_config(width))
+    return _launch.pick_config(_COST_CONFIGS, dtype, max(64, width), interpret=None if cuda else _interp_config(width))
 
 
 def _precision(dtype: torch.dtype) -> str:

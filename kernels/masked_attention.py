@@ -343,9 +343,11 @@ def _masked_attention_bwd_kernel(
 # (spill-free on sm_90a and sm_80, registers and stack read from the cubin; no GPU timing yet):
 # 16-bit forward 128-row query tiles over 8 warps (D <= 64: 147/175 registers on sm_90a/sm_80;
 # D = 128 with 32-key tiles: 147/223; 128x64 tiles there spill on sm_80 and 4 warps spill at D = 64
-# on sm_90a). The backward holds K, V, dK, dV of a key block in registers: 64x32 tiles; at D <= 64
-# in 16 bits one stage (triton 3.6 gives the two-stage form an 8-byte stack frame on sm_80; triton 3.9
-# does not; the one-stage form is clean under both, 134-168 registers). fp32
+# on sm_90a). The backward holds K, V, dK, dV of a key block in registers: 32x32 tiles over 4 warps in
+# two stages (triton 3.9: 128-163 registers at D <= 64, 197-224 at D = 80-128, no stack frame; the one-
+# stage form has an 8-byte frame at D = 64 on sm_90a). 32 query rows, not 64: ViT sequences of 196/197
+# tokens pad to 224 rows instead of 256, which keeps the backward's launched work (S and dP computed in
+# both passes, 1.4x the five products it needs) under 2x its useful work (kernels/ledger.py). fp32
 # ("ieee" dots, no tensor cores) uses smaller tiles (the 128-wide forward: 32x16 over 8 warps, two
 # stages; 64x32 needs a 648-byte stack frame on sm_90a at D = 80, one stage 8 bytes on sm_80). The 256-wide tile (head dims 129-256) halves the
 # query rows: 64x32 forward tiles over 8 warps (4 warps spill on both targets) and 32x32 backward
@@ -362,8 +364,8 @@ _FWD_CONFIGS = {
     ("fp32", 256): LaunchConfig({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=8, num_stages=1),
 }
 _BWD_CONFIGS = {
-    ("16bit", 64): LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1),
-    ("16bit", 128): LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    ("16bit", 64): LaunchConfig({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    ("16bit", 128): LaunchConfig({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
     ("fp32", 64): LaunchConfig({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
     ("fp32", 128): LaunchConfig({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
     ("16bit", 256): LaunchConfig({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1),
@@ -396,8 +398,9 @@ def supports_head_dim(head_dim: int) -> bool:
     return 1 <= int(head_dim) <= MAX_HEAD_DIM
 
 
-def _pick_config(table: dict, dtype: torch.dtype, head_dim: int) -> LaunchConfig:
-    return _launch.pick_config(table, dtype, _tile_class(head_dim), interpret=_INTERP_CONFIG)
+def _pick_config(table: dict, dtype: torch.dtype, head_dim: int, cuda: bool = False) -> LaunchConfig:
+    """``table``'s config for ``head_dim`` (``cuda``: the CUDA entry, even under the interpreter)."""
+    return _launch.pick_config(table, dtype, _tile_class(head_dim), interpret=None if cuda else _INTERP_CONFIG)
 
 
 # TF32 for fp32 dots (see _launch.dot_precision): the forward's dots stay IEEE fp32, exact against the

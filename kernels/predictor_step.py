@@ -196,15 +196,17 @@ _MLP_CONFIGS = {
 }
 
 
-def _attn_config(dtype: torch.dtype, head_dim: int) -> tuple[LaunchConfig, int]:
+def _attn_config(dtype: torch.dtype, head_dim: int, cuda: bool = False) -> tuple[LaunchConfig, int]:
+    """``(config, BLOCK_D)`` of a head dim (``cuda``: the CUDA table's, even under the interpreter)."""
     block_d = max(16, _launch.next_power_of_2(head_dim))
-    interp = LaunchConfig({"BLOCK_R": 16}, num_warps=4, num_stages=1)
+    interp = None if cuda else LaunchConfig({"BLOCK_R": 16}, num_warps=4, num_stages=1)
     return _launch.pick_config(_ATTN_CONFIGS, dtype, max(32, block_d), interpret=interp), block_d
 
 
-def _mlp_config(dtype: torch.dtype, C: int) -> tuple[LaunchConfig, int]:
+def _mlp_config(dtype: torch.dtype, C: int, cuda: bool = False) -> tuple[LaunchConfig, int]:
+    """``(config, BLOCK_C)`` of a width C (``cuda``: the CUDA table's, even under the interpreter)."""
     block_c = max(32, _launch.next_power_of_2(C))
-    interp = LaunchConfig({"BLOCK_M": 16, "BLOCK_H": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)
+    interp = None if cuda else LaunchConfig({"BLOCK_M": 16, "BLOCK_H": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)
     return _launch.pick_config(_MLP_CONFIGS, dtype, max(64, block_c), interpret=interp), block_c
 
 

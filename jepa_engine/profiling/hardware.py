@@ -6,12 +6,40 @@ import platform
 import re
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
+
+@dataclass(frozen=True)
+class Roofline:
+    """A GPU's published dense peaks by where the FLOPs run, and its HBM bandwidth."""
+
+    name: str
+    tflops_16bit: float   # fp16/bf16 dots on tensor cores (dense)
+    tflops_tf32: float    # fp32 dots at TF32 on tensor cores (dense)
+    tflops_fp32: float    # IEEE fp32 on the FMA units (an FMA counts 2 FLOPs)
+    hbm_tbps: float
+
+    def tflops(self, precision: str) -> float:
+        """The peak of ``"16bit"``, ``"tf32"`` or ``"fp32"`` FLOPs."""
+        peaks = {"16bit": self.tflops_16bit, "tf32": self.tflops_tf32, "fp32": self.tflops_fp32}
+        if precision not in peaks:
+            raise ValueError(f"Roofline.tflops: precision must be one of {sorted(peaks)}, got {precision!r}")
+        return peaks[precision]
+
+    def seconds(self, flops: float, precision: str, moved_bytes: float) -> float:
+        """The roofline time of ``flops`` at ``precision`` and ``moved_bytes`` of HBM traffic: the larger
+        of the compute time at peak and the transfer time at full bandwidth."""
+        return max(flops / (self.tflops(precision) * 1e12), moved_bytes / (self.hbm_tbps * 1e12))
+
+
+# H100 SXM5 (80 GB HBM3), NVIDIA's datasheet: dense bf16/fp16 989 TFLOP/s, TF32 495, fp32 67; 3.35 TB/s.
+H100_SXM = Roofline("H100 SXM", 989.0, 495.0, 67.0, 3.35)
+
 # Published dense peaks, matched against the device name: (bf16/fp16 dense TFLOP/s, HBM TB/s).
-PEAKS = {"H100": (989.0, 3.35), "H200": (989.0, 4.8), "A100": (312.0, 2.0)}
+PEAKS = {"H100": (H100_SXM.tflops_16bit, H100_SXM.hbm_tbps), "H200": (989.0, 4.8), "A100": (312.0, 2.0)}
 
 
 def peak_for(device_name: str) -> Optional[tuple[float, float]]:
