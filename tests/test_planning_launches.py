@@ -4,7 +4,8 @@ The Triton kernels run under the interpreter here; every Triton launch and every
 work (not views, not allocations) outside the kernels is counted, the way a CUDA device would see them.
 The goal: at most 5 launches per predictor layer per rollout step, plus 10 for sampling, cost and refit.
 One iteration's count is a two-iteration plan's less a one-iteration plan's, so the plan's setup and
-the history's shared prefix (computed once per plan, cached across iterations) are not in it."""
+the history's shared prefix (computed once per plan, cached across iterations) are not in it. The
+whole plan reads no tensor value back to the host (what a CUDA graph capture requires)."""
 from __future__ import annotations
 
 import collections
@@ -87,3 +88,7 @@ def test_one_cem_iteration_launches_at_most_5_per_layer_per_step_plus_10(launche
     assert per_iteration["triton:_fused_mlp_kernel"] == model.cfg.pred_depth * horizon
     for op in ("aten::cat", "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::gelu"):
         assert per_iteration[op] == 0, (op, dict(per_iteration))
+    # no host synchronisation anywhere in the plan (a CUDA graph capture would fail on one): no tensor
+    # value is read back to Python
+    for op in ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero"):
+        assert two[op] == 0, (op, dict(two))
