@@ -242,7 +242,7 @@ def _profile(args: argparse.Namespace) -> int:
     given = {k: getattr(args, k) for k in ("preset", "out", "wm_checkpoint", "decoder_checkpoint", "budget_minutes",
                                            "decisions", "max_steps", "reasoning_tokens", "sizes", "budgets",
                                            "energy_seconds", "trials", "timing_seconds", "device", "seed",
-                                           "success_max_evals") if getattr(args, k) is not None}
+                                           "success_max_evals", "precision") if getattr(args, k) is not None}
     given.update({k: False for k, flag in (("compile", args.no_compile), ("energy", args.no_energy),
                                            ("progress", args.no_progress)) if flag})
     if args.compile:
@@ -419,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--compile", action="store_true",
                       help="include the compiled static-cache decoder form (on by default, off with --quick)")
     prof.add_argument("--no-energy", action="store_true", help="skip energy measurement")
+    prof.add_argument("--precision", choices=("fp32", "tf32", "bf16"),
+                      help="the planners' rollout products (default: tf32 on CUDA, fp32 on the CPU); the eager "
+                           "planner form and the decoders run at torch's default fp32")
     prof.add_argument("--energy-seconds", type=number_at_least(0.0, strict=True),
                       help="shortest energy window per trial (default 2)")
     prof.add_argument("--trials", type=int_at_least(1), help="energy trials per row (default 3)")

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import torch
 
+from jepa_engine.kernels.precision import PRECISIONS
 from jepa_engine.runtime import resolved_device
 
 PRESETS = ("tiny", "demo", "lewm")
@@ -117,6 +118,7 @@ class ProfileConfig:
     # unlimited on CUDA and 2,000 on CPU, where a 300 x 30 budget makes the episodes take many minutes);
     # larger budgets are then timed but their success is not measured, and their row says so.
     success_max_evals: int = -1
+    precision: Optional[str] = None      # the planners' rollout: fp32, tf32, bf16 (None: tf32 on CUDA, fp32 on CPU)
     quick: bool = False                  # built by `ProfileConfig.create(quick=True)`: recorded in the report
 
     @classmethod
@@ -130,6 +132,8 @@ class ProfileConfig:
 
         if self.preset not in PRESETS:
             raise bad("--preset", f"one of {PRESETS}", self.preset)
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise bad("--precision", f"one of {PRECISIONS}", self.precision)
         if not (isinstance(self.budget_minutes, (int, float)) and math.isfinite(self.budget_minutes)
                 and self.budget_minutes >= 0):
             raise bad("--budget-minutes", "a finite number >= 0", self.budget_minutes)

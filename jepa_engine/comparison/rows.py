@@ -11,6 +11,7 @@ from jepa_engine.baselines import Decoder, DecoderConfig, DecoderPolicy, decodin
 from jepa_engine.envs import PointMassWorld, render
 from jepa_engine.evaluation.mpc import MPC, MPCConfig
 from jepa_engine.kernels import use_backend
+from jepa_engine.kernels.precision import check_precision
 from jepa_engine.planning import latent_cost
 from jepa_engine.planning.graphs import GraphedPlanner
 from jepa_engine.planning.registry import PLANNERS
@@ -40,7 +41,8 @@ def energy_fields(fn: Callable[[], object], device: torch.device, cfg: ProfileCo
     return row
 
 
-def _steady_state_cost(wm, world, start: torch.Tensor, goal: torch.Tensor, device, fused: bool = True):
+def _steady_state_cost(wm, world, start: torch.Tensor, goal: torch.Tensor, device, fused: bool = True,
+                       precision: Optional[str] = None):
     """The planner's cost function for one decision with a full history window (zero actions taken):
     the rollout through ``FusedRollout`` (``fused``) or stepping ``model.rollout``."""
     h, A = wm.cfg.history, wm.cfg.action_dim
@@ -54,7 +56,7 @@ def _steady_state_cost(wm, world, start: torch.Tensor, goal: torch.Tensor, devic
         z_hist = torch.stack([wm.encode(f) for f in frames], dim=1)            # [1, h, D]
         z_goal = wm.encode(render(goal.to(device), world))
     past = torch.zeros(1, h - 1, A, device=device)
-    return latent_cost(wm, z_hist, past, z_goal, "l2", PLAN_REDUCE, fused=fused), frames[-1]
+    return latent_cost(wm, z_hist, past, z_goal, "l2", PLAN_REDUCE, fused=fused, precision=precision), frames[-1]
 
 
 def planner_rows(models: dict, starts, goals, cfg: ProfileConfig, device, energy: tuple[bool, str],
@@ -67,14 +69,18 @@ def planner_rows(models: dict, starts, goals, cfg: ProfileConfig, device, energy
     forms = [("eager", False, "reference"), ("fused", True, None)]
     if device.type == "cuda":
         forms.append(("graphed", True, None))
-    cost_fns = {fused: _steady_state_cost(wm, world, starts[:1], goals[:1], device, fused) for _, fused, _ in forms}
+    # The fused forms at the configured precision (default: tf32 on CUDA, fp32 on the CPU); the eager form
+    # is the published loop at torch's default (fp32) products.
+    precision = check_precision("profile", cfg.precision, device)
+    cost_fns = {fused: _steady_state_cost(wm, world, starts[:1], goals[:1], device, fused,
+                                          precision if fused else "fp32") for _, fused, _ in forms}
     obs = cost_fns[True][1]
     rollout = FusedRollout(wm)
     rows = []
     for i, b in enumerate(cfg.budgets):
         mpc_cfg = MPCConfig(planner=b.planner, horizon=cfg.horizon, samples=b.samples, iterations=b.iterations,
                             elites=b.elites, reduce=PLAN_REDUCE, max_steps=cfg.max_steps, warm_start=b.warm_start,
-                            seed=cfg.seed)
+                            seed=cfg.seed, precision=precision)
         planner = PLANNERS[b.planner](mpc_cfg.planner_config(wm.cfg.action_dim))
         success: dict = {}
         # the eager form only for the reference budget: the other budgets scale the same way
@@ -101,7 +107,7 @@ def planner_rows(models: dict, starts, goals, cfg: ProfileConfig, device, energy
                        "budget": b.name, "planner": b.planner, "samples": b.samples, "iterations": b.iterations,
                        "elites": b.elites, "horizon": cfg.horizon, "warm_start": b.warm_start,
                        "params": models["wm_params"], "predictor_params": models["wm_predictor_params"],
-                       "flops_per_decision": flops, "predictor_evaluations": b.samples * b.iterations * cfg.horizon,
+                       "flops_per_decision": flops, "precision": precision if fused else "fp32", "predictor_evaluations": b.samples * b.iterations * cfg.horizon,
                        "label": "trained" if models["wm_trained"] else SWEEP_LABEL}
                 row.update(time_calls(decide, device, cfg.timing_seconds))
                 limit = cfg.success_limit(device)

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 import jepa_engine
+from jepa_engine.kernels.precision import check_precision
 from jepa_engine.profiling.meters import energy_probe
 from jepa_engine.runtime import progress_mininterval
 
@@ -46,6 +47,8 @@ def run_profile(cfg: ProfileConfig, log: Callable[[str], None] = print) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
+    notes.append(f"planner rollout precision: {check_precision('profile', cfg.precision, device)} (the eager planner "
+                 f"form and the decoders: fp32)")
     models = build_models(cfg, device, notes, log)
     starts, goals = decision_set(models["wm"], models["world"], cfg, device)
     energy = energy_probe(device)
