@@ -403,8 +403,10 @@ def _pick_config(table: dict, dtype: torch.dtype, head_dim: int, cuda: bool = Fa
     return _launch.pick_config(table, dtype, _tile_class(head_dim), interpret=None if cuda else _INTERP_CONFIG)
 
 
-# TF32 for fp32 dots (see _launch.dot_precision): the forward's dots stay IEEE fp32, exact against the
-# reference. The backward's are TF32: its five IEEE (FMA) dots per tile spill at every tile size on
+# TF32 for fp32 dots (see _launch.dot_precision): the forward's follow torch's matmul precision as
+# ``torch.nn.Linear`` does (``torch.backends.cuda.matmul.allow_tf32``, i.e.
+# ``torch.set_float32_matmul_precision("high")``; by default "highest": IEEE fp32, exact against the
+# reference; ``FWD_ALLOWS_TF32`` is that default). The backward's are TF32: its five IEEE (FMA) dots per tile spill at every tile size on
 # both targets, so fp32 gradients on a GPU carry TF32 rounding (about 1e-3 relative; exact under the
 # interpreter).
 FWD_ALLOWS_TF32 = False
@@ -475,7 +477,7 @@ def masked_attention_forward(q, k, v, key_padding, cu_seqlens, keep_index, frame
             *_strides3(q, pb.varlen), *_strides3(k, pb.varlen), *_strides3(v, pb.varlen), *_strides3(out, pb.varlen),
             *pb.stat_strides, pb.stride_pb, pb.stride_ib,
             pb.H, pb.n_q, pb.n_k, pb.frame_len, float(scale) * math.log2(math.e), bh0,
-            UPCAST=_launch.upcast_bf16(q.dtype), PRECISION=_launch.dot_precision(q.dtype, allow_tf32=FWD_ALLOWS_TF32),
+            UPCAST=_launch.upcast_bf16(q.dtype), PRECISION=_launch.dot_precision(q.dtype, allow_tf32=torch.backends.cuda.matmul.allow_tf32),
             HEAD_DIM=pb.D, BLOCK_D=_block_d(pb.D), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pb.flags,
             **cfg.constexprs,
         )
@@ -553,6 +555,8 @@ def _attention_variants(kernel, types: dict, allow_tf32: bool) -> dict:
                   "PRECISION": _launch.dot_precision(_launch.NAMED_DTYPES[dt], allow_tf32=allow_tf32),
                   "HEAD_DIM": d, "BLOCK_D": _block_d(d)}
         out[f"{dt}/d{d}/{masks}"] = (signature(kernel, f"*{dt}", types), consts)
+        if dt == "fp32" and not allow_tf32:     # the forward under torch's "high" matmul precision
+            out[f"{dt}/d{d}/{masks}/tf32"] = (signature(kernel, f"*{dt}", types), {**consts, "PRECISION": "tf32"})
     return out
 
 
