@@ -22,6 +22,7 @@ from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 import torch
 
 from . import routes
+from . import _configs
 from ._registry import LaunchConfig
 
 BACKENDS = ("triton", "reference")
@@ -224,6 +225,20 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+def candidates(names: str, *rows: Sequence[int]) -> list[LaunchConfig]:
+    """Launch configs written compactly: ``names`` lists the constexprs (comma-separated), each row
+    gives their values, then ``num_warps`` and ``num_stages``:
+    ``candidates("BLOCK_M,BLOCK_N", (128, 64, 8, 3), (64, 64, 4, 2))``."""
+    keys = [n.strip() for n in names.split(",") if n.strip()]
+    out = []
+    for row in rows:
+        if len(row) != len(keys) + 2:
+            raise ValueError(f"candidates: each row must give {keys} then num_warps and num_stages "
+                             f"({len(keys) + 2} values), got {tuple(row)}")
+        out.append(LaunchConfig(dict(zip(keys, row[:-2])), num_warps=row[-2], num_stages=row[-1]))
+    return out
+
+
 # Tiles of the bandwidth-bound row kernels (latent loss, latent cost): ``BLOCK_M`` rows x ``BLOCK_D``
 # features, 1k elements (8 per thread per operand keeps registers under ~100, for occupancy); wide
 # rows get a wide BLOCK_D so each row is swept in few steps, narrow rows more rows per program.
@@ -234,9 +249,31 @@ ROW_TILES = [
 ]
 
 
-def row_tile(D: int) -> LaunchConfig:
-    """The :data:`ROW_TILES` entry for rows of ``D`` features."""
-    return ROW_TILES[0] if D <= 64 else ROW_TILES[1] if D <= 128 else ROW_TILES[2]
+# The same tiles as a launch table keyed by width class (rows of D <= 64, <= 128, wider features).
+ROW_TABLE = {(64,): ROW_TILES[0], (128,): ROW_TILES[1], (256,): ROW_TILES[2]}
+
+
+# The row kernels' search space beside ROW_TABLE (rows: BLOCK_M, BLOCK_D, num_warps, num_stages): more or
+# fewer rows per program, wider feature chunks for wide rows; each kernel registers
+# ``search_space(ROW_TABLE, ROW_CANDIDATES)`` (all compile spill-free: ``audit --search-space``; 8 x 256
+# over 4 warps gives latent_cost's fp16 form a 32-byte stack frame on sm_90a).
+ROW_CANDIDATES = {
+    (64,): candidates("BLOCK_M,BLOCK_D", (32, 64, 4, 1), (8, 64, 2, 1), (32, 64, 8, 1)),
+    (128,): candidates("BLOCK_M,BLOCK_D", (16, 128, 4, 1), (4, 128, 2, 1), (16, 128, 8, 1)),
+    (256,): candidates("BLOCK_M,BLOCK_D", (2, 512, 4, 1), (4, 512, 8, 1), (8, 256, 8, 1)),
+}
+
+
+def row_key(D: int) -> tuple[int]:
+    """The :data:`ROW_TABLE` key of rows of ``D`` features."""
+    return (64,) if D <= 64 else (128,) if D <= 128 else (256,)
+
+
+def row_tile(D: int, kernel: str | None = None) -> LaunchConfig:
+    """The :data:`ROW_TILES` entry for rows of ``D`` features; with ``kernel``, the device's tuned
+    config for that kernel and width class first (:func:`tuned`)."""
+    key = row_key(D)
+    return tuned(kernel, key, ROW_TABLE[key]) if kernel is not None else ROW_TABLE[key]
 
 
 # Launch tables of the tensor-core ops (fused_linear, masked_attention) are dicts keyed by
@@ -248,13 +285,44 @@ def dtype_class(dtype: torch.dtype) -> str:
 
 
 def pick_config(table: dict[tuple[str, int], LaunchConfig], dtype: torch.dtype, width: int,
-                interpret: LaunchConfig | None = None) -> LaunchConfig:
+                interpret: LaunchConfig | None = None, kernel: str | None = None) -> LaunchConfig:
     """``table[(dtype_class(dtype), width)]``, or ``interpret`` under the Triton interpreter when given
     (small tiles there: each program runs in numpy, and the tests' small shapes then span several
-    tiles, so loops, tails and masks run)."""
+    tiles, so loops, tails and masks run). With ``kernel``, the device's tuned config for that key
+    comes before the table's (:func:`tuned`)."""
     if interpret is not None and interpreting():
         return interpret
-    return table[(dtype_class(dtype), width)]
+    key = (dtype_class(dtype), width)
+    return tuned(kernel, key, table[key]) if kernel is not None else table[key]
+
+
+def tuned(kernel: str, key: tuple, fixed: LaunchConfig) -> LaunchConfig:
+    """The launch config of ``kernel`` for table key ``key``: the device's tuned file
+    (``kernels/configs/<device>.json``, read once; see ``kernels/_configs.py``) where it names one,
+    else ``fixed``. Under the Triton interpreter always ``fixed``."""
+    return _configs.tuned(kernel, key, fixed)
+
+
+def search_space(table: dict[tuple, LaunchConfig], extra: dict[tuple, Sequence[LaunchConfig]]
+                 ) -> dict[tuple, tuple[LaunchConfig, ...]]:
+    """A kernel's search space: for every key of its launch ``table``, the table's config followed by
+    the ``extra`` candidates of that key (keys without extras are searched over their table config
+    alone; a candidate equal to the table's config, or to an earlier one, is dropped). Each candidate
+    must set the table config's constexprs."""
+    unknown = [k for k in extra if k not in table]
+    if unknown:
+        raise KeyError(f"search_space: keys {unknown} are not in the launch table (its keys: {list(table)})")
+    out = {}
+    for key, fixed in table.items():
+        space = [fixed]
+        for cfg in extra.get(key, ()):
+            if set(cfg.constexprs) != set(fixed.constexprs):
+                raise ValueError(f"search_space: {key}: candidate {cfg.label()} must set the constexprs "
+                                 f"{sorted(fixed.constexprs)} of the table's config")
+            if cfg not in space:
+                space.append(cfg)
+        out[key] = tuple(space)
+    return out
 
 
 def table_configs(table: dict[tuple[str, int], LaunchConfig], width_of=None):
@@ -267,6 +335,15 @@ def table_configs(table: dict[tuple[str, int], LaunchConfig], width_of=None):
             return [table[(cls, width_of(variant))]]
         return [cfg for (c, _), cfg in table.items() if c == cls]
     return configs
+
+
+def table_keys(table: dict[tuple[str, int], LaunchConfig], width_of=None):
+    """For the audit of a search space: a function from a variant label to the keys of ``table`` its
+    launcher looks up (the key of width ``width_of(label)``, or every key of the label's dtype class)."""
+    def keys(variant: str) -> list[tuple]:
+        cls = dtype_class(NAMED_DTYPES[variant.split("/")[0]])
+        return [(c, w) for c, w in table if c == cls and (width_of is None or w == width_of(variant))]
+    return keys
 
 
 def launchable(kernel, traced: bool = False):

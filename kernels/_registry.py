@@ -9,6 +9,11 @@ argument list (:func:`signature`): an op names only the exceptions to "a pointer
 storage type, anything else is an ``i32``". ``python -m jepa_engine.kernels.audit`` compiles
 every (kernel, variant, config) for sm_90a and sm_80 and reads registers, spills, shared memory and
 tensor-core instructions from the cubin.
+
+A kernel may also declare a ``search_space``: for each key of its launch table, the candidate configs
+the tuner (``python -m jepa_engine.kernels.tuning``) times on a GPU, the table's own config first. A
+tuned file (``kernels/configs/<device>.json``, read by ``kernels/_configs.py``) can only pick one of
+these candidates, and ``audit --search-space`` compiles them all.
 """
 from __future__ import annotations
 
@@ -29,6 +34,18 @@ class LaunchConfig:
         parts = [f"{k}={v}" for k, v in self.constexprs.items()]
         return ",".join(parts + [f"w{self.num_warps}", f"s{self.num_stages}"])
 
+    def __hash__(self) -> int:  # the constexprs dict is unhashable: hash what label() shows
+        return hash((tuple(self.constexprs.items()), self.num_warps, self.num_stages))
+
+    def to_json(self) -> dict:
+        return {"constexprs": dict(self.constexprs), "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+def key_label(key: tuple) -> str:
+    """A launch-table key as written in a tuned configs file: ``("16bit", 64)`` -> ``"16bit/64"``; the
+    empty key of a kernel with one config -> ``"default"``."""
+    return "/".join(str(k) for k in key) if key else "default"
+
 
 @dataclass(frozen=True)
 class KernelSpec:
@@ -38,6 +55,9 @@ class KernelSpec:
     the Triton type of every runtime argument, the constexprs are the switches fixed for that variant.
     ``configs`` lists every launch config the launcher can pick (a callable receives the variant label
     when the configs depend on it). ``uses_tensor_cores`` says whether HMMA/HGMMA are expected.
+    ``search_space`` maps each launch-table key (the key the launcher looks up, ``()`` for a kernel
+    with one config) to its candidate configs, the table's config first (``_launch.search_space``
+    builds it); empty: the kernel is not tuned.
     """
 
     name: str
@@ -49,9 +69,28 @@ class KernelSpec:
     # Runtime arguments the launcher guarantees 16-divisible (16-byte aligned pointers, strides that are
     # multiples of 16): compiled with the same ``tt.divisibility=16`` specialization Triton applies at launch.
     aligned_args: tuple[str, ...] = ()
+    search_space: Mapping[tuple, tuple[LaunchConfig, ...]] = field(default_factory=dict)
+    # The search-space keys a variant's launches look up (``_launch.table_keys``); None: every key whose
+    # table config the variant is launched with.
+    search_keys: Optional[Callable[[str], list[tuple]]] = None
 
     def configs_for(self, variant: str) -> list[LaunchConfig]:
         return self.configs(variant) if callable(self.configs) else list(self.configs)
+
+    def search_keys_for(self, variant: str) -> list[tuple]:
+        if self.search_keys is not None:
+            return list(self.search_keys(variant))
+        fixed = self.configs_for(variant)
+        return [k for k, space in self.search_space.items() if space and space[0] in fixed]
+
+    def search_configs_for(self, variant: str) -> list[LaunchConfig]:
+        """The search space's candidates a tuned file could give this variant's launches, beyond
+        :meth:`configs_for`: those of every key the variant's launches look up."""
+        fixed = self.configs_for(variant)
+        out: list[LaunchConfig] = []
+        for key in self.search_keys_for(variant):
+            out += [c for c in self.search_space[key][1:] if c not in fixed and c not in out]
+        return out
 
 
 KERNELS: dict[str, KernelSpec] = {}

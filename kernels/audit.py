@@ -6,6 +6,10 @@ and tensor-core instructions (HGMMA on sm_90a, HMMA on sm_80) read from the cubi
 ``cuobjdump`` that ships inside Triton. ``--json`` prints the rows as JSON. Exit status 1 when any
 kernel spills or needs more shared memory than its target has.
 
+``--search-space`` compiles the tuner's candidates too (each kernel's ``search_space``, beyond the launch
+tables: what a tuned ``kernels/configs/<device>.json`` may pick), ``--search-space-only`` them alone;
+their rows say ``candidate``. The test suite's background audit compiles the tables only.
+
 Triton's interpreter replaces ``@triton.jit`` at import time, so the audit refuses to run with
 ``TRITON_INTERPRET=1`` set (run it in a separate process).
 """
@@ -43,6 +47,8 @@ class AuditRow:
     error: str = ""
     # Stack frame of the kernel (ptxas puts register spills there; LOCAL counts only .local arrays).
     stack_bytes: int = -1
+    # A search-space candidate (a config only a tuned file gives the launcher), not a table entry.
+    candidate: bool = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,15 +112,15 @@ def compile_one(fn, signature: dict[str, str], constexprs: dict, num_warps: int,
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def _audit_one(task: tuple[str, str, int, int]) -> AuditRow:
-    """Compile one (kernel, variant, config index, arch) and read its cubin."""
+def _audit_one(task: tuple[str, str, int, int, bool]) -> AuditRow:
+    """Compile one (kernel, variant, config index, arch, search-space candidate?) and read its cubin."""
     from ._registry import KERNELS
 
-    name, variant, cfg_index, arch = task
+    name, variant, cfg_index, arch, candidate = task
     spec = KERNELS[name]
     signature, consts = spec.variants[variant]
-    cfg = spec.configs_for(variant)[cfg_index]
-    row = AuditRow(spec.name, variant, cfg.label(), TARGET_NAME[arch], -1, -1, -1, -1, False)
+    cfg = (spec.search_configs_for(variant) if candidate else spec.configs_for(variant))[cfg_index]
+    row = AuditRow(spec.name, variant, cfg.label(), TARGET_NAME[arch], -1, -1, -1, -1, False, candidate=candidate)
     try:
         k = compile_one(spec.fn, signature, {**consts, **cfg.constexprs}, cfg.num_warps, cfg.num_stages, arch,
                         spec.aligned_args)
@@ -129,9 +135,12 @@ def _audit_one(task: tuple[str, str, int, int]) -> AuditRow:
     return row
 
 
-def audit(names: list[str] | None = None, jobs: int | None = None) -> list[AuditRow]:
+def audit(names: list[str] | None = None, jobs: int | None = None, search_space: bool = False,
+          tables: bool = True) -> list[AuditRow]:
     """Compile every registered kernel (or those in ``names``) for each of its variants, configs and
-    targets; ``jobs`` worker processes compile in parallel (default: one per CPU core)."""
+    targets; ``jobs`` worker processes compile in parallel (default: one per CPU core). ``search_space``
+    adds the tuner's candidates of each variant (``KernelSpec.search_configs_for``); ``tables=False``
+    leaves the launch tables' own configs out."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("audit: unset TRITON_INTERPRET; the interpreter replaces compiled kernels")
     import jepa_engine.kernels  # noqa: F401  (importing the ops registers their kernels)
@@ -140,10 +149,12 @@ def audit(names: list[str] | None = None, jobs: int | None = None) -> list[Audit
     unknown = set(names or ()) - set(KERNELS)
     if unknown:
         raise ValueError(f"audit: unknown kernels {sorted(unknown)}; registered: {sorted(KERNELS)}")
-    tasks = [(spec.name, variant, i, arch)
+    tasks = [(spec.name, variant, i, arch, candidate)
              for spec in KERNELS.values() if not names or spec.name in names
              for variant in spec.variants
-             for i in range(len(spec.configs_for(variant)))
+             for candidate, configs in ((False, spec.configs_for(variant) if tables else []),
+                                        (True, spec.search_configs_for(variant) if search_space else []))
+             for i in range(len(configs))
              for arch in spec.targets]
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(tasks)))
     if jobs == 1:
@@ -156,7 +167,8 @@ def audit(names: list[str] | None = None, jobs: int | None = None) -> list[Audit
 
 def format_table(rows: list[AuditRow]) -> str:
     head = ["kernel", "variant", "config", "target", "regs", "spill B", "stack B", "smem B", "TC ops", "ok"]
-    body = [[r.kernel, r.variant, r.config, r.target, str(r.registers), str(r.spill_bytes), str(r.stack_bytes),
+    body = [[r.kernel, r.variant, r.config + (" (candidate)" if r.candidate else ""), r.target, str(r.registers),
+             str(r.spill_bytes), str(r.stack_bytes),
              str(r.shared_bytes), str(r.tensor_core_ops), "yes" if r.ok else f"NO {r.error}"] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
@@ -171,8 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     ap.add_argument("--kernel", action="append", help="audit only this kernel (repeatable)")
     ap.add_argument("--jobs", type=int, default=None, help="compile in this many processes (default: CPU cores)")
+    ap.add_argument("--search-space", action="store_true",
+                    help="also compile the tuner's candidates (each kernel's search space)")
+    ap.add_argument("--search-space-only", action="store_true",
+                    help="compile the tuner's candidates only, not the launch tables' configs")
     args = ap.parse_args(argv)
-    rows = audit(args.kernel, args.jobs)
+    rows = audit(args.kernel, args.jobs, search_space=args.search_space or args.search_space_only,
+                 tables=not args.search_space_only)
     print(json.dumps([asdict(r) for r in rows], indent=1) if args.json else format_table(rows))
     bad = [r for r in rows if not r.ok]
     if not args.json:

@@ -128,11 +128,18 @@ def _elite_refit_kernel(
 # BLOCK_P follows the parameter count P = horizon x action_dim (16, 32, then 64 columns): a planner's P is
 # often 10-60, and a 64-wide moment tile at P = 10 computed 6.4x the moments it needs.
 _CONFIGS = {bp: LaunchConfig({"BLOCK_N": 64, "BLOCK_P": bp}, num_warps=4, num_stages=1) for bp in (16, 32, 64)}
+# What the tuner (kernels/tuning.py) times beside each entry, keyed (BLOCK_P,) (rows: BLOCK_N, BLOCK_P,
+# num_warps, num_stages; spill-free for sm_90a and sm_80: `audit --search-space`).
+_SEARCH = _launch.search_space({(bp,): cfg for bp, cfg in _CONFIGS.items()}, {
+    (bp,): _launch.candidates("BLOCK_N,BLOCK_P", (32, bp, 4, 1), (128, bp, 8, 1), (64, bp, 8, 1), (64, bp, 2, 1))
+    for bp in _CONFIGS
+})
 
 
 def _config(P: int) -> LaunchConfig:
     """The launch config for ``P`` parameters per candidate."""
-    return _CONFIGS[min(64, max(16, _launch.next_power_of_2(P)))]
+    bp = min(64, max(16, _launch.next_power_of_2(P)))
+    return _launch.tuned("elite_refit", (bp,), _CONFIGS[bp])
 
 
 def elite_refit_forward(costs, samples, mean, std, mode, k, temperature, momentum, min_std, traced: bool = False):
@@ -176,7 +183,8 @@ def _variants():
     return out
 
 
-register_kernel(KernelSpec("elite_refit", _elite_refit_kernel, _variants(), list(_CONFIGS.values())))
+register_kernel(KernelSpec("elite_refit", _elite_refit_kernel, _variants(), list(_CONFIGS.values()),
+                           search_space=_SEARCH))
 
 
 # --------------------------------------------------------------------------------------------------

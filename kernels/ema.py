@@ -160,6 +160,12 @@ def _ema_kernel(
 # --------------------------------------------------------------------------------------------------
 # 4096 elements x 8 warps: 16 per thread per operand (4 x 16 B fp32 vectors, 2 for 16-bit storage).
 _CONFIG = LaunchConfig({"BLOCK": 4096}, num_warps=8, num_stages=1)
+# What the tuner (kernels/tuning.py) times beside it (rows: BLOCK, num_warps, num_stages; all compile
+# spill-free for sm_90a and sm_80: `audit --search-space`; 32 elements per thread and operand reach the
+# 255-register limit, and 8192 over 8 warps needs a stack frame). A plan is built for its config.
+_SEARCH = _launch.search_space({(): _CONFIG}, {
+    (): _launch.candidates("BLOCK", (2048, 4, 1), (8192, 16, 1), (1024, 2, 1)),
+})
 # Under the interpreter every block is a numpy step: a bigger block keeps large tests fast.
 _INTERPRET_BLOCK = 1 << 15
 
@@ -186,9 +192,10 @@ class EMAPlan:
     caller keeps the tensors alive (the cache key includes every address, shape and dtype).
     """
 
-    def __init__(self, pairs, int_buffers, device: torch.device, block: int):
+    def __init__(self, pairs, int_buffers, device: torch.device, block: int, num_warps: int = _CONFIG.num_warps):
         self.device = device
         self.block = block
+        self.num_warps = num_warps
         self.int_targets = [t for t, _ in int_buffers]
         self.int_onlines = [o for _, o in int_buffers]
         by_key: dict[tuple, list] = {}
@@ -232,7 +239,7 @@ class EMAPlan:
                 T_DTYPE=_TL_DTYPE[g.t_dtype], O_DTYPE=_TL_DTYPE[g.o_dtype], ALIGNED=g.aligned,
                 HAS_COPY=g.has_copy, DISTANCE=distance, BLOCK=self.block,
                 ROUND_BF16=self._round_bf16 and g.t_dtype == torch.bfloat16,
-                num_warps=_CONFIG.num_warps, num_stages=_CONFIG.num_stages,
+                num_warps=self.num_warps, num_stages=_CONFIG.num_stages,
             )
         if self.int_targets:
             torch._foreach_copy_(self.int_targets, self.int_onlines)
@@ -261,7 +268,7 @@ def _register():
                 label = f"{names[td]}<-{names[od]}{extra}"
                 variants[label] = (sig, {"T_DTYPE": _TL_DTYPE[td], "O_DTYPE": _TL_DTYPE[od],
                                          "ALIGNED": True, "ROUND_BF16": False, **consts})
-    register_kernel(KernelSpec("ema", _ema_kernel, variants, [_CONFIG]))
+    register_kernel(KernelSpec("ema", _ema_kernel, variants, [_CONFIG], search_space=_SEARCH))
 
 
 if _launch.triton_available():
@@ -407,14 +414,21 @@ def plan_key(targets, onlines, target_buffers=(), online_buffers=()) -> tuple:
                    for t, o in zip(target_buffers, online_buffers)]))
 
 
+def _plan_config(device: torch.device) -> LaunchConfig:
+    """The launch config of a plan on ``device``: the device's tuned one on CUDA (``_launch.tuned``)."""
+    return _launch.tuned("ema", (), _CONFIG) if device.type == "cuda" else _CONFIG
+
+
 def get_plan(targets, onlines, target_buffers=(), online_buffers=(), *, validate: bool = True) -> EMAPlan:
     """The cached :class:`EMAPlan` of these lists (validated and built on first sight)."""
-    key = plan_key(targets, onlines, target_buffers, online_buffers)
+    device = targets[0].device
+    # The launch config is part of the key: a tuned file or the tuner's override gives another block.
+    cfg = _plan_config(device)
+    key = (plan_key(targets, onlines, target_buffers, online_buffers), cfg.constexprs["BLOCK"], cfg.num_warps)
     plan = _PLANS.get(key)
     if plan is not None:
         _PLANS.move_to_end(key)
         return plan
-    device = targets[0].device
     if validate:
         _check_lists(targets, onlines, "targets", "onlines", True, device)
         _check_lists(target_buffers, online_buffers, "target_buffers", "online_buffers", False, device)
@@ -425,8 +439,8 @@ def get_plan(targets, onlines, target_buffers=(), online_buffers=(), *, validate
             pairs.append((t, o, True))
         else:
             int_buffers.append((t, o))
-    block = _INTERPRET_BLOCK if device.type == "cpu" else _CONFIG.constexprs["BLOCK"]
-    plan = EMAPlan([p for p in pairs if p[0].numel() > 0], int_buffers, device, block)
+    block = _INTERPRET_BLOCK if device.type == "cpu" else cfg.constexprs["BLOCK"]
+    plan = EMAPlan([p for p in pairs if p[0].numel() > 0], int_buffers, device, block, cfg.num_warps)
     _PLANS[key] = plan
     while len(_PLANS) > _PLAN_CACHE_SIZE:
         _PLANS.popitem(last=False)

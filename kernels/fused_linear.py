@@ -197,6 +197,26 @@ _COST_CONFIGS = {
     ("fp32", 128): LaunchConfig({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 16}, num_warps=8, num_stages=2),
     ("fp32", 256): LaunchConfig({"BLOCK_M": 32, "BLOCK_N": 256, "BLOCK_K": 16}, num_warps=8, num_stages=2),
 }
+# What the tuner (kernels/tuning.py) times beside each entry; all compile spill-free for sm_90a and sm_80
+# (`audit --search-space`: 128-row 16-bit tiles and 64-deep K chunks with 64 rows need a stack frame in
+# the layer-norm + GELU + residual form). Rows: BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages.
+# linear_goal_cost keeps BLOCK_N = its key (one column tile holds the whole embedding).
+_MNK = "BLOCK_M,BLOCK_N,BLOCK_K"
+_LINEAR_SEARCH = _launch.search_space(_LINEAR_CONFIGS, {
+    ("16bit", 64): _launch.candidates(_MNK, (32, 64, 32, 4, 3), (64, 64, 32, 4, 4), (64, 64, 32, 4, 2),
+                                      (32, 64, 64, 4, 3)),
+    ("16bit", 128): _launch.candidates(_MNK, (64, 128, 64, 8, 3), (64, 64, 32, 4, 3), (64, 128, 32, 8, 4)),
+    ("fp32", 64): _launch.candidates(_MNK, (64, 64, 16, 4, 2), (32, 32, 16, 4, 2)),
+    ("fp32", 128): _launch.candidates(_MNK, (32, 128, 16, 8, 2), (64, 128, 16, 8, 2), (32, 64, 16, 4, 2)),
+})
+_COST_SEARCH = _launch.search_space(_COST_CONFIGS, {
+    ("16bit", 64): _launch.candidates(_MNK, (32, 64, 32, 4, 2), (64, 64, 32, 4, 3), (128, 64, 32, 8, 2)),
+    ("16bit", 128): _launch.candidates(_MNK, (32, 128, 32, 4, 2), (64, 128, 32, 8, 3), (64, 128, 64, 8, 2)),
+    ("16bit", 256): _launch.candidates(_MNK, (32, 256, 32, 8, 3), (16, 256, 32, 8, 2)),
+    ("fp32", 64): _launch.candidates(_MNK, (16, 64, 16, 4, 2), (64, 64, 16, 4, 2), (32, 64, 32, 4, 2)),
+    ("fp32", 128): _launch.candidates(_MNK, (16, 128, 16, 4, 2), (32, 128, 32, 8, 2)),
+    ("fp32", 256): _launch.candidates(_MNK, (16, 256, 16, 8, 2), (16, 256, 16, 4, 2)),
+})
 
 
 @functools.lru_cache(maxsize=None)
@@ -209,13 +229,14 @@ def _interp_config(n_cols: int) -> LaunchConfig:
 def _linear_config(dtype: torch.dtype, N: int, cuda: bool = False) -> LaunchConfig:
     """The launch config of ``N`` output columns (``cuda``: the CUDA table's, even under the interpreter)."""
     return _launch.pick_config(_LINEAR_CONFIGS, dtype, 64 if N <= 64 else 128,
-                               interpret=None if cuda else _interp_config(32))
+                               interpret=None if cuda else _interp_config(32), kernel="fused_linear")
 
 
 def _cost_config(dtype: torch.dtype, D: int, cuda: bool = False) -> LaunchConfig:
     """The launch config of a ``D``-wide goal (``cuda``: the CUDA table's, even under the interpreter)."""
     width = max(16, _launch.next_power_of_2(D))
-    return _launch.pick_config(_COST_CONFIGS, dtype, max(64, width), interpret=None if cuda else _interp_config(width))
+    return _launch.pick_config(_COST_CONFIGS, dtype, max(64, width), interpret=None if cuda else _interp_config(width),
+                               kernel="linear_goal_cost")
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -319,10 +340,12 @@ def _cost_variants():
 if _launch.triton_available():
     register_kernel(KernelSpec("fused_linear", _fused_linear_kernel, _linear_variants(),
                                _launch.table_configs(_LINEAR_CONFIGS), uses_tensor_cores=True,
-                               aligned_args=("y_ptr",)))
+                               aligned_args=("y_ptr",), search_space=_LINEAR_SEARCH,
+                               search_keys=_launch.table_keys(_LINEAR_CONFIGS)))
     register_kernel(KernelSpec("linear_goal_cost", _linear_goal_cost_kernel, _cost_variants(),
                                _launch.table_configs(_COST_CONFIGS), uses_tensor_cores=True,
-                               aligned_args=("z_ptr", "cost_ptr")))
+                               aligned_args=("z_ptr", "cost_ptr"), search_space=_COST_SEARCH,
+                               search_keys=_launch.table_keys(_COST_CONFIGS)))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def latent_cost_forward(z: torch.Tensor, goal: torch.Tensor, weights: Optional[t
         goal = goal.contiguous()
     B, H, D = z.shape
     cost = torch.empty(B, device=z.device, dtype=torch.float32)
-    cfg = _launch.row_tile(D)
+    cfg = _launch.row_tile(D, "latent_cost_fwd")
     grid = (_launch.cdiv(B, cfg.constexprs["BLOCK_M"]),)
     _latent_cost_fwd_kernel[grid](
         z, goal, weights if weights is not None else cost, cost,
@@ -112,7 +112,8 @@ def _variants():
     return out
 
 
-register_kernel(KernelSpec("latent_cost_fwd", _latent_cost_fwd_kernel, _variants(), _launch.ROW_TILES))
+register_kernel(KernelSpec("latent_cost_fwd", _latent_cost_fwd_kernel, _variants(), _launch.ROW_TILES,
+                           search_space=_launch.search_space(_launch.ROW_TABLE, _launch.ROW_CANDIDATES)))
 
 
 # --------------------------------------------------------------------------------------------------

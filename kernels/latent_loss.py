@@ -142,7 +142,7 @@ def latent_loss_forward(pred, target, mask, kind: str, beta: float) -> torch.Ten
     p2, t2 = _as_rows(pred), _as_rows(target)
     M, D = p2.shape
     row_loss = torch.empty(M, device=pred.device, dtype=torch.float32)
-    cfg = _launch.row_tile(D)
+    cfg = _launch.row_tile(D, "latent_loss_fwd")
     grid = (_launch.cdiv(M, cfg.constexprs["BLOCK_M"]),)
     _latent_loss_fwd_kernel[grid](
         p2, t2, _keep_rows(mask, row_loss), row_loss,
@@ -161,7 +161,7 @@ def latent_loss_backward(grad, pred, target, mask, kind: str, beta: float, grad_
     scale = (grad.to(torch.float32) / (kept.clamp_min(1).to(torch.float32) * D)).reshape(1)
     d_pred = torch.empty((M, D), device=pred.device, dtype=pred.dtype)
     d_target = torch.empty((M, D), device=pred.device, dtype=target.dtype) if grad_target else d_pred
-    cfg = _launch.row_tile(D)
+    cfg = _launch.row_tile(D, "latent_loss_bwd")
     grid = (_launch.cdiv(M, cfg.constexprs["BLOCK_M"]),)
     _latent_loss_bwd_kernel[grid](
         p2, t2, _keep_rows(mask, scale), scale, d_pred, d_target,
@@ -186,10 +186,12 @@ def _variants(kernel, types: dict, extra: dict) -> dict:
 
 
 register_kernel(KernelSpec("latent_loss_fwd", _latent_loss_fwd_kernel,
-                           _variants(_latent_loss_fwd_kernel, {"row_loss_ptr": "*fp32"}, {}), _launch.ROW_TILES))
+                           _variants(_latent_loss_fwd_kernel, {"row_loss_ptr": "*fp32"}, {}), _launch.ROW_TILES,
+                           search_space=_launch.search_space(_launch.ROW_TABLE, _launch.ROW_CANDIDATES)))
 register_kernel(KernelSpec("latent_loss_bwd", _latent_loss_bwd_kernel,
                            _variants(_latent_loss_bwd_kernel, {"scale_ptr": "*fp32"}, {"GRAD_TARGET": True}),
-                           _launch.ROW_TILES))
+                           _launch.ROW_TILES,
+                           search_space=_launch.search_space(_launch.ROW_TABLE, _launch.ROW_CANDIDATES)))
 
 
 # --------------------------------------------------------------------------------------------------

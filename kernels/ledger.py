@@ -356,8 +356,8 @@ def _attention_moved(s, seq: _Sequences, outputs: int, reads: int) -> float:
     return e * s.H * s.D * (outputs * sum(seq.n_q) + reads * sum(seq.k_use))
 
 
-def _attention_config(table):
-    return lambda s: _pick_config(table, s.dtype, s.D, cuda=True)
+def _attention_config(table, kernel: str):
+    return lambda s: _pick_config(table, s.dtype, s.D, cuda=True, kernel=kernel)
 
 
 def _bh(s) -> int:
@@ -372,7 +372,8 @@ def _max_k(s) -> int:
     return max(s.seqlens) if s.mask == "varlen" and s.seqlens else s.N_k
 
 
-@register_work("masked_attention_fwd", _ATTENTION_FIELDS, config=_attention_config(_FWD_CONFIGS),
+@register_work("masked_attention_fwd", _ATTENTION_FIELDS,
+               config=_attention_config(_FWD_CONFIGS, "masked_attention_fwd"),
                grid=lambda s, cfg: (cdiv(_max_q(s), cfg.constexprs["BLOCK_M"]), _bh(s)))
 def _attention_fwd_work(s, cfg) -> Work:
     """Grid cdiv(max N_q, BLOCK_M) x B*H; each program visits key blocks up to its loop bound."""
@@ -389,7 +390,8 @@ def _attention_fwd_work(s, cfg) -> Work:
                 dot_class(s.dtype, FWD_ALLOWS_TF32))
 
 
-@register_work("masked_attention_bwd_pre", _ATTENTION_FIELDS, config=lambda s: _PRE_CONFIG,
+@register_work("masked_attention_bwd_pre", _ATTENTION_FIELDS,
+               config=lambda s: _launch.tuned("masked_attention_bwd_preprocess", (), _PRE_CONFIG),
                grid=lambda s, cfg: (cdiv(_max_q(s), cfg.constexprs["BLOCK_M"]), _bh(s)))
 def _attention_pre_work(s, cfg) -> Work:
     """delta = rowsum(dO * O): 2 FLOPs per element, grid cdiv(max N_q, BLOCK_M) x B*H, BLOCK_D columns."""
@@ -400,7 +402,8 @@ def _attention_pre_work(s, cfg) -> Work:
     return Work(2.0 * s.D * s.H * sum(seq.n_q), 2.0 * bd * s.H * rows, moved, "fp32")
 
 
-@register_work("masked_attention_bwd", _ATTENTION_FIELDS, config=_attention_config(_BWD_CONFIGS),
+@register_work("masked_attention_bwd", _ATTENTION_FIELDS,
+               config=_attention_config(_BWD_CONFIGS, "masked_attention_bwd"),
                grid=lambda s, cfg: (max(cdiv(_max_q(s), cfg.constexprs["BLOCK_M"]),
                                         cdiv(_max_k(s), cfg.constexprs["BLOCK_N"])), _bh(s)))
 def _attention_bwd_work(s, cfg) -> Work:
@@ -483,7 +486,7 @@ EMA_FLOPS = 3   # per element: the lerp's difference, product and sum
 
 
 @register_work("ema", dict(numels=REQUIRED, dtype=REQUIRED, online_dtype=None),
-               config=lambda s: _EMA_CONFIG)
+               config=lambda s: _launch.tuned("ema", (), _EMA_CONFIG))
 def _ema_work(s, cfg) -> Work:
     """One launch over a table of BLOCK-element blocks, cdiv(numel, BLOCK) of each tensor (a persistent
     grid strides over them); ``numels``: the tensors' element counts."""
@@ -511,7 +514,8 @@ def _row_work(rows: int, D: int, cfg, per_element: int) -> tuple[float, float]:
 
 
 @register_work("latent_loss_fwd", dict(M=REQUIRED, D=REQUIRED, dtype=REQUIRED, mask=True),
-               config=lambda s: _launch.row_tile(s.D), grid=lambda s, cfg: (cdiv(s.M, cfg.constexprs["BLOCK_M"]),))
+               config=lambda s: _launch.row_tile(s.D, "latent_loss_fwd"),
+               grid=lambda s, cfg: (cdiv(s.M, cfg.constexprs["BLOCK_M"]),))
 def _loss_fwd_work(s, cfg) -> Work:
     """Grid cdiv(M, BLOCK_M), a loop of BLOCK_D chunks over D; reads pred, target, keep; one fp32 per row."""
     useful, launched = _row_work(s.M, s.D, cfg, LOSS_FWD_FLOPS)
@@ -519,7 +523,8 @@ def _loss_fwd_work(s, cfg) -> Work:
 
 
 @register_work("latent_loss_bwd", dict(M=REQUIRED, D=REQUIRED, dtype=REQUIRED, mask=True, grad_target=False),
-               config=lambda s: _launch.row_tile(s.D), grid=lambda s, cfg: (cdiv(s.M, cfg.constexprs["BLOCK_M"]),))
+               config=lambda s: _launch.row_tile(s.D, "latent_loss_bwd"),
+               grid=lambda s, cfg: (cdiv(s.M, cfg.constexprs["BLOCK_M"]),))
 def _loss_bwd_work(s, cfg) -> Work:
     """Grid cdiv(M, BLOCK_M); reads pred, target, keep; writes grad_pred (and grad_target)."""
     useful, launched = _row_work(s.M, s.D, cfg, LOSS_BWD_FLOPS)
@@ -528,7 +533,8 @@ def _loss_bwd_work(s, cfg) -> Work:
 
 
 @register_work("latent_cost", dict(B=REQUIRED, H=REQUIRED, D=REQUIRED, dtype=REQUIRED, G=1, final=True),
-               config=lambda s: _launch.row_tile(s.D), grid=lambda s, cfg: (cdiv(s.B, cfg.constexprs["BLOCK_M"]),))
+               config=lambda s: _launch.row_tile(s.D, "latent_cost_fwd"),
+               grid=lambda s, cfg: (cdiv(s.B, cfg.constexprs["BLOCK_M"]),))
 def _latent_cost_work(s, cfg) -> Work:
     """Grid cdiv(B, BLOCK_M); each program sweeps D in BLOCK_D chunks for the last step (``final``) or
     every step."""
@@ -546,7 +552,7 @@ REFIT_MOMENT_FLOPS = 5  # per (candidate, parameter): w x, w x x, two sums
 
 
 @register_work("sample_actions", dict(E=REQUIRED, N=REQUIRED, P=REQUIRED),
-               config=lambda s: _SAMPLE_CONFIG,
+               config=lambda s: _launch.tuned("sample_actions", (), _SAMPLE_CONFIG),
                grid=lambda s, cfg: (s.E, cdiv(s.N * s.P, cfg.constexprs["BLOCK"])))
 def _sample_work(s, cfg) -> Work:
     """Grid E x cdiv(N * P, BLOCK): one value per lane; writes fp32 [E, N, P], reads mean and std."""

@@ -373,6 +373,29 @@ _BWD_CONFIGS = {
 }
 _PRE_CONFIG = LaunchConfig({"BLOCK_M": 64}, num_warps=4, num_stages=1)
 _INTERP_CONFIG = LaunchConfig({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
+# What the tuner (kernels/tuning.py) times on a GPU beside each table entry: every candidate compiles
+# for sm_90a and sm_80 without spills or a stack frame (`python -m jepa_engine.kernels.audit
+# --search-space`). Rows: BLOCK_M, BLOCK_N, num_warps, num_stages.
+_TILES = "BLOCK_M,BLOCK_N"
+_FWD_SEARCH = _launch.search_space(_FWD_CONFIGS, {
+    ("16bit", 64): _launch.candidates(_TILES, (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)),
+    ("16bit", 128): _launch.candidates(_TILES, (128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2)),
+    ("16bit", 256): _launch.candidates(_TILES, (64, 32, 8, 1), (64, 16, 8, 2), (32, 32, 4, 2)),
+    ("fp32", 64): _launch.candidates(_TILES, (32, 32, 4, 2), (64, 16, 8, 2)),
+    ("fp32", 128): _launch.candidates(_TILES, (16, 16, 4, 2)),
+    ("fp32", 256): _launch.candidates(_TILES, (16, 16, 4, 1), (32, 16, 8, 2)),
+})
+_BWD_SEARCH = _launch.search_space(_BWD_CONFIGS, {
+    ("16bit", 64): _launch.candidates(_TILES, (64, 32, 4, 1), (32, 64, 4, 2)),
+    ("16bit", 128): _launch.candidates(_TILES, (64, 32, 8, 2), (32, 64, 8, 1)),
+    ("16bit", 256): _launch.candidates(_TILES, (32, 16, 4, 1), (16, 32, 4, 1)),
+    ("fp32", 64): _launch.candidates(_TILES, (32, 32, 4, 1), (32, 32, 8, 2), (16, 32, 4, 1)),
+    ("fp32", 128): _launch.candidates(_TILES, (32, 32, 4, 1), (16, 16, 4, 1), (32, 32, 8, 1)),
+    ("fp32", 256): _launch.candidates(_TILES, (16, 16, 4, 2)),
+})
+_PRE_SEARCH = _launch.search_space({(): _PRE_CONFIG}, {
+    (): _launch.candidates("BLOCK_M", (32, 4, 1), (64, 8, 1)),
+})
 
 
 # CUDA limits the second grid dimension to 65535: more (batch, head) pairs launch in chunks.
@@ -398,9 +421,12 @@ def supports_head_dim(head_dim: int) -> bool:
     return 1 <= int(head_dim) <= MAX_HEAD_DIM
 
 
-def _pick_config(table: dict, dtype: torch.dtype, head_dim: int, cuda: bool = False) -> LaunchConfig:
-    """``table``'s config for ``head_dim`` (``cuda``: the CUDA entry, even under the interpreter)."""
-    return _launch.pick_config(table, dtype, _tile_class(head_dim), interpret=None if cuda else _INTERP_CONFIG)
+def _pick_config(table: dict, dtype: torch.dtype, head_dim: int, cuda: bool = False,
+                 kernel: Optional[str] = None) -> LaunchConfig:
+    """``table``'s config for ``head_dim`` (``cuda``: the CUDA entry, even under the interpreter;
+    ``kernel``: the device's tuned config for that kernel first, see ``_launch.tuned``)."""
+    return _launch.pick_config(table, dtype, _tile_class(head_dim), interpret=None if cuda else _INTERP_CONFIG,
+                               kernel=kernel)
 
 
 # TF32 for fp32 dots (see _launch.dot_precision): the forward's follow torch's matmul precision as
@@ -470,7 +496,7 @@ def masked_attention_forward(q, k, v, key_padding, cu_seqlens, keep_index, frame
     pb = _Problem(q, k, key_padding, cu_seqlens, keep_index, frame_len, max_seqlen)
     out = _empty_out(q, pb.varlen)
     lse = torch.empty(pb.stat_shape, device=q.device, dtype=torch.float32)
-    cfg = _pick_config(_FWD_CONFIGS, q.dtype, pb.D)
+    cfg = _pick_config(_FWD_CONFIGS, q.dtype, pb.D, kernel="masked_attention_fwd")
     for bh0, n_bh in _bh_chunks(pb.B * pb.H):
         _masked_attention_fwd_kernel[(_launch.cdiv(pb.max_q, cfg.constexprs["BLOCK_M"]), n_bh)](
             q, k, v, out, lse, pb.kpad, pb.cu, pb.kidx,
@@ -490,7 +516,8 @@ def masked_attention_backward(grad_out, q, k, v, out, lse, key_padding, cu_seqle
     q, k, v, grad_out = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(grad_out)
     pb = _Problem(q, k, key_padding, cu_seqlens, keep_index, frame_len, max_seqlen)
     delta = torch.empty(pb.stat_shape, device=q.device, dtype=torch.float32)
-    pre = _INTERP_CONFIG if _launch.interpreting() else _PRE_CONFIG
+    pre = _INTERP_CONFIG if _launch.interpreting() else _launch.tuned("masked_attention_bwd_preprocess", (),
+                                                                       _PRE_CONFIG)
     for bh0, n_bh in _bh_chunks(pb.B * pb.H):
         _masked_attention_bwd_preprocess_kernel[(_launch.cdiv(pb.max_q, pre.constexprs["BLOCK_M"]), n_bh)](
             out, grad_out, delta, pb.cu, *_strides3(out, pb.varlen), *_strides3(grad_out, pb.varlen), *pb.stat_strides,
@@ -502,7 +529,7 @@ def masked_attention_backward(grad_out, q, k, v, out, lse, key_padding, cu_seqle
     alloc = torch.zeros if keep_index is not None else torch.empty
     dk = alloc(k.shape, device=k.device, dtype=k.dtype)
     dv = alloc(v.shape, device=v.device, dtype=v.dtype)
-    cfg = _pick_config(_BWD_CONFIGS, q.dtype, pb.D)
+    cfg = _pick_config(_BWD_CONFIGS, q.dtype, pb.D, kernel="masked_attention_bwd")
     bm, bn = cfg.constexprs["BLOCK_M"], cfg.constexprs["BLOCK_N"]
     n_blocks = max(_launch.cdiv(pb.max_q, bm), _launch.cdiv(pb.max_k, bn))
     for bh0, n_bh in _bh_chunks(pb.B * pb.H):
@@ -583,17 +610,20 @@ def _aligned(variants) -> tuple[str, ...]:
 
 
 if _launch.triton_available():
-    for _name, _kernel, _vars, _cfgs, _tc in (
+    for _name, _kernel, _vars, _cfgs, _tc, _space, _keys in (
         ("masked_attention_fwd", _masked_attention_fwd_kernel,
          _attention_variants(_masked_attention_fwd_kernel, _FWD_TYPES, FWD_ALLOWS_TF32),
-         _launch.table_configs(_FWD_CONFIGS, _head_dim_class), True),
+         _launch.table_configs(_FWD_CONFIGS, _head_dim_class), True, _FWD_SEARCH,
+         _launch.table_keys(_FWD_CONFIGS, _head_dim_class)),
         ("masked_attention_bwd_preprocess", _masked_attention_bwd_preprocess_kernel, _pre_variants(),
-         [_PRE_CONFIG], False),
+         [_PRE_CONFIG], False, _PRE_SEARCH, None),
         ("masked_attention_bwd", _masked_attention_bwd_kernel,
          _attention_variants(_masked_attention_bwd_kernel, _BWD_TYPES, BWD_ALLOWS_TF32),
-         _launch.table_configs(_BWD_CONFIGS, _head_dim_class), True),
+         _launch.table_configs(_BWD_CONFIGS, _head_dim_class), True, _BWD_SEARCH,
+         _launch.table_keys(_BWD_CONFIGS, _head_dim_class)),
     ):
-        register_kernel(KernelSpec(_name, _kernel, _vars, _cfgs, uses_tensor_cores=_tc, aligned_args=_aligned(_vars)))
+        register_kernel(KernelSpec(_name, _kernel, _vars, _cfgs, uses_tensor_cores=_tc, aligned_args=_aligned(_vars),
+                                   search_space=_space, search_keys=_keys))
 
 
 # --------------------------------------------------------------------------------------------------

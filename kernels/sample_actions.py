@@ -94,16 +94,20 @@ def _sample_actions_kernel(
 
 
 _CONFIG = LaunchConfig({"BLOCK": 1024}, num_warps=4, num_stages=1)
+# What the tuner (kernels/tuning.py) times beside it (rows: BLOCK, num_warps, num_stages; spill-free for
+# sm_90a and sm_80: `audit --search-space`). The values drawn do not depend on the block.
+_SEARCH = _launch.search_space({(): _CONFIG}, {(): _launch.candidates("BLOCK", (512, 4, 1), (2048, 8, 1), (256, 2, 1))})
 
 
 def sample_actions_forward(mean, std, low, high, rng, n, include_mean, traced: bool = False):
     """Launch the kernel (``traced``: through ``wrap_triton``, see :func:`_launch.launchable`)."""
     E, P = mean.shape
     out = torch.empty((E, n, P), device=mean.device, dtype=torch.float32)
-    grid = (E, _launch.cdiv(n * P, _CONFIG.constexprs["BLOCK"]))
+    cfg = _launch.tuned("sample_actions", (), _CONFIG)
+    grid = (E, _launch.cdiv(n * P, cfg.constexprs["BLOCK"]))
     _launch.launchable(_sample_actions_kernel, traced)[grid](
         mean, std, low, high, rng, out, n, P, low.numel(), INCLUDE_MEAN=include_mean,
-        num_warps=_CONFIG.num_warps, num_stages=_CONFIG.num_stages, **_CONFIG.constexprs)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs)
     return out
 
 
@@ -121,7 +125,7 @@ if _launch.triton_available():
 register_kernel(KernelSpec(
     "sample_actions", _sample_actions_kernel,
     {"fp32": (signature(_sample_actions_kernel, "*fp32", {"rng_ptr": "*i64"}), {"INCLUDE_MEAN": True})},
-    [_CONFIG],
+    [_CONFIG], search_space=_SEARCH,
 ))
 
 

@@ -66,6 +66,8 @@ def _wheel(tmp_path: Path, stand_in: bool, **env: str) -> tuple[str, set[str], s
         shutil.copy(ROOT / name, src / name)
     if stand_in:
         (src / "jepa_engine" / "_C.so").write_bytes(b"not a library")
+    (src / "kernels" / "configs").mkdir(exist_ok=True)   # a tuned launch-config file travels as package data
+    (src / "kernels" / "configs" / "some-gpu.json").write_text('{"format": 1, "kernels": {}}')
     pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
            "--disable-pip-version-check"]
     build = subprocess.run(pip + [str(src), "-w", str(tmp_path / "dist")], capture_output=True, text=True,
@@ -89,7 +91,8 @@ def test_wheel_carries_the_native_library(tmp_path):
     there): the wheel is still built, it holds the stand-in, and the unpacked wheel's kernels/_native.py
     tries to load that very file."""
     name, names, status = _wheel(tmp_path, stand_in=True, JEPA_ENGINE_CMAKE_ARGS="-DJEPA_ENGINE_SOURCES=csrc/none.cpp")
-    assert {"jepa_engine/_C.so", "jepa_engine/kernels/_native.py", "jepa_engine/cli.py"} <= names
+    assert {"jepa_engine/_C.so", "jepa_engine/kernels/_native.py", "jepa_engine/cli.py",
+            "jepa_engine/kernels/configs/some-gpu.json"} <= names
     assert status.startswith(f"{tmp_path / 'site' / 'jepa_engine' / '_C.so'} could not be loaded"), status
     # machine code inside: a platform wheel (it calls no Python API: any Python 3)
     assert name.startswith("jepa_engine-") and name.endswith("-py3-none-linux_x86_64.whl"), name
