@@ -25,9 +25,9 @@ success is not defined for them, so every row records ``success=None`` with the 
 ``lewm`` checkpoint exists, and training one is not cheap, so there is no success row here (the MPC
 tests measure success with a trained tiny model).
 
-Under ``make gpu-report`` (``JEPA_BENCH_QUICK=1``, a share of five minutes for every file) the GPU
-runs E=1 and E=16 (the eager loop at E=64 does 64x the work of E=1, seconds a plan) and leaves the
-demo group out.
+Under ``JEPA_BENCH_QUICK=1`` the GPU runs E=1 and E=16 (the eager loop at E=64 does 64x the work of
+E=1, seconds a plan) and leaves the demo group out; ``make gpu-report`` runs ``test_plan_lewm`` at
+E=1 and E=64 (``JEPA_BENCH_PLAN_ENVS=1,64``) within its share, the groups in that order.
 """
 from __future__ import annotations
 
@@ -46,7 +46,9 @@ DEVICE = "cuda" if CUDA else "cpu"
 QUICK = os.environ.get("JEPA_BENCH_QUICK") == "1"
 FULL = dict(PLAN_BUDGET)
 BUDGET = FULL if CUDA or os.environ.get("BENCH_PLAN_FULL") else dict(N=16, H=5, I=2, K=4)
-ENVS = ([1, 16] if QUICK else PLAN_ENVS) if CUDA else [1, 4]
+# JEPA_BENCH_PLAN_ENVS=1,64 picks the environment counts (make gpu-report: E=1 and E=64 under its quick rounds).
+ENVS = ([int(e) for e in os.environ["JEPA_BENCH_PLAN_ENVS"].split(",")] if os.environ.get("JEPA_BENCH_PLAN_ENVS")
+        else ([1, 16] if QUICK else PLAN_ENVS) if CUDA else [1, 4])
 IMPLS = ["eager_loop", "jepa_engine", "torch_compile"]   # a run cut off in a group's compile keeps ours
 SUCCESS_NOTE = "untrained weights (fixed seed): timing only, task success undefined"
 

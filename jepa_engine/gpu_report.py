@@ -3,26 +3,35 @@
 Stages, in this order, each in its own subprocess with its own time limit; a stage that fails, raises
 or runs out of time is recorded with its reason and the next one runs:
 
-    install    pip install -e . without a registry (--install), then hypothesis / tqdm from wheels/ if missing
-    facts      GPU name, driver, power limit, clocks (nvidia-smi, NVML, idle power); Python/torch/triton/CUDA
-    tests      the test suite on the device: JUnit XML and pass/fail per file (pytest-xdist when installed:
-               all CPUs but two, at most 12 workers, one file per worker, the slowest files first)
-    selfcheck  `jepa-engine selfcheck`: every kernel against its reference, compiled (needs CUDA)
-    bench      benches/ file by file (a time share each, unused time passed on; never under xdist), one
-               merged JSON + table; a file cut off, failed or without readable JSON is reported as such
-    profile    `jepa-engine profile --quick` at the LeWorldModel CEM budget too, with NVML energy (counter
-               based, idle power measured before each window)
+    install     pip install -e . without a registry (--install), then hypothesis / tqdm from wheels/ if missing
+    facts       GPU name, driver, power limit, clocks (nvidia-smi, NVML, idle power); Python/torch/triton/CUDA
+    tune        `python -m jepa_engine.kernels.tuning` within its share: every kernel's launch-config search
+                space timed at the benchmark shapes; its kernels/configs/<device>.json is one of the report's
+                files (to commit), and the later stages run with it
+    bench       the core benchmark groups (benches/ files with a -k selection each, a time share each, unused
+                time passed on; never under xdist): EMA ViT-B/ViT-H, masked attention vs SDPA and FlexAttention
+                at JEPA shapes fwd and fwd+bwd, the lewm plan at E=1 and E=64 vs the eager loop and
+                torch.compile, the I-JEPA and ViT-B train steps; one merged JSON + table
+    profile     `jepa-engine profile --quick` at the LeWorldModel CEM budget too (graphed planner vs decoder),
+                with NVML energy (counter based, idle power measured before each window)
+    multiblock  the kernel tests at multi-block shapes (`-m multiblock`), compiled
+    tests       the rest of the test suite with the time left: JUnit XML and pass/fail per file (pytest-xdist
+                when installed: all CPUs but two, at most 12 workers, one file per worker, slowest first)
 
+(`selfcheck`, every kernel against its reference through `jepa-engine selfcheck`, runs when named.)
+Each stage's share is printed before the first runs. A full run ends within ``TOTAL_S`` (9 minutes)
+of its start: a stage's limit is its share cut to what is left, and the test suite takes what is left.
 Then a summary table, printed and written as markdown. At most 7 files (the caller's console log makes
 8), each at most 16 MiB, land in one folder named ``<device>-<yyyy-mm-dd>-<what>.<ext>``, ready to be
-copied into benches/results/. On a timeout the stage gets SIGINT first (pytest still writes its JUnit
-XML and benchmark JSON for what finished), SIGKILL 15 s later.
+copied into benches/results/ (the tuned configs into kernels/configs/<device>.json). On a timeout the
+stage gets SIGINT first (pytest still writes its JUnit XML and benchmark JSON for what finished),
+SIGKILL 15 s later.
 
-Without CUDA (or with --short) it is a rehearsal: a few tests under the Triton interpreter, one small
-benchmark file, a seconds-long untrained profile without energy; the compiled self-check says
-"skipped: no CUDA". Stage limits: ``LIMITS``; the full list sums to 18 minutes, and each of the two
-parts (``PARTS``: tests, measure) that fit a 10-minute call to at most 9.5. Standard library only at
-import: this file also runs as a script (``python3 jepa_engine/gpu_report.py``) before the package is installed.
+Without CUDA (or with --short) it is a rehearsal: the tuner's interpreter rehearsal, one small
+benchmark file, a seconds-long untrained profile without energy, each kernel's small multi-block case
+and a few tests under the Triton interpreter. Limits: ``LIMITS``; parts (``PARTS``: measure, tests) and
+comma-separated stage lists select stages. Standard library only at import: this file also runs as a
+script (``python3 jepa_engine/gpu_report.py``) before the package is installed.
 """
 from __future__ import annotations
 
@@ -40,8 +49,12 @@ if __package__ in (None, ""):  # run as a script: import the package from its so
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from jepa_engine import gpu_report_results as results  # noqa: E402
-from jepa_engine.gpu_report_stages import (MAX_BYTES, ORDER, PARTS, STAGES, TAIL_CHARS, Context,  # noqa: E402
-                                           Outcome, Stage, default_stages, run_command)
+from jepa_engine.gpu_report_stages import (FINISH_S, MAX_BYTES, ORDER, PARTS, STAGES, TAIL_CHARS,  # noqa: E402
+                                           TOTAL_S, Context, Outcome, Stage, default_stages, plan_lines,
+                                           run_command)
+
+# A stage with less time than this left of the report's TOTAL_S is not started.
+MIN_STAGE_S = 10.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -58,9 +71,11 @@ def run_report(out: str | Path, *, short: Optional[bool] = None, stages: Optiona
     with tempfile.TemporaryDirectory(prefix="gpu-report-") as work:
         # until CUDA is known: a machine without nvidia-smi gets the short limits
         guess = short if short is not None else shutil.which("nvidia-smi") is None
-        ctx = Context(Path(work), short=guess, install=install, test_workers=test_workers)
+        ctx = Context(Path(work), short=guess, install=install, test_workers=test_workers, deadline=t0 + TOTAL_S)
         stages = stages if stages is not None else default_stages()
         planned, done, written = [s.name for s in stages], [], set()
+        for line in plan_lines(stages, guess):
+            print(f"== {line} ==", flush=True)
         for st in stages:
             if st.name not in ("install", "facts"):
                 _settle_mode(ctx, short)
@@ -85,9 +100,17 @@ def _settle_mode(ctx: Context, short: Optional[bool]) -> None:
 
 def _run_stage(st: Stage, ctx: Context) -> dict:
     limit = st.limit(ctx.short)
-    print(f"== {st.name} (limit {limit:.0f} s) ==", flush=True)
+    left = None
+    if not ctx.short and ctx.deadline is not None:   # a full run: the stage ends within TOTAL_S
+        left = ctx.deadline - FINISH_S - time.monotonic()
+        limit = left if limit is None else min(limit, left)
+    elif limit is None:
+        limit = TOTAL_S
+    print(f"== {st.name} (limit {max(limit, 0):.0f} s) ==", flush=True)
     t = time.monotonic()
-    if st.needs_cuda and not ctx.cuda:
+    if left is not None and left < MIN_STAGE_S:
+        o = Outcome("timeout", f"not run: {max(left, 0):.0f} s left of the report's {TOTAL_S:.0f} s")
+    elif st.needs_cuda and not ctx.cuda:
         o = Outcome("skipped", "skipped: no CUDA (compiled kernels need a GPU; `make test` runs the same checks "
                                "under the Triton interpreter)")
     else:
@@ -163,7 +186,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--install", action="store_true",
                     help="first pip install -e . without a registry (plus missing hypothesis/tqdm from wheels/)")
     ap.add_argument("--stages", default="all", help=f"a part ({', '.join(PARTS)}) or comma-separated stages "
-                    f"from {','.join(ORDER)} (default all; a 10-minute call fits one part)")
+                    f"from {','.join(STAGES)} (default all, in the order {','.join(ORDER)}: one call of at most "
+                    f"{TOTAL_S / 60:.0f} minutes on a GPU)")
     ap.add_argument("--test-workers", type=int, default=None,
                     help="pytest-xdist workers for the tests on CUDA (0: none; default: CPUs - 2, at most 12)")
 
@@ -173,7 +197,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in STAGES]
     if unknown or not names:
         print(f"gpu-report: --stages must be one of {', '.join(PARTS)} or a comma-separated list of "
-              f"{','.join(ORDER)}, got {args.stages!r}", file=sys.stderr)
+              f"{','.join(STAGES)}, got {args.stages!r}", file=sys.stderr)
         return 2
     if args.test_workers is not None and args.test_workers < 0:
         print(f"gpu-report: --test-workers must be >= 0, got {args.test_workers}", file=sys.stderr)

@@ -230,6 +230,41 @@ def junit_markdown(s: dict, max_failures: int = 60) -> str:
     return "\n".join(out)
 
 
+def merge_junit(paths: list, out: Path) -> int:
+    """One JUnit XML holding the test suites of every file in ``paths`` (in order); returns the number of
+    test cases. A file that cannot be parsed raises (the caller keeps the files apart then)."""
+    merged = ET.Element("testsuites")
+    for path in paths:
+        root = ET.parse(path).getroot()
+        merged.extend(list(root) if root.tag == "testsuites" else [root])
+    ET.ElementTree(merged).write(out, encoding="utf-8", xml_declaration=True)
+    return sum(1 for _ in merged.iter("testcase"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Tuned launch configs (kernels/tuning.py's file)
+# ------------------------------------------------------------------------------------------------
+def tuning_markdown(data: dict) -> tuple[str, int]:
+    """A table of a tuned configs file (one row per kernel and table key: the chosen config, its
+    speed-up over the table's, whether every candidate was measured at every shape) and how many keys
+    chose another config than the table's."""
+    out = ["| kernel | key | chosen | speed-up vs table | complete | shapes |", "|---|---|---|---|---|---|"]
+    changed = 0
+    for kernel, entries in sorted((data.get("kernels") or {}).items()):
+        for key, e in sorted(entries.items()):
+            if not isinstance(e, dict):
+                continue
+            same = e.get("chosen") == e.get("fixed")
+            changed += not same
+            chosen = "table's" if same else f"`{e.get('chosen')}`"
+            out.append(f"| {kernel} | {key} | {chosen} | {e.get('speedup_vs_fixed', '-')} | "
+                       f"{'yes' if e.get('complete') else 'no'} | {len(e.get('shapes') or {})} |")
+    for what in ("groups_cut", "groups_not_run"):
+        if data.get(what):
+            out += ["", f"{what.replace('_', ' ').capitalize()}: {', '.join(data[what])}."]
+    return "\n".join(out), changed
+
+
 # ------------------------------------------------------------------------------------------------
 # Benchmark JSON files -> one
 # ------------------------------------------------------------------------------------------------

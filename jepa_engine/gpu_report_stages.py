@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,28 +24,60 @@ from jepa_engine import gpu_report_results as results
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_FILES, MAX_BYTES = 8, 16 * 2**20
-ORDER = ("install", "facts", "tests", "selfcheck", "bench", "profile")
-# Seconds per stage: full (CUDA) and short (rehearsal). 18 minutes in all; each part 9.5 minutes (a
-# 10-minute call). On an H100 (2026-11-25) install took 6 s, facts 11 s, selfcheck 18 s, profile 134 s.
-LIMITS = {"install": (40, 120), "facts": (25, 60), "tests": (420, 180), "selfcheck": (85, 120),
-          "bench": (325, 180), "profile": (180, 180)}
-PARTS = {"all": ORDER, "tests": ("install", "facts", "tests", "selfcheck"),
-         "measure": ("install", "facts", "bench", "profile")}
-# benches/ files in the order they run (the kernel families first, the whole-step suites last), with
-# their share in seconds of the bench stage (unused time carries on; they sum to its limit less
-# TABLE_S). On an H100 under the report (2026-11-25): ema 18 s, masked attention 96 s, plan 55 s for
-# its E=1 group, latent loss 25 s, planning 11 s (swm not yet run there); train and accelerate need minutes (a torch.compile
-# peer per group), so they keep the groups that fit: a file cut off at its share gets SIGINT and
-# writes the rows it finished.
-BENCH_FILES = (("bench_ema.py", 22), ("bench_masked_attention.py", 105), ("bench_plan.py", 68),
-               ("bench_latent_loss.py", 26), ("bench_planning.py", 14), ("bench_swm.py", 24),
-               ("bench_train.py", 30), ("bench_accelerate.py", 28))
-# benches/ files the report does not run, and why: the shares above fill the stage, and the stages fill
-# the report's two 9.5-minute parts.
+# The default order: measurements and tuning first, the long test suite last (what a cut-off run loses
+# should be what matters least). "selfcheck" (every kernel against its reference, compiled) runs when
+# named; the multi-block kernel tests cover it.
+ORDER = ("install", "facts", "tune", "bench", "profile", "multiblock", "tests")
+# Seconds per stage: (full share on CUDA, short rehearsal limit). A full run fits one 10-minute call:
+# TOTAL_S from the report's start, FINISH_S of it kept for writing the files; each stage's limit is its
+# share, cut to what is left of TOTAL_S, and a share of None takes all that is left (the test suite
+# gets the time the others did not use). On an H100 (2026-11-25) install took 6 s, facts 11 s,
+# selfcheck 18 s, the profile 134 s with 60 s of training (--budget-minutes 1; 12 s here).
+LIMITS = {"install": (30, 120), "facts": (20, 60), "tune": (60, 60), "bench": (215, 180), "profile": (90, 180),
+          "multiblock": (55, 120), "tests": (None, 180), "selfcheck": (60, 120)}
+TOTAL_S, FINISH_S = 540.0, 10.0
+PARTS = {"all": ORDER, "tests": ("install", "facts", "multiblock", "tests"),
+         "measure": ("install", "facts", "tune", "bench", "profile")}
+
+
+@dataclass(frozen=True)
+class BenchGroup:
+    """Benchmarks of one benches/ file selected with ``-k`` (None: the whole file), run with ``env``
+    added, under a share of the bench stage's limit in seconds."""
+
+    name: str
+    file: str
+    k: Optional[str]
+    share: float
+    env: tuple = ()
+
+
+# The core benchmark groups in the order they run, each with its share of the bench stage (unused time
+# carries on to the next; they sum to its limit less TABLE_S). A group cut off at its share gets SIGINT
+# and keeps the benchmark groups it finished (every suite puts its peers side by side). On an H100
+# under the report (2026-11-25): the whole EMA file 11 s; the lewm plan's E=1 group 55 s (its E=64
+# group does 64x the work: the eager loop and torch.compile there take seconds a plan, and may be cut);
+# a train-step group about 25 s before its torch.compile peer.
+BENCH_GROUPS = (
+    BenchGroup("EMA ViT-B, ViT-H", "bench_ema.py", "vit_base or vit_huge", 12),
+    BenchGroup("masked attention vs SDPA, FlexAttention (JEPA shapes, fwd and fwd+bwd)", "bench_masked_attention.py",
+               "(test_context_attention and vit_b-64 and (0.25 or 0.85) and not reference) or "
+               "test_frame_causal_attention", 60),
+    BenchGroup("lewm plan E=1, E=64 vs eager loop, torch.compile", "bench_plan.py", "test_plan_lewm", 85,
+               (("JEPA_BENCH_PLAN_ENVS", "1,64"),)),
+    BenchGroup("I-JEPA train step", "bench_train.py", "small", 25),
+    BenchGroup("ViT-B train step (timm, accelerate)", "bench_accelerate.py", "vit_b16-B64 and ijepa", 25),
+)
+# benches/ files (or their other groups) the report does not run, and why.
 BENCH_LEFT_OUT = {"bench_export.py": "a CPU measurement (the exported package in the C++ runner against the "
                                      "Python planner) whose AOTInductor export alone takes about 40 s on 2 cores",
                   "bench_sampling.py": "the native C++ sampling and refit on the CPU; it skips itself on a CUDA "
-                                       "machine (the Triton kernels' rows are in bench_planning.py)"}
+                                       "machine (the Triton kernels' rows are in bench_planning.py)",
+                  "bench_latent_loss.py": "the latent loss runs PyTorch's ops on CUDA by default (they measured "
+                                          "faster); its kernels are timed by the tune stage at the same shapes",
+                  "bench_planning.py": "the planner's own overhead at an analytic cost; the lewm plan group "
+                                       "measures the planner with its world model",
+                  "bench_swm.py": "needs stable-worldmodel and its environments, which the GPU machine lacks"}
 # Under the report the benches time slow functions with fewer calls (benches/conftest.py).
 BENCH_ENV = {"JEPA_BENCH_QUICK": "1"}
 # A bench file's pytest: SIGINT this long before its share ends (its JSON is written in a second or
@@ -54,7 +87,14 @@ BENCH_GRACE_S, BENCH_EXIT_S = 8.0, 5.0
 PYTEST_SUMMARY = r"^=*\s*(no tests ran|\d+ \w+(, \d+ \w+)*) in [\d.]+s( \([\d:]+\))?\s*=*$"
 SHORT_BENCH = ("bench_planning.py", "1-jepa_engine or 1-eager_loop")
 SHORT_TESTS = ("tests/test_masks.py", "tests/test_package.py::test_import_is_light")
-PROFILE_ARGS = ("--quick", "--budgets", "cem:300x30,cem:64x5,mppi:32x3", "--budget-minutes", "1")
+MULTIBLOCK_TESTS = "tests/kernels/test_multiblock.py"
+SHORT_MULTIBLOCK_K = "test_latent_cost and small"   # the rehearsal's one case (make test runs them all)
+PROFILE_ARGS = ("--quick", "--budgets", "cem:300x30,cem:64x5,mppi:32x3", "--budget-minutes", "0.2")
+# Of the tune stage's limit, kept for the tuner's start (imports) and its exit; the kernels of the
+# interpreter rehearsal (no CUDA).
+TUNE_MARGIN_S = 12.0
+SHORT_TUNE_KERNELS = ("latent_cost_fwd", "elite_refit")
+PROFILE_MD_HEADING = "The profile's own report (profile.md):"
 SHORT_PROFILE_ARGS = ("--quick", "--budget-minutes", "0", "--decisions", "1", "--budgets", "cem:4x1",
                       "--reasoning-tokens", "0", "--sizes", "1x", "--no-energy", "--timing-seconds", "0.01")
 OPTIONAL = {"hypothesis": "the property tests in three kernel test files cannot be collected",
@@ -168,10 +208,13 @@ class Context:
     cuda: Optional[bool] = None       # known after the facts stage
     facts: dict = field(default_factory=dict)
     artifacts: dict = field(default_factory=dict)   # "<what>.<ext>" -> path in `work`
+    deadline: Optional[float] = None  # time.monotonic() by which a full run's stages end (TOTAL_S)
+    stage_env: dict = field(default_factory=dict)   # set by a stage for the later ones (the tuned configs)
+    junit: list = field(default_factory=list)       # JUnit XML files of the test stages, merged as tests.xml
 
     def env(self, interpret: bool = False, **extra: str) -> dict:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith(NOT_INHERITED)}
-        env.update(PYTHONUNBUFFERED="1", **extra)
+        env.update(PYTHONUNBUFFERED="1", **self.stage_env, **extra)
         if self.short:   # on a busy 2-core machine torch's two threads mostly wait for each other
             env["OMP_NUM_THREADS"] = "1"
         if interpret:
@@ -195,7 +238,8 @@ class Stage:
     limit_s: Optional[float] = None   # None: LIMITS[name], full or short as the run turns out
     needs_cuda: bool = False
 
-    def limit(self, short: bool) -> float:
+    def limit(self, short: bool) -> Optional[float]:
+        """The stage's share in seconds (None: what is left of the report's TOTAL_S)."""
         return self.limit_s if self.limit_s is not None else LIMITS[self.name][1 if short else 0]
 
 
@@ -248,6 +292,46 @@ def stage_facts(ctx: Context, limit_s: float) -> Outcome:
                    r.output, data=ctx.facts)
 
 
+def stage_tune(ctx: Context, limit_s: float) -> Outcome:
+    """``python -m jepa_engine.kernels.tuning`` into the work folder, starting from the package's file for
+    this device (kernels/configs): its ``<device>.json`` becomes the report's kernel-configs file, and the
+    later stages run with it (JEPA_ENGINE_KERNEL_CONFIGS). Without CUDA the tuner's interpreter
+    rehearsal runs (tiny CPU shapes, meaningless times)."""
+    out = ctx.work / "configs"
+    out.mkdir(parents=True, exist_ok=True)
+    for f in (ROOT / "kernels" / "configs").glob("*.json"):
+        shutil.copyfile(f, out / f.name)
+    before = {f.name: f.stat().st_mtime_ns for f in out.glob("*.json")}
+    interpret = not ctx.cuda
+    budget = max(limit_s - TUNE_MARGIN_S, 5.0)
+    cmd = [ctx.python, "-m", "jepa_engine.kernels.tuning", "--out", str(out), "--budget-s", f"{budget:.0f}"]
+    if interpret:
+        cmd += ["--interpret", *(a for k in SHORT_TUNE_KERNELS for a in ("--kernel", k))]
+    r = run_command(cmd, limit_s, ctx.env(interpret=interpret), "[tune] ")
+    written = [f for f in out.glob("*.json") if before.get(f.name) != f.stat().st_mtime_ns]
+    if not written:
+        return Outcome("timeout" if r.timed_out else "failed", f"no configs file written ({_ended(r, limit_s)})",
+                       log=r.output)
+    path = written[0]
+    ctx.artifacts["kernel-configs.json"] = path
+    if not interpret:
+        ctx.stage_env["JEPA_ENGINE_KERNEL_CONFIGS"] = str(out)
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        return Outcome("failed", f"{path.name} is not JSON: {e}", log=r.output)
+    details, changed = results.tuning_markdown(data)
+    target = None if interpret else f"kernels/configs/{path.name}"
+    line = (f"{len(data.get('groups_measured', []))} groups measured, {len(data.get('groups_cut', []))} cut, "
+            f"{len(data.get('groups_not_run', []))} not run in {data.get('seconds', 0):.0f} s; {changed} keys "
+            f"chose another config than the table's ({_ended(r, limit_s)})")
+    details = ((f"Commit it as `{target}` (the launchers read it on this device); the later stages ran with "
+                f"it (JEPA_ENGINE_KERNEL_CONFIGS).") if target else
+               "The tuner's interpreter rehearsal (tiny CPU shapes, meaningless times): not a file to commit.") \
+        + "\n\n" + details
+    return Outcome(_ran_status(r), line, details, r.output, data={"file": path.name, "commit_as": target})
+
+
 def default_test_workers(cpus: Optional[int] = None) -> int:
     """pytest-xdist workers for the tests on CUDA: all CPUs but two, at most 12 (one CUDA context each)."""
     cpus = cpus or os.cpu_count() or 1
@@ -281,11 +365,18 @@ def _xdist_version() -> tuple:
         return ()
 
 
-def tests_command(ctx: Context, xml: Path, workers: int) -> list[str]:
-    cmd = [ctx.python, "-m", "pytest", *(SHORT_TESTS if ctx.short else test_files()), "-q", "-rfE",
+def tests_command(ctx: Context, xml: Path, workers: int, multiblock: bool = False) -> list[str]:
+    """The test suite's pytest (``multiblock``: the multi-block kernel tests alone, else everything else)."""
+    if multiblock:
+        files = [MULTIBLOCK_TESTS, "-m", "multiblock"] + (["-k", SHORT_MULTIBLOCK_K] if ctx.short else [])
+    else:
+        files = [*(SHORT_TESTS if ctx.short else test_files()), "-m", "not multiblock"]
+    cmd = [ctx.python, "-m", "pytest", *files, "-q", "-rfE",
            f"--junitxml={xml}", "-o", "junit_family=xunit1", "--continue-on-collection-errors",
            "-p", "no:cacheprovider", "--durations=15"]
-    if workers > 0:
+    if workers > 0 and multiblock:
+        cmd += ["-n", str(workers), "--dist", "load"]   # many short tests, compiles spread over the workers
+    elif workers > 0:
         # loadfile: a file's module fixtures (the profile run, the rehearsal) are built once, on one
         # worker. pytest-xdist 3.8 reorders files by test count unless told not to, which put the
         # slowest file (5 tests, 4 minutes) last and ran the stage out of time.
@@ -296,19 +387,39 @@ def tests_command(ctx: Context, xml: Path, workers: int) -> list[str]:
 
 
 def stage_tests(ctx: Context, limit_s: float) -> Outcome:
-    xml = ctx.work / "tests.xml"
+    """The test suite but the multi-block kernel tests (run before it by stage_multiblock)."""
+    return _run_tests(ctx, limit_s, multiblock=False)
+
+
+def stage_multiblock(ctx: Context, limit_s: float) -> Outcome:
+    """``-m multiblock``: every kernel at multi-block shapes against its reference, compiled on CUDA (the
+    rehearsal: each kernel's small case under the interpreter)."""
+    return _run_tests(ctx, limit_s, multiblock=True)
+
+
+def _run_tests(ctx: Context, limit_s: float, multiblock: bool) -> Outcome:
+    xml = ctx.work / ("multiblock.xml" if multiblock else "tests.xml")
     workers = 0 if ctx.short or importlib.util.find_spec("xdist") is None else (
         default_test_workers() if ctx.test_workers is None else ctx.test_workers)
     extra = {}
     if workers > 0 and "OMP_NUM_THREADS" not in os.environ:   # workers x all CPUs' threads oversubscribe
         extra["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
-    r = run_command(tests_command(ctx, xml, workers), limit_s, ctx.env(interpret=not ctx.cuda, **extra), "[tests] ")
+    prefix = "[multiblock] " if multiblock else "[tests] "
+    r = run_command(tests_command(ctx, xml, workers, multiblock), limit_s, ctx.env(interpret=not ctx.cuda, **extra),
+                    prefix)
     how = (f"{'compiled kernels on CUDA' if ctx.cuda else 'Triton interpreter'}, "
-           + (f"{workers} xdist workers (loadfile, slowest files first)" if workers else "no xdist workers"))
+           + (f"{workers} xdist workers ({'load' if multiblock else 'loadfile, slowest files first'})" if workers
+              else "no xdist workers"))
     if not xml.is_file():
         return Outcome("failed" if not r.timed_out else "timeout", f"no JUnit XML written ({_ended(r, limit_s)}; "
                        f"{how})", log=r.output)
-    ctx.artifacts["tests.xml"] = xml
+    ctx.junit.append(xml)
+    merged = ctx.work / "tests-merged.xml"
+    try:
+        results.merge_junit(ctx.junit, merged)
+        ctx.artifacts["tests.xml"] = merged
+    except Exception:   # an unreadable XML of an earlier stage: this one's stands alone
+        ctx.artifacts["tests.xml"] = xml
     s = results.junit_summary(xml, ROOT)
     t = s["totals"]
     bad_files = sum(1 for f in s["files"] if f["failed"] + f["errors"])
@@ -327,34 +438,41 @@ def stage_selfcheck(ctx: Context, limit_s: float) -> Outcome:
                    "```\n" + "\n".join(lines) + "\n```", r.output)
 
 
-def bench_command(ctx: Context, path: str, out: Path) -> list[str]:
-    """pytest on one benches/ file writing its JSON to ``out``. Never under pytest-xdist: with it,
-    pytest-benchmark disables itself and writes nothing."""
+def bench_command(ctx: Context, path: str, out: Path, k: Optional[str] = None) -> list[str]:
+    """pytest on one benches/ file (``k``: its ``-k`` selection) writing its JSON to ``out``. Never under
+    pytest-xdist: with it, pytest-benchmark disables itself and writes nothing."""
+    k = SHORT_BENCH[1] if ctx.short else k
     return ([ctx.python, "-m", "pytest", path, "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-rs",
-             f"--benchmark-json={out}"] + (["-k", SHORT_BENCH[1]] if ctx.short else []))
+             f"--benchmark-json={out}"] + (["-k", k] if k else []))
+
+
+def _as_group(item) -> BenchGroup:
+    """A BenchGroup, or a ``(file, share)`` pair: the whole file."""
+    return item if isinstance(item, BenchGroup) else BenchGroup(item[0], item[0], None, item[1])
 
 
 def stage_bench(ctx: Context, limit_s: float, files: Optional[tuple] = None) -> Outcome:
-    """benches/ file by file, each under its share (``files``: (path under benches/ or absolute, share
-    in seconds); default BENCH_FILES, one small file when short). A file that fails, is cut off or
-    leaves no readable JSON is recorded with its output's tail; the other files' rows are merged."""
-    files = files or (((SHORT_BENCH[0], limit_s),) if ctx.short else BENCH_FILES)
+    """The benchmark groups one by one, each under its share (``files``: BenchGroups or ``(path under
+    benches/ or absolute, share in seconds)``; default BENCH_GROUPS, one small file when short). A group
+    that fails, is cut off or leaves no readable JSON is recorded with its output's tail; the other
+    groups' rows are merged."""
+    groups = [_as_group(f) for f in (files or (((SHORT_BENCH[0], limit_s),) if ctx.short else BENCH_GROUPS))]
     t_stop = time.monotonic() + limit_s
     t_end, carry, parts, runs, log = t_stop - TABLE_S, 0.0, [], [], ""
-    for name, share in files:
+    for i, group in enumerate(groups):
         left = t_end - time.monotonic()
         if left < 5:
-            runs.append({"file": name, "status": "not run", "rows": 0,
+            runs.append({"file": group.name, "status": "not run", "rows": 0,
                          "how": f"the stage's {limit_s:.0f} s were used up"})
             continue
-        budget = min(share + carry, left)
+        budget = min(group.share + carry, left)
         try:
-            rec, data, output = _bench_file(ctx, name, budget)
-        except Exception as e:   # one file's trouble is that file's row; the others still run
-            rec, data, output = {"file": name, "status": "error", "rows": 0, "seconds": 0.0,
+            rec, data, output = _bench_file(ctx, group, budget, i)
+        except Exception as e:   # one group's trouble is that group's row; the others still run
+            rec, data, output = {"file": group.name, "status": "error", "rows": 0, "seconds": 0.0,
                                  "how": f"{type(e).__name__}: {e}"}, None, ""
         carry = max(budget - rec["seconds"], 0.0)
-        log += output[-TAIL_CHARS // len(files):]
+        log += output[-TAIL_CHARS // len(groups):]
         if data:
             parts.append(data)
         runs.append(rec)
@@ -369,18 +487,20 @@ def stage_bench(ctx: Context, limit_s: float, files: Optional[tuple] = None) -> 
         details += "\n\n" + (t.output if t.rc == 0 else f"(table failed: {t.output[-500:]})")
     bad = [r for r in runs if r["status"] != "ok" or not r["rows"]]
     status = "ok" if not bad else ("timeout" if all(r["status"] in ("timeout", "not run") for r in bad) else "failed")
-    summary = f"{n_rows} rows from {len(parts)} of {len(files)} files"
+    noun = "groups" if any(g.k for g in groups) and not ctx.short else "files"
+    summary = f"{n_rows} rows from {len(parts)} of {len(groups)} {noun}"
     if bad:
         summary += "; " + ", ".join(f"{r['file']} {_bench_problem(r)}" for r in bad)
     return Outcome(status, summary, details, log, data={"files": runs})
 
 
-def _bench_file(ctx: Context, name: str, budget: float) -> tuple[dict, Optional[dict], str]:
-    out = ctx.work / f"bench-{Path(name).stem}.json"
+def _bench_file(ctx: Context, group: BenchGroup, budget: float, index: int = 0) -> tuple[dict, Optional[dict], str]:
+    out = ctx.work / f"bench-{index}-{Path(group.file).stem}.json"
     out.unlink(missing_ok=True)
-    path = name if Path(name).is_absolute() else f"benches/{name}"
-    r = run_command(bench_command(ctx, path, out), budget, ctx.env(**BENCH_ENV), f"[bench {Path(name).stem}] ",
-                    done=PYTEST_SUMMARY, exit_s=BENCH_EXIT_S, grace_s=BENCH_GRACE_S)
+    path = group.file if Path(group.file).is_absolute() else f"benches/{group.file}"
+    r = run_command(bench_command(ctx, path, out, group.k), budget, ctx.env(**BENCH_ENV, **dict(group.env)),
+                    f"[bench {Path(group.file).stem}] ", done=PYTEST_SUMMARY, exit_s=BENCH_EXIT_S,
+                    grace_s=BENCH_GRACE_S)
     data, problem = results.read_bench_json(out)
     rows = len(data["benchmarks"]) if data else 0
     if r.lingered:   # every test ran; the interpreter's exit did not end
@@ -391,7 +511,9 @@ def _bench_file(ctx: Context, name: str, budget: float) -> tuple[dict, Optional[
         status = _ran_status(r)
         how = (f"cut off (SIGINT) after {r.seconds:.0f} s of its {budget:.0f} s" if r.timed_out else
                f"exit {r.rc} in {r.seconds:.0f} of {budget:.0f} s")
-    rec = {"file": name, "status": status, "rows": rows, "seconds": r.seconds, "budget_s": budget, "how": how}
+    rec = {"file": group.name, "status": status, "rows": rows, "seconds": r.seconds, "budget_s": budget, "how": how}
+    if group.k and not ctx.short:
+        rec["selection"] = f"{group.file} -k {group.k!r}"
     if problem:
         rec["json"] = problem
     if rec["status"] != "ok" or not rows:
@@ -407,10 +529,13 @@ def _bench_problem(r: dict) -> str:
 
 
 def _bench_files_markdown(runs: list[dict]) -> str:
-    out = ["| file | status | rows | how | JSON |", "|---|---|---|---|---|"]
+    out = ["| group | status | rows | how | JSON |", "|---|---|---|---|---|"]
     for r in runs:
         flag = "ok" if r["status"] == "ok" and r["rows"] else f"**{_bench_problem(r).split(' (')[0].upper()}**"
         out.append(f"| {r['file']} | {flag} | {r['rows']} | {r['how']} | {r.get('json', '') or '-'} |")
+    selections = [f"- {r['file']}: `{r['selection']}`" for r in runs if r.get("selection")]
+    if selections:
+        out += ["", "Selections (benches/ file and its `-k`):", "", *selections]
     for r in runs:
         if r.get("log_tail"):
             tail = "\n".join(r["log_tail"].rstrip().splitlines()[-15:])
@@ -442,7 +567,7 @@ def stage_profile(ctx: Context, limit_s: float) -> Outcome:
         extra["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim.parent), os.environ.get("PYTHONPATH")]))
         note = "; tqdm missing: a no-op progress bar stood in"
     r = run_command(cmd, limit_s, ctx.env(**extra), "[profile] ")
-    for ext in ("json", "md", "png"):
+    for ext in ("json", "png"):   # its markdown goes into the report's (the files stay at MAX_FILES)
         if (out / f"profile.{ext}").is_file():
             ctx.artifacts[f"profile.{ext}"] = out / f"profile.{ext}"
     if not (out / "profile.json").is_file():
@@ -459,13 +584,30 @@ def stage_profile(ctx: Context, limit_s: float) -> Outcome:
                      f"| {fmt(row.get('above_idle_joules_per_decision'), '.3g')} | {fmt(row.get('idle_watts'), '.0f')} "
                      f"| {fmt(row.get('success_rate'), '.0%')} |")
     energy = rep["energy"]["status"]
+    if (out / "profile.md").is_file():
+        table += ["", PROFILE_MD_HEADING, "", (out / "profile.md").read_text(errors="replace")[:MAX_BYTES // 4]]
     return Outcome(_ran_status(r), f"{len(rep['rows'])} rows in {rep['seconds']:.0f} s; energy: {energy}{note}",
                    "\n".join(table), r.output, data={"energy": rep["energy"], "rows": len(rep["rows"])})
 
 
-STAGES = {"install": stage_install, "facts": stage_facts, "tests": stage_tests, "selfcheck": stage_selfcheck,
-          "bench": stage_bench, "profile": stage_profile}
+STAGES = {"install": stage_install, "facts": stage_facts, "tune": stage_tune, "bench": stage_bench,
+          "profile": stage_profile, "multiblock": stage_multiblock, "tests": stage_tests, "selfcheck": stage_selfcheck}
 
 
 def default_stages(names=ORDER) -> list[Stage]:
     return [Stage(n, STAGES[n], needs_cuda=n == "selfcheck") for n in names]
+
+
+def plan_lines(stages: list[Stage], short: bool) -> list[str]:
+    """Each stage's share, as printed before the first one runs."""
+    parts, fixed = [], 0.0
+    for st in stages:
+        limit = st.limit(short)
+        parts.append(f"{st.name} {limit:.0f} s" if limit is not None else f"{st.name} the rest")
+        fixed += limit or 0.0
+    if short:
+        return [f"plan (short rehearsal, each stage's limit): {', '.join(parts)}"]
+    rest = [st.name for st in stages if st.limit(short) is None]
+    tail = (f"; {', '.join(rest)}: the {max(TOTAL_S - FINISH_S - fixed, 0):.0f} s left plus what the others leave"
+            if rest else "")
+    return [f"plan ({TOTAL_S:.0f} s in all, {FINISH_S:.0f} s of it for the files): {', '.join(parts)}{tail}"]

@@ -1,9 +1,11 @@
-"""`make gpu-report`'s short rehearsal end to end, so the GPU command cannot rot between lent GPUs.
+"""`make gpu-report`'s short rehearsal end to end, so the GPU command cannot rot between GPU runs.
 
-One run of every stage in the short mode (CUDA stages skipped without a GPU) with two injected stages
-after the facts: one that raises and one that runs past its time limit. Every later stage must still
-run and write its part (or its "skipped" reason), the summary must flag the two, and the folder must
-hold at most 8 files of at most 16 MiB named ``<device>-<yyyy-mm-dd>-<what>.<ext>``.
+One run of every default stage in the short mode (the tuner's interpreter rehearsal, kernels under the
+interpreter without a GPU) with two injected stages after the facts: one that raises and one that runs
+past its time limit. Every later stage must still run and write its part, the summary must flag the
+two, and the folder must hold at most 7 files of at most 16 MiB named ``<device>-<yyyy-mm-dd>-<what>.<ext>``
+(the caller's console log is the 8th). A full run's limits (one call of TOTAL_S) are checked with
+injected stages.
 """
 from __future__ import annotations
 
@@ -53,22 +55,28 @@ def rehearsal(tmp_path_factory):
 
 def test_every_stage_ran_and_wrote_its_part(rehearsal):
     out, report, st = rehearsal
-    assert list(st) == ["install", "facts", "raises", "sleeps", "peeks", "tests", "selfcheck", "bench", "profile"]
+    assert list(st) == ["install", "facts", "raises", "sleeps", "peeks", "tune", "bench", "profile", "multiblock",
+                        "tests"]
     assert st["install"]["status"] == "skipped" and "not requested" in st["install"]["summary"]
     assert st["facts"]["status"] == "ok", st["facts"]["log_tail"][-2000:]
     assert st["facts"]["data"]["torch"]["version"] == torch.__version__
-    if torch.cuda.is_available():
-        assert st["selfcheck"]["status"] == "ok" and " 0 mismatched" in st["selfcheck"]["summary"]
-    else:
-        assert st["selfcheck"]["status"] == "skipped" and st["selfcheck"]["summary"].startswith("skipped: no CUDA")
     tag = report["device_tag"]
-    # tests: the JUnit XML and a per-file summary that agrees with it (they may fail: others' tests)
+    # tune: the tuner's file (the interpreter rehearsal without CUDA), one the launchers accept
+    assert st["tune"]["status"] == "ok", st["tune"]["log_tail"][-2000:]
+    configs = json.loads((out / f"{tag}-{DATE}-kernel-configs-short.json").read_text())
+    assert configs["format"] == 1 and configs["kernels"] and (configs["groups_measured"] or configs["groups_cut"])
+    assert st["tune"]["data"]["commit_as"] == (f"kernels/configs/{configs['device_key']}.json"
+                                               if torch.cuda.is_available() else None)
+    assert "| kernel | key | chosen |" in st["tune"]["details"]
+    # multiblock, then the tests: one JUnit XML with both stages' cases, per-file summaries that agree with it
     xml = out / f"{tag}-{DATE}-tests-short.xml"
     cases = list(ET.parse(xml).iter("testcase"))
     files = st["tests"]["data"]["files"]
-    assert st["tests"]["status"] in ("ok", "failed") and cases
+    mb = st["multiblock"]["data"]["files"]
+    assert st["tests"]["status"] in ("ok", "failed") and st["multiblock"]["status"] == "ok", st["multiblock"]["summary"]
     assert {f["file"] for f in files} == {"tests/test_masks.py", "tests/test_package.py"}
-    assert sum(f["passed"] + f["failed"] + f["errors"] + f["skipped"] for f in files) == len(cases)
+    assert [f["file"] for f in mb] == ["tests/kernels/test_multiblock.py"] and mb[0]["passed"] >= 1
+    assert sum(f["passed"] + f["failed"] + f["errors"] + f["skipped"] for f in files + mb) == len(cases)
     # bench: both peers of one group, ours with its speed-up against the other
     assert st["bench"]["status"] == "ok", st["bench"]["log_tail"][-2000:]
     rows = json.loads((out / f"{tag}-{DATE}-bench-short.json").read_text())["benchmarks"]
@@ -80,7 +88,8 @@ def test_every_stage_ran_and_wrote_its_part(rehearsal):
     assert st["profile"]["status"] == "ok", st["profile"]["log_tail"][-2000:]
     prof = json.loads((out / f"{tag}-{DATE}-profile-short.json").read_text())
     assert prof["config"]["budgets"] == ["cem 4x1"] and len(prof["rows"]) >= 4
-    assert st["profile"]["details"].count("\n| ") == len(prof["rows"])
+    table, _, own = st["profile"]["details"].partition(gs.PROFILE_MD_HEADING)
+    assert table.count("\n| ") == len(prof["rows"]) and own.strip()   # its own markdown follows the table
 
 
 def test_a_stage_that_raises_or_times_out_does_not_stop_the_next(rehearsal):
@@ -89,7 +98,7 @@ def test_a_stage_that_raises_or_times_out_does_not_stop_the_next(rehearsal):
     assert st["sleeps"]["status"] == "timeout"
     assert SLEEP_LIMIT_S * 0.7 <= st["sleeps"]["seconds"] <= SLEEP_LIMIT_S + 3
     assert st["peeks"]["data"]["saved"] == ["install", "facts", "raises", "sleeps"]
-    for name in ("tests", "bench", "profile"):   # ran after them, each with its own result
+    for name in ("tune", "bench", "profile", "multiblock", "tests"):   # ran after them, each with its own result
         assert st[name]["seconds"] > 0.5 and st[name]["summary"]
     md = (out / f"{report['device_tag']}-{DATE}-gpu-report-{'-'.join(st)}-short.md").read_text()
     assert re.search(r"^\| raises \| \*\*ERROR\*\* \|.*injected failure", md, re.M), md[:3000]
@@ -104,6 +113,7 @@ def test_file_names_count_and_size(rehearsal):
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(report["files"])
     assert 6 <= len(names) <= gs.MAX_FILES - 1   # the caller's console log is the 8th
+    assert not any("profile-short.md" in n for n in names)   # the profile's markdown is in the report's
     for p in out.iterdir():
         assert NAME.match(p.name), p.name
         assert p.is_file() and 0 < p.stat().st_size <= 16 * 2**20
@@ -342,13 +352,15 @@ def test_cli_parses_gpu_report_and_rejects_bad_stages(capsys):
     bad = build_parser().parse_args(["gpu-report", "--stages", "facts,nope"])
     assert bad.func(bad) == 2
     assert "--stages must be one of all, tests, measure" in capsys.readouterr().err
-    assert sum(gs.LIMITS[n][0] for n in gs.ORDER) <= 20 * 60
-    assert all(sum(gs.LIMITS[n][0] for n in part) <= 9.5 * 60 for part in (gs.PARTS["tests"], gs.PARTS["measure"]))
-    # every benches/ file has a share or a reason to be left out, and the shares fit the stage less the table's time
-    assert sorted([*(f for f, _ in gs.BENCH_FILES), *gs.BENCH_LEFT_OUT]) == sorted(
-        p.name for p in (gs.ROOT / "benches").glob("bench_*.py"))
-    assert not set(gs.BENCH_LEFT_OUT) & {f for f, _ in gs.BENCH_FILES}
-    assert sum(s for _, s in gs.BENCH_FILES) <= gs.LIMITS["bench"][0] - gs.TABLE_S
+    # one call of at most 9 minutes: the shares leave the test suite (share None) a minute at least
+    assert gs.TOTAL_S <= 9 * 60 and [n for n in gs.ORDER if gs.LIMITS[n][0] is None] == ["tests"]
+    assert sum(gs.LIMITS[n][0] or 0 for n in gs.ORDER) <= gs.TOTAL_S - gs.FINISH_S - 10
+    assert gs.ORDER.index("tune") < gs.ORDER.index("bench") < gs.ORDER.index("profile") < gs.ORDER.index("multiblock")
+    # every benches/ file has a group or a reason to be left out, and the shares fit the stage less the table's time
+    grouped = {g.file for g in gs.BENCH_GROUPS}
+    assert sorted(grouped | set(gs.BENCH_LEFT_OUT)) == sorted(p.name for p in (gs.ROOT / "benches").glob("bench_*.py"))
+    assert not set(gs.BENCH_LEFT_OUT) & grouped and all(g.k for g in gs.BENCH_GROUPS)
+    assert sum(g.share for g in gs.BENCH_GROUPS) <= gs.LIMITS["bench"][0] - gs.TABLE_S
 
 
 def test_install_builds_no_native_library_on_the_device(tmp_path, monkeypatch):
@@ -367,3 +379,36 @@ def test_install_builds_no_native_library_on_the_device(tmp_path, monkeypatch):
     assert cmd[1:4] == ["-m", "pip", "install"] and "--no-build-isolation" in cmd and cmd[-2:] == ["-e", str(gs.ROOT)]
     assert env["JEPA_ENGINE_BUILD_NATIVE"] == "0"
     assert o.status == "ok", o.summary
+
+
+def test_a_full_run_fits_its_total_and_the_tests_take_the_rest(tmp_path, monkeypatch, capsys):
+    """Full mode (no rehearsal) with injected stages and a 4-second total: each stage's share is printed
+    first; a share is cut to what is left, the test suite (share None) gets all that is left, and a
+    stage with less than MIN_STAGE_S left is not started."""
+    monkeypatch.setattr(gr, "TOTAL_S", 4.0)
+    monkeypatch.setattr(gs, "TOTAL_S", 4.0)
+    monkeypatch.setattr(gr, "FINISH_S", 0.0)
+    monkeypatch.setattr(gs, "FINISH_S", 0.0)
+    monkeypatch.setattr(gr, "MIN_STAGE_S", 1.5)
+    limits = {}
+
+    def stage(name, sleep=0.0, cuda=None):
+        def run(ctx, limit_s):
+            limits[name] = limit_s
+            if cuda is not None:
+                ctx.cuda = cuda
+            time.sleep(sleep)
+            return gs.Outcome("ok", name)
+        return run
+
+    stages = [gs.Stage("facts", stage("facts", cuda=False), 20.0), gs.Stage("a", stage("a"), 100.0),
+              gs.Stage("tests", stage("tests")), gs.Stage("b", stage("b", sleep=3.0), 2.0),
+              gs.Stage("c", stage("c"), 50.0)]
+    report = gr.run_report(tmp_path, short=False, stages=stages, date=DATE)
+    printed = capsys.readouterr().out
+    assert ("== plan (4 s in all, 0 s of it for the files): facts 20 s, a 100 s, tests the rest, b 2 s, c 50 s"
+            in printed)
+    assert limits["facts"] <= 4.0 and limits["a"] <= 4.0 and 3.0 < limits["tests"] <= 4.0 and limits["b"] == 2.0
+    st = {s["name"]: s for s in report["stages"]}
+    assert "c" not in limits and st["c"]["status"] == "timeout" and st["c"]["summary"].startswith("not run: ")
+    assert report["seconds"] < 4.0 + 2
