@@ -528,3 +528,34 @@ def test_compile_safe_false_inspects_full_masks_under_compile():
     x = torch.randn(2, 13, 64)
     with use_backend("reference"):
         assert_close(compiled(x, full), plain(x, full), what="compile_safe=False")
+
+
+def test_accelerate_precision_is_checked_kept_and_applied(monkeypatch):
+    """``accelerate(precision=)``: a bad value names itself; the patched forward runs under that setting
+    (the TF32 flag it sees is recorded) and leaves the global flag as it was; bf16 runs under autocast;
+    None follows torch's own setting."""
+    import torch.nn.functional as F
+
+    from jepa_engine.integrations import accelerate as acc_mod
+
+    with pytest.raises(ValueError, match="accelerate: precision must be one of"):
+        acc_mod.accelerate(torch.nn.Linear(2, 2), precision="fp8")
+    seen = []
+
+    class Attn(torch.nn.Module):
+        def forward(self, x):
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.is_autocast_enabled("cpu")))
+            q = x.unflatten(-1, (2, 8)).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, q, q).transpose(1, 2).flatten(2)
+
+    x = torch.randn(2, 5, 16)
+    before = torch.backends.cuda.matmul.allow_tf32
+    for precision, want in (("tf32", (True, False)), ("fp32", (False, False)), ("bf16", (before, True)),
+                            (None, (before, False))):
+        m = Attn()
+        report = acc_mod.accelerate(m, precision=precision)
+        assert len(report.patched) == 1, report
+        seen.clear()
+        m(x)
+        assert seen == [want], (precision, seen)
+        assert torch.backends.cuda.matmul.allow_tf32 == before

@@ -91,6 +91,7 @@ from jepa_engine.integrations.record import MODEL_RECORD, RECORD, AccelerationSt
 from jepa_engine.integrations.sdpa import _head_dim
 from jepa_engine.kernels import routes
 from jepa_engine.kernels.ema import ema_update_
+from jepa_engine.kernels.precision import check_precision
 from jepa_engine.training.ema import EMA
 
 __all__ = ["AccelerationReport", "AccelerationStats", "accelerate", "restore", "stats", "patch_model_ema"]
@@ -217,7 +218,7 @@ def _restore_ema(ema_obj) -> None:
 
 
 def accelerate(model: nn.Module, *, attention: bool = True, ema: Any = None,
-               compile_safe: bool = True) -> AccelerationReport:
+               compile_safe: bool = True, precision: Optional[str] = None) -> AccelerationReport:
     """Patch ``model`` in place to run its attention on the fused masked-attention op.
 
     Args:
@@ -228,6 +229,10 @@ def accelerate(model: nn.Module, *, attention: bool = True, ema: Any = None,
             (already one launch; nothing to do).
         compile_safe: never inspect mask values under ``torch.compile`` (no graph break; masks
             that would need it fall back to SDPA / the original forward).
+        precision: how the patched modules' fp32 products run. None (default): as torch's own setting
+            says, as ``torch.nn.Linear`` does (``torch.set_float32_matmul_precision``: "highest" is IEEE
+            fp32, "high" TF32 on CUDA; the attention kernel follows it). ``"fp32"`` / ``"tf32"``: that,
+            whatever the global setting; ``"bf16"``: the patched modules run under bf16 autocast.
 
     Returns:
         An :class:`AccelerationReport`. Calling ``accelerate`` again is a no-op (modules already
@@ -235,6 +240,8 @@ def accelerate(model: nn.Module, *, attention: bool = True, ema: Any = None,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"accelerate: model must be an nn.Module, got {type(model).__name__}")
+    if precision is not None:
+        check_precision("accelerate", precision)
     report = AccelerationReport()
     if attention:
         for name, mod in model.named_modules():
@@ -244,7 +251,7 @@ def accelerate(model: nn.Module, *, attention: bool = True, ema: Any = None,
                 continue
             kind, reason = classify(mod)
             if kind:
-                patch(mod, kind, compile_safe)
+                patch(mod, kind, compile_safe, precision)
                 report.patched.append(ModuleEntry(name, cls, kind, static_note(mod, kind)))
                 note = _route_note(mod)
                 if note:

@@ -2,16 +2,20 @@
 TorchScript reads as the class's forward), its pickling / deepcopy, and the attributes it changes."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import types
+from typing import Optional
 
+import torch
 from torch import nn
 
 from jepa_engine.integrations.ijepa import forward as ijepa_forward
 from jepa_engine.integrations.record import MISSING, RECORD, Patch, count_fallback
 from jepa_engine.integrations.sdpa import flags_off, routed_forward, sdpa_forward, traced
 from jepa_engine.integrations.timm import forward as timm_forward
+from jepa_engine.kernels.precision import matmul_precision
 
 
 def _patched_call(kind: str, routed, mod: nn.Module, *args, **kwargs):
@@ -21,6 +25,22 @@ def _patched_call(kind: str, routed, mod: nn.Module, *args, **kwargs):
         count_fallback(mod._jepa_engine_patch, "traced (FX / jit.trace): original code")
         return type(mod).forward(mod, *args, **kwargs)
     rec = mod._jepa_engine_patch
+    if rec.precision is not None and not torch.compiler.is_compiling():
+        with precision_scope(rec.precision, args):
+            return _fused_call(kind, routed, mod, rec, *args, **kwargs)
+    return _fused_call(kind, routed, mod, rec, *args, **kwargs)
+
+
+def precision_scope(precision: str, args) -> contextlib.AbstractContextManager:
+    """The block at ``precision``: fp32 / tf32 products (torch's TF32 flag, which the attention kernel
+    follows too), or bf16 autocast on the device of the first tensor argument."""
+    if precision == "bf16":
+        dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        return torch.autocast(dev, torch.bfloat16)
+    return matmul_precision(precision)
+
+
+def _fused_call(kind: str, routed, mod: nn.Module, rec, *args, **kwargs):
     if kind == "timm":
         return timm_forward(mod, rec, *args, **kwargs)
     if kind == "ijepa":
@@ -85,7 +105,7 @@ class _GetState:
         return state
 
 
-def patch(mod: nn.Module, kind: str, compile_safe: bool) -> None:
+def patch(mod: nn.Module, kind: str, compile_safe: bool, precision: Optional[str] = None) -> None:
     changed = {}
     if kind == "sdpa":
         # Modules that pick SDPA with a flag (timm's fused_attn, V-JEPA's use_sdpa) take the SDPA path
@@ -93,7 +113,7 @@ def patch(mod: nn.Module, kind: str, compile_safe: bool) -> None:
         for flag in flags_off(mod):
             changed[flag] = mod.__dict__.get(flag, MISSING)
             object.__setattr__(mod, flag, True)
-    mod.__dict__[RECORD] = Patch(kind, compile_safe, changed)
+    mod.__dict__[RECORD] = Patch(kind, compile_safe, changed, precision=precision)
     mod.__dict__["forward"] = _patched_forward(mod, kind, compile_safe)
     mod.__dict__["__getstate__"] = _GetState(mod)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Optional
 
 import torch
 
@@ -30,6 +31,7 @@ class Patch:
     changed_attrs: dict         # attribute -> value before the patch (MISSING: absent)
     fused: int = 0              # calls that ran the fused kernel (eager)
     fallbacks: dict = dataclasses.field(default_factory=dict)  # reason -> calls that fell back
+    precision: Optional[str] = None  # accelerate(precision=): the forward's products; None: torch's setting
 
 
 def count_fused(rec) -> None:
