@@ -278,7 +278,8 @@ def _eval(args: argparse.Namespace) -> int:
     except ImportError as e:
         return _error("eval", f"needs stable-worldmodel ({e}); install it with `make envs`")
     given = {k: getattr(args, k) for k in ("planner", "episodes", "goal_offset", "eval_budget", "horizon", "receding",
-                                           "action_block", "samples", "iterations", "elites", "batch_size", "seed")}
+                                           "action_block", "samples", "iterations", "elites", "batch_size", "seed",
+                                           "precision")}
     try:
         cfg = swm_eval.EvalConfig(env=args.env, baselines=not args.no_baselines,
                                   **{k: v for k, v in given.items() if v is not None})
@@ -451,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--elites", type=int_at_least(1), help="K elites of CEM (default 30)")
     ev.add_argument("--batch-size", type=int_at_least(1), help="environments planned at once (default: all)")
     ev.add_argument("--seed", type=int_at_least(0), help="draws the (start, goal) pairs and the planner (default 42)")
+    ev.add_argument("--precision", choices=("fp32", "tf32", "bf16"),
+                    help="the planner's rollout products (default: tf32 on CUDA, fp32 on the CPU)")
     ev.add_argument("--out", help="report folder (default: the run folder's eval/)")
     ev.add_argument("--device", type=known_device, help="cpu (default), cuda, cuda:1")
     ev.add_argument("--no-baselines", action="store_true", help="skip the random and dataset-replay rows")

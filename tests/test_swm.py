@@ -285,9 +285,27 @@ def test_collect_train_eval_cli(dataset, tmp_path, capsys):
     lat = report["rows"][0]["plan_ms"]
     assert lat["plans"] >= 1 and 0 < lat["median"] <= lat["p90"]
     assert report["budget"] == {"planner": "cem", "samples": 8, "iterations": 2, "elites": 2, "horizon": 5,
-                                "receding": 5, "action_block": 2, "candidate_rollouts_per_plan": 16}
+                                "receding": 5, "action_block": 2, "candidate_rollouts_per_plan": 16, "precision": "fp32"}
     assert report["protocol"]["history"] == 2, "the data-test preset's model is planned from its 2 frames"
     assert "| dataset replay | 3/3 = 100% |" in (run / "eval" / "eval-TwoRoom-v1-cem.md").read_text()
     assert "dataset replay" in out
     assert main(["eval", "--env", "swm/Nope-v1", "--checkpoint", str(run), "--episodes", "2"]) == 2
     assert "env must be" in capsys.readouterr().err
+
+
+def test_world_model_cost_runs_at_the_asked_precision():
+    """The Costable's rollout at tf32 (emulated on the CPU) and bf16 stays close to fp32; a bad precision
+    names itself."""
+    model = tiny_model()
+    with pytest.raises(ValueError, match="WorldModelCost: precision must be one of"):
+        WorldModelCost(model, precision="fp8")
+    B, S, H = 2, 5, 3
+    g = torch.Generator().manual_seed(0)
+    frames = (torch.rand(2 * B, 32, 32, 3, generator=g) * 255).to(torch.uint8)
+    info = {"pixels": frames[:B, None, None].expand(B, S, 1, 32, 32, 3),
+            "goal": frames[B:, None, None].expand(B, S, 1, 32, 32, 3)}
+    cand = torch.rand(B, S, H, model.cfg.action_dim, generator=g) * 2 - 1
+    costs = {p: WorldModelCost(model, precision=p).get_cost(dict(info), cand) for p in ("fp32", "tf32", "bf16")}
+    scale = costs["fp32"].abs().max()
+    assert (costs["tf32"] - costs["fp32"]).abs().max() < 2e-3 * scale
+    assert (costs["bf16"] - costs["fp32"]).abs().max() < 5e-2 * scale

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from jepa_engine.kernels.precision import PRECISIONS
 from jepa_engine.models.world_model import WorldModel
 from jepa_engine.planning import PlannerConfig
 from jepa_engine.planning.latent_cost import COSTS, REDUCTIONS, latent_cost
@@ -125,7 +126,8 @@ class WorldModelCost:
 
     def __init__(self, model: WorldModel, cost: str = "l2", reduce: str = "final", pixels_key: str = "pixels",
                  goal_key: str = "goal", action_key: str = PAST_ACTION_KEY,
-                 preprocess: Optional[Callable[[torch.Tensor, WorldModel], torch.Tensor]] = None):
+                 preprocess: Optional[Callable[[torch.Tensor, WorldModel], torch.Tensor]] = None,
+                 precision: Optional[str] = None):
         if not isinstance(model, WorldModel):
             raise TypeError(f"WorldModelCost: model must be a jepa_engine WorldModel, got {type(model).__name__}")
         if cost not in COSTS:
@@ -134,6 +136,10 @@ class WorldModelCost:
             raise ValueError(f"WorldModelCost: reduce must be one of {REDUCTIONS}, got {reduce!r}")
         self.model = model.eval().requires_grad_(False)
         self.cost, self.reduce = cost, reduce
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(f"WorldModelCost: precision must be one of {PRECISIONS} or None (the device's default), "
+                             f"got {precision!r}")
+        self.precision = precision       # the rollout's (None: tf32 on CUDA, fp32 elsewhere)
         self.pixels_key, self.goal_key, self.action_key = pixels_key, goal_key, action_key
         self.preprocess = preprocess or frames_for_model
         self.encodes = 0                 # encoder passes (history + goal) so far: one per solve
@@ -207,7 +213,7 @@ class WorldModelCost:
             rows_dev = None if whole else rows.to(dev)
             cached["groups"].append((rows_dev, z_hist, past))
             fns.append((rows_dev, latent_cost(m, z_hist, past, z_goal if whole else z_goal[rows_dev], self.cost,
-                                              self.reduce)))
+                                              self.reduce, precision=self.precision)))
             if whole:
                 cached.update(z_hist=z_hist, past=past)
         if len(fns) == 1:

@@ -29,6 +29,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from jepa_engine.kernels.precision import PRECISIONS, check_precision
 from jepa_engine.training.checkpoint import atomic_write_text
 from jepa_engine.training.world_model import load_world_model
 
@@ -71,6 +72,7 @@ class EvalConfig:
     batch_size: Optional[int] = None  # environments planned at once (None: all that replan)
     seed: int = 42
     baselines: bool = True
+    precision: Optional[str] = None   # the planner's rollout: fp32, tf32, bf16 (None: tf32 on CUDA, fp32 on CPU)
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -89,6 +91,8 @@ class EvalConfig:
             raise bad("elites", f"<= samples = {self.samples}")
         if self.action_block is not None and not (isinstance(self.action_block, int) and self.action_block >= 1):
             raise bad("action_block", "an int >= 1 or None")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise bad("precision", f"one of {PRECISIONS} or None (the device's default)")
 
 
 def sample_starts(lengths: np.ndarray, goal_offset: int, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -174,7 +178,7 @@ def evaluate(model, data_path, cfg: EvalConfig, device="cpu", log=print) -> dict
         return row
 
     try:
-        cost = WorldModelCost(model.to(device))
+        cost = WorldModelCost(model.to(device), precision=cfg.precision)
         Solver = SOLVERS[cfg.planner]
         solver = Solver(cost, batch_size=cfg.batch_size, num_samples=cfg.samples, var_scale=cfg.var_scale,
                         n_steps=cfg.iterations, topk=cfg.elites, temperature=cfg.temperature, device=device,
@@ -204,7 +208,8 @@ def evaluate(model, data_path, cfg: EvalConfig, device="cpu", log=print) -> dict
                      "starts": [[int(e), int(s)] for e, s in zip(eps, starts)]},
         "budget": {"planner": cfg.planner, "samples": cfg.samples, "iterations": cfg.iterations,
                    "elites": cfg.elites, "horizon": cfg.horizon, "receding": cfg.receding, "action_block": block,
-                   "candidate_rollouts_per_plan": cfg.samples * cfg.iterations},
+                   "candidate_rollouts_per_plan": cfg.samples * cfg.iterations,
+                   "precision": check_precision("eval", cfg.precision, device)},
         "rows": rows,
         "machine": {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cpu": platform.processor() or platform.machine()},
@@ -222,7 +227,8 @@ def markdown(report: dict) -> str:
              f"{report['protocol']['eval_budget']} steps to reach it; dataset `{report['dataset']}`.", "",
              f"Planner budget: {b['planner'].upper()} {b['samples']} x {b['iterations']} (K = {b['elites']}), horizon "
              f"{b['horizon']} model steps of {b['action_block']} env steps, {b['receding']} executed per plan; "
-             f"planned from the last {report['protocol'].get('history', 1)} frame(s).", "",
+             f"planned from the last {report['protocol'].get('history', 1)} frame(s); precision "
+             f"{b.get('precision', 'fp32')}.", "",
              "| policy | success | plan latency median / p90 (ms per plan) | per environment (ms) | envs per plan |",
              "|---|---|---|---|---|"]
     for r in report["rows"]:
