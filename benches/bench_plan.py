@@ -36,6 +36,7 @@ import os
 import pytest
 import torch
 
+from jepa_engine.kernels import use_backend
 from jepa_engine.models.world_model import WorldModel, WorldModelConfig
 from jepa_engine.planning import CEMPlanner, PlannerConfig, latent_cost
 from jepa_engine.planning.graphs import GraphedPlanner
@@ -50,6 +51,10 @@ BUDGET = FULL if CUDA or os.environ.get("BENCH_PLAN_FULL") else dict(N=16, H=5, 
 ENVS = ([int(e) for e in os.environ["JEPA_BENCH_PLAN_ENVS"].split(",")] if os.environ.get("JEPA_BENCH_PLAN_ENVS")
         else ([1, 16] if QUICK else PLAN_ENVS) if CUDA else [1, 4])
 IMPLS = ["eager_loop", "jepa_engine", "torch_compile"]   # a run cut off in a group's compile keeps ours
+# CUDA: the default dispatch (kernels/routes.py decides) beside the Triton path forced at TF32 and at bf16
+# (window_attention, fused_mlp, fused_linear: four launches per block), the evidence the route table needs.
+if CUDA:
+    IMPLS[2:2] = ["jepa_engine_triton", "jepa_engine_triton_bf16"]
 SUCCESS_NOTE = "untrained weights (fixed seed): timing only, task success undefined"
 
 
@@ -126,12 +131,17 @@ def compiled_rollout(model):
 # --------------------------------------------------------------------------------------------------
 # Ours
 # --------------------------------------------------------------------------------------------------
-def ours(model, z_hist, past, z_goal, budget):
+def ours(model, z_hist, past, z_goal, budget, backend=None, precision=None):
+    """The graphed CEM plan; ``backend`` forces the ops' backend while the graph is captured (its first
+    call), which every replay then runs; ``precision``: the rollout's (None: the device's default)."""
     E = z_hist.shape[0]
     cfg = PlannerConfig(horizon=budget["H"], action_dim=model.cfg.action_dim, samples=budget["N"],
                         iterations=budget["I"], elites=budget["K"])
-    cost_fn = latent_cost(model, z_hist, past, z_goal, "l2", "final")
+    cost_fn = latent_cost(model, z_hist, past, z_goal, "l2", "final", precision=precision)
     graphed = GraphedPlanner(CEMPlanner(cfg), cost_fn, E, DEVICE)
+    if backend is not None:
+        with use_backend(backend):
+            graphed.plan()
     return lambda: graphed.plan()
 
 
@@ -139,6 +149,9 @@ def make_fn(impl, model, E, budget):
     z_hist, past, z_goal = inputs(model, E)
     if impl == "jepa_engine":
         return ours(model, z_hist, past, z_goal, budget)
+    if impl.startswith("jepa_engine_triton"):
+        return ours(model, z_hist, past, z_goal, budget, backend="triton",
+                    precision="bf16" if impl.endswith("bf16") else "tf32")
     if impl == "torch_compile":
         roll = compiled_rollout(model)
         return lambda: cem_eager(model, z_hist, past, z_goal, budget, rollout=roll)
@@ -152,7 +165,9 @@ def _run(benchmark, run_bench, preset, impl, E, budget):
     run_bench(benchmark, fn, impl=impl, group=f"plan {preset} N={budget['N']} H={budget['H']} I={budget['I']} "
               f"K={budget['K']} E={E}", envs=E, budget=budget, preset=preset, predictor_params=n_pred,
               plans_per_call=E, success=None, success_note=SUCCESS_NOTE,
-              cuda_graph=impl == "jepa_engine" and CUDA, warmup=1 if impl == "eager_loop" else 3)
+              precision=("bf16" if impl.endswith("bf16") else "tf32" if CUDA else "fp32")
+              if impl.startswith("jepa_engine") else "fp32 (torch's default matmul precision)",
+              cuda_graph=impl.startswith("jepa_engine") and CUDA, warmup=1 if impl == "eager_loop" else 3)
     if benchmark.stats is not None:  # None under --benchmark-disable
         benchmark.extra_info["plans_per_s"] = E / benchmark.stats.stats.median
 

@@ -128,7 +128,8 @@ def _audit_one(task: tuple[str, str, int, int, bool]) -> AuditRow:
             setattr(row, key, value)
         row.shared_bytes = int(k.metadata.shared)
         row.ok = row.spill_bytes == 0 and row.stack_bytes == 0 and row.shared_bytes <= SHARED_LIMIT[arch]
-        if spec.uses_tensor_cores and "fp32" not in variant and row.tensor_core_ops == 0:
+        # fp16/bf16 variants, and fp32 ones compiled for TF32, must run their dots on tensor cores.
+        if spec.uses_tensor_cores and ("fp32" not in variant or "tf32" in variant) and row.tensor_core_ops == 0:
             row.ok, row.error = False, "no tensor-core instruction"
     except Exception as e:  # reported in the table, fails the audit
         row.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
