@@ -196,18 +196,33 @@ _MLP_CONFIGS = {
 }
 
 
+# The tuner's candidates beside each table entry (kernels/tuning.py): fewer values per thread than the
+# entry (smaller tiles or more warps), so that none spills where the entry does not.
+_ATTN_SEARCH = _launch.search_space(_ATTN_CONFIGS, {
+    (cls, d): _launch.candidates("BLOCK_R", *rows) for cls in ("fp32", "16bit") for d, rows in (
+        (32, ((32, 4, 1), (64, 8, 1))), (64, ((32, 8, 1), (8, 4, 1))), (128, ((8, 4, 1), (16, 8, 1))))})
+_MLP_SEARCH = _launch.search_space(_MLP_CONFIGS, {
+    **{("16bit", c): _launch.candidates("BLOCK_M,BLOCK_H,BLOCK_K", (32, 32, 32, 4, 2), (64, 32, 32, 8, 3))
+       for c in (64, 128)},
+    ("16bit", 256): _launch.candidates("BLOCK_M,BLOCK_H,BLOCK_K", (64, 32, 32, 8, 3)),   # 32 x 32 x 32 w4 spills
+    **{("fp32", c): _launch.candidates("BLOCK_M,BLOCK_H,BLOCK_K", (16, 32, 16, 4, 2), (32, 16, 16, 4, 2))
+       for c in (64, 128)},
+})
+
+
 def _attn_config(dtype: torch.dtype, head_dim: int, cuda: bool = False) -> tuple[LaunchConfig, int]:
     """``(config, BLOCK_D)`` of a head dim (``cuda``: the CUDA table's, even under the interpreter)."""
     block_d = max(16, _launch.next_power_of_2(head_dim))
     interp = None if cuda else LaunchConfig({"BLOCK_R": 16}, num_warps=4, num_stages=1)
-    return _launch.pick_config(_ATTN_CONFIGS, dtype, max(32, block_d), interpret=interp), block_d
+    return _launch.pick_config(_ATTN_CONFIGS, dtype, max(32, block_d), interpret=interp,
+                               kernel="window_attention"), block_d
 
 
 def _mlp_config(dtype: torch.dtype, C: int, cuda: bool = False) -> tuple[LaunchConfig, int]:
     """``(config, BLOCK_C)`` of a width C (``cuda``: the CUDA table's, even under the interpreter)."""
     block_c = max(32, _launch.next_power_of_2(C))
     interp = None if cuda else LaunchConfig({"BLOCK_M": 16, "BLOCK_H": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)
-    return _launch.pick_config(_MLP_CONFIGS, dtype, max(64, block_c), interpret=interp), block_c
+    return _launch.pick_config(_MLP_CONFIGS, dtype, max(64, block_c), interpret=interp, kernel="fused_mlp"), block_c
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -270,9 +285,14 @@ def _attn_variants():
     return out
 
 
-def _attn_variant_configs(variant: str) -> list[LaunchConfig]:
+def _attn_variant_keys(variant: str) -> list[tuple]:
+    """The table key of an audit label ``"<dtype>/d<BLOCK_D>/..."``."""
     cls = _launch.dtype_class(_launch.NAMED_DTYPES[variant.split("/")[0]])
-    return [_ATTN_CONFIGS[(cls, max(32, int(variant.split("/")[1][1:])))]]
+    return [(cls, max(32, int(variant.split("/")[1][1:])))]
+
+
+def _attn_variant_configs(variant: str) -> list[LaunchConfig]:
+    return [_ATTN_CONFIGS[key] for key in _attn_variant_keys(variant)]
 
 
 def _mlp_variants():
@@ -287,16 +307,23 @@ def _mlp_variants():
     return out
 
 
-def _mlp_variant_configs(variant: str) -> list[LaunchConfig]:
+def _mlp_variant_keys(variant: str) -> list[tuple]:
+    """The table key of an audit label ``"<dtype>[/tf32]/c<BLOCK_C>"``."""
     cls = _launch.dtype_class(_launch.NAMED_DTYPES[variant.split("/")[0]])
-    return [_MLP_CONFIGS[(cls, int(variant.split("/")[-1][1:]))]]
+    return [(cls, int(variant.split("/")[-1][1:]))]
+
+
+def _mlp_variant_configs(variant: str) -> list[LaunchConfig]:
+    return [_MLP_CONFIGS[key] for key in _mlp_variant_keys(variant)]
 
 
 if _launch.triton_available():
     register_kernel(KernelSpec("window_attention", _window_attention_kernel, _attn_variants(),
-                               _attn_variant_configs, uses_tensor_cores=False, aligned_args=("o_ptr",)))
+                               _attn_variant_configs, uses_tensor_cores=False, aligned_args=("o_ptr",),
+                               search_space=_ATTN_SEARCH, search_keys=_attn_variant_keys))
     register_kernel(KernelSpec("fused_mlp", _fused_mlp_kernel, _mlp_variants(), _mlp_variant_configs,
-                               uses_tensor_cores=True, aligned_args=("y_ptr",)))
+                               uses_tensor_cores=True, aligned_args=("y_ptr",), search_space=_MLP_SEARCH,
+                               search_keys=_mlp_variant_keys))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -262,6 +262,61 @@ def _cost_case(shape: str, M: int, K: int, D: int, G: int, dtype, device) -> Cas
     return Case(shape, make)
 
 
+@cases_for("window_attention")
+def _window_attention_cases(device, tiny: bool) -> dict[tuple, list[Case]]:
+    """The lewm plan's windows (300 candidates, 6 tokens, 6 heads of 64) at E=1 and E=64, with the shared
+    prefix of 4 tokens, at fp32 (the tf32 plan: attention on FMA units either way) and bf16."""
+    if tiny:
+        return {}
+    from .predictor_step import window_attention
+
+    def case(shape: str, E: int, dtype, last: bool) -> Case:
+        def make():
+            g = _gen(device)
+            qkv = _randn(E * 300 * 6, 3 * 384, device=device, dtype=dtype, g=g)
+            prefix = _randn(E, 4, 2 * 384, device=device, dtype=dtype, g=g)
+            run = _triton(lambda: window_attention(qkv, prefix, heads=6, window=6, last_only=last))
+            return run, run
+        return Case(shape, make)
+
+    out = {}
+    for cls, dt, name in (("fp32", torch.float32, "fp32"), ("16bit", torch.bfloat16, "bf16")):
+        out[(cls, 64)] = [case(f"lewm E={E} {name}{' last row' if last else ''}", E, dt, last)
+                          for E in (1, 64) for last in (False, True)]
+    return out
+
+
+@cases_for("fused_mlp")
+def _fused_mlp_cases(device, tiny: bool) -> dict[tuple, list[Case]]:
+    """The lewm predictor's MLP (384 -> 1536 -> 384) over the 1800 window rows of E=1 and the 19200 of
+    E=64, at tf32 and bf16 (its C=384 takes the 512-wide tile, whose table entry is the only candidate)."""
+    if tiny:
+        return {}
+    from .predictor_step import fused_mlp
+
+    def case(shape: str, M: int, C: int, dtype, tf32: bool = False) -> Case:
+        def make():
+            g = _gen(device)
+            x = _randn(M, C, device=device, dtype=dtype, g=g)
+            w1, b1 = _randn(4 * C, C, device=device, dtype=dtype, scale=C ** -0.5, g=g), _randn(4 * C, device=device, dtype=dtype, g=g)
+            w2, b2 = _randn(C, 4 * C, device=device, dtype=dtype, scale=(4 * C) ** -0.5, g=g), _randn(C, device=device, dtype=dtype, g=g)
+
+            def run():
+                old = torch.backends.cuda.matmul.allow_tf32
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                try:
+                    with use_backend("triton"):
+                        return fused_mlp(x, w1, b1, w2, b2)
+                finally:
+                    torch.backends.cuda.matmul.allow_tf32 = old
+            return run, run
+        return Case(shape, make)
+
+    return {("16bit", 128): [case("demo-width M=19200 C=128 bf16", 19200, 128, torch.bfloat16)],
+            ("16bit", 256): [case("M=19200 C=256 bf16", 19200, 256, torch.bfloat16)],
+            ("fp32", 128): [case("demo-width M=19200 C=128 tf32", 19200, 128, torch.float32, tf32=True)]}
+
+
 @cases_for("linear_goal_cost")
 def _goal_cost_cases(device, tiny: bool) -> dict[tuple, list[Case]]:
     if tiny:
