@@ -61,7 +61,7 @@ def _plan_counts(mode: _Launches, model: WorldModel, iterations: int, horizon: i
     g = torch.Generator().manual_seed(0)
     z_hist, past = torch.randn(1, h, c.embed_dim, generator=g), torch.rand(1, h - 1, c.action_dim, generator=g)
     cost = latent_cost(model, z_hist, past, torch.randn(1, c.embed_dim, generator=g))
-    cfg = PlannerConfig(horizon=horizon, samples=12, iterations=iterations, elites=3, action_dim=c.action_dim)
+    cfg = PlannerConfig(horizon=horizon, samples=4, iterations=iterations, elites=2, action_dim=c.action_dim)
     mode.counts.clear()
     with torch.no_grad(), mode:
         CEMPlanner(cfg).plan(cost, 1, "cpu")

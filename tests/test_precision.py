@@ -44,7 +44,7 @@ def _state(model):
 
 
 @pytest.mark.parametrize("precision,cost_tol,overlap", [("tf32", 2e-3, 0.9), ("bf16", 2e-2, 0.85)])
-def test_rounded_precisions_keep_the_decisions(precision, cost_tol, overlap):
+def test_rounded_precisions_keep_the_decisions(plain_cpu, precision, cost_tol, overlap):
     """Measured (this model, one state): the costs of 64 candidates differ from fp32 by 2.9e-4 (tf32) and
     4.3e-3 (bf16) of their scale, and 29 of the 30 lowest-cost candidates are the same. CEM 64 x 5 then
     amplifies that through its discrete elite choice: the first action moves by 0.10-0.20 (tf32) and
@@ -69,7 +69,7 @@ def test_rounded_precisions_keep_the_decisions(precision, cost_tol, overlap):
     assert moved < 0.4 and moved < seeds, (moved, seeds)
 
 
-def test_mpc_success_at_tf32_and_bf16_within_one_episode_of_fp32():
+def test_mpc_success_at_tf32_and_bf16_within_one_episode_of_fp32(plain_cpu):
     """16 episodes of the open world, CEM 64 x 5, 40 steps. Measured: 11/16 at fp32, tf32 (emulated) and bf16
     alike (with CEM 32 x 4 and 30 steps: 10, 10 and 12)."""
     s = trained("open")
