@@ -64,7 +64,9 @@ class _ExportRollout(FusedRollout):
     _fixed = None
 
     def __init__(self, model: WorldModel):
-        super().__init__(model)
+        # fp32 models plan in IEEE fp32, as the compiled package computes by default (not the CUDA default
+        # TF32), so that the eager decision step and the package agree.
+        super().__init__(model, precision="fp32" if next(model.parameters()).dtype == torch.float32 else None)
         for b in self.blocks:        # no two inputs of a loop body may share memory: copy the slices
             b.w_q, b.b_q, b.w_kv, b.b_kv = (t.clone() for t in (b.w_q, b.b_q, b.w_kv, b.b_kv))
 
