@@ -58,7 +58,7 @@ def test_mpc_cost_through_fused_op(kernel_device, cost, reduce):
     z_hist, past, z_goal, actions = (t.to(kernel_device) for t in (z_hist, past, z_goal, actions))
     with torch.no_grad():
         with use_backend("triton"):
-            got = latent_cost(model, z_hist, past, z_goal, cost, reduce)(actions)
+            got = latent_cost(model, z_hist, past, z_goal, cost, reduce, precision="fp32")(actions)
             z = model.rollout(z_hist[:, None].expand(E, N, h, D).reshape(E * N, h, D), actions.reshape(E * N, H, A),
                               past_actions=past[:, None].expand(E, N, h - 1, A).reshape(E * N, h - 1, A))
     diff = z.view(E, N, H, D) - z_goal[:, None, None]
