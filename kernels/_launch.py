@@ -152,6 +152,17 @@ def dot_precision(dtype: torch.dtype, *, allow_tf32: bool) -> str:
     return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
 
 
+def linear_dot_precision(dtype: torch.dtype) -> str:
+    """:func:`dot_precision` of fp32 dots as ``torch.nn.Linear`` computes them: TF32 exactly where torch
+    allows TF32 matmuls (``torch.backends.cuda.matmul.allow_tf32``, read at launch)."""
+    return dot_precision(dtype, allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+
+
+def row_stride(t: torch.Tensor) -> int:
+    """The row stride a kernel takes for 2-D ``t`` (a one-row tensor: its width, whatever torch reports)."""
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
 def upcast_bf16(dtype: torch.dtype) -> bool:
     """The constexpr that makes kernels upcast bf16 tiles to fp32 right after loading.
 

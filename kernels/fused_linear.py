@@ -239,11 +239,6 @@ def _cost_config(dtype: torch.dtype, D: int, cuda: bool = False) -> LaunchConfig
                                kernel="linear_goal_cost")
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 dots as ``torch.nn.Linear`` computes them: TF32 exactly where torch allows TF32 matmuls."""
-    return _launch.dot_precision(dtype, allow_tf32=torch.backends.cuda.matmul.allow_tf32)
-
-
 # In-tile offsets (row in tile) * (row stride) are int32: row strides stay below this.
 _MAX_ROW_STRIDE = 2**31 // 256
 
@@ -254,10 +249,6 @@ def _unit_cols(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if t is None or ((t.stride(-1) == 1 or t.shape[-1] == 1) and t.stride(0) < _MAX_ROW_STRIDE):
         return t
     return t.contiguous()
-
-
-def _row_stride(t: torch.Tensor) -> int:
-    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
 
 
 def fused_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], normalize: bool,
@@ -271,10 +262,10 @@ def fused_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     grid = (_launch.cdiv(M, cfg.constexprs["BLOCK_M"]), _launch.cdiv(N, cfg.constexprs["BLOCK_N"]))
     _fused_linear_kernel[grid](
         x, weight, bias if bias is not None else y, residual if residual is not None else y, y,
-        M, N, K, _row_stride(x), _row_stride(weight), _row_stride(residual) if residual is not None else 0, N,
-        float(eps),
+        M, N, K, _launch.row_stride(x), _launch.row_stride(weight),
+        _launch.row_stride(residual) if residual is not None else 0, N, float(eps),
         NORMALIZE=bool(normalize), HAS_BIAS=bias is not None, GELU=bool(gelu), HAS_RESIDUAL=residual is not None,
-        UPCAST=_launch.upcast_bf16(x.dtype), PRECISION=_precision(x.dtype),
+        UPCAST=_launch.upcast_bf16(x.dtype), PRECISION=_launch.linear_dot_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )
     return y
@@ -292,9 +283,10 @@ def linear_goal_cost_forward(x: torch.Tensor, weight: torch.Tensor, bias: Option
     grid = (_launch.cdiv(M, cfg.constexprs["BLOCK_M"]),)
     _linear_goal_cost_kernel[grid](
         x, weight, bias if bias is not None else z, goal, z, cost,
-        M, D, K, M // goal.shape[0], _row_stride(x), _row_stride(weight), _row_stride(goal), D, float(eps),
+        M, D, K, M // goal.shape[0], _launch.row_stride(x), _launch.row_stride(weight), _launch.row_stride(goal), D,
+        float(eps),
         NORMALIZE=bool(normalize), HAS_BIAS=bias is not None, L1=metric == "l1",
-        UPCAST=_launch.upcast_bf16(x.dtype), PRECISION=_precision(x.dtype),
+        UPCAST=_launch.upcast_bf16(x.dtype), PRECISION=_launch.linear_dot_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )
     return z, cost

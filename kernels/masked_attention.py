@@ -503,7 +503,7 @@ def masked_attention_forward(q, k, v, key_padding, cu_seqlens, keep_index, frame
             *_strides3(q, pb.varlen), *_strides3(k, pb.varlen), *_strides3(v, pb.varlen), *_strides3(out, pb.varlen),
             *pb.stat_strides, pb.stride_pb, pb.stride_ib,
             pb.H, pb.n_q, pb.n_k, pb.frame_len, float(scale) * math.log2(math.e), bh0,
-            UPCAST=_launch.upcast_bf16(q.dtype), PRECISION=_launch.dot_precision(q.dtype, allow_tf32=torch.backends.cuda.matmul.allow_tf32),
+            UPCAST=_launch.upcast_bf16(q.dtype), PRECISION=_launch.linear_dot_precision(q.dtype),
             HEAD_DIM=pb.D, BLOCK_D=_block_d(pb.D), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pb.flags,
             **cfg.constexprs,
         )

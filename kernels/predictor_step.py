@@ -225,15 +225,6 @@ def _mlp_config(dtype: torch.dtype, C: int, cuda: bool = False) -> tuple[LaunchC
     return _launch.pick_config(_MLP_CONFIGS, dtype, max(64, block_c), interpret=interp, kernel="fused_mlp"), block_c
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """As ``fused_linear``: TF32 for fp32 exactly where torch allows TF32 matmuls."""
-    return _launch.dot_precision(dtype, allow_tf32=torch.backends.cuda.matmul.allow_tf32)
-
-
-def _row_stride(t: torch.Tensor) -> int:
-    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
-
-
 def window_attention_forward(qkv, prefix, heads: int, per_env: int, frame_tokens: int, L: int, last_only: bool,
                              scale: float) -> torch.Tensor:
     C = qkv.shape[1] // 3
@@ -246,7 +237,7 @@ def window_attention_forward(qkv, prefix, heads: int, per_env: int, frame_tokens
     P = prefix.shape[1] if prefix is not None else 0
     _window_attention_kernel[grid](
         qkv, prefix if prefix is not None else qkv, o,
-        R, L, P, per_env, C, hd, _row_stride(qkv),
+        R, L, P, per_env, C, hd, _launch.row_stride(qkv),
         prefix.stride(0) if prefix is not None else 0, prefix.stride(1) if prefix is not None else 0, C,
         float(scale) * 1.4426950408889634,
         FRAME=int(frame_tokens), LAST_ONLY=bool(last_only), HAS_PREFIX=prefix is not None and P > 0,
@@ -263,8 +254,8 @@ def fused_mlp_forward(x, w1, b1, w2, b2, eps: float) -> torch.Tensor:
     cfg, block_c = _mlp_config(x.dtype, C)
     grid = (_launch.cdiv(M, cfg.constexprs["BLOCK_M"]),)
     _fused_mlp_kernel[grid](
-        x, w1, b1, w2, b2, y, M, C, FH, _row_stride(x), C, float(eps),
-        UPCAST=_launch.upcast_bf16(x.dtype), PRECISION=_precision(x.dtype), BLOCK_C=block_c,
+        x, w1, b1, w2, b2, y, M, C, FH, _launch.row_stride(x), C, float(eps),
+        UPCAST=_launch.upcast_bf16(x.dtype), PRECISION=_launch.linear_dot_precision(x.dtype), BLOCK_C=block_c,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )
     return y

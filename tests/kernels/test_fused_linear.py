@@ -17,7 +17,7 @@ from jepa_engine.kernels import fold_layernorm, fused_linear, linear_goal_cost, 
 from jepa_engine.kernels.fused_linear import fused_linear_reference, linear_goal_cost_reference
 from tests.helpers import DTYPES, assert_close
 
-# fp32 dots run as TF32 when compiled only where torch allows TF32 matmuls (``fused_linear._precision``).
+# fp32 dots run as TF32 when compiled only where torch allows TF32 matmuls (``_launch.linear_dot_precision``).
 TF32 = torch.backends.cuda.matmul.allow_tf32
 
 
