@@ -49,6 +49,7 @@ import torch
 
 from . import _configs
 from ._launch import use_backend
+from .precision import matmul_precision
 from ._registry import KERNELS, LaunchConfig, key_label
 
 MIN_GAIN = 0.03            # a candidate replaces the table's config only when this much faster
@@ -216,12 +217,8 @@ def _linear_case(shape: str, M: int, K: int, N: int, dtype, device, normalize=Fa
                                               residual=r))
 
         def run():
-            old = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = tf32 or old
-            try:
+            with matmul_precision("tf32") if tf32 else contextlib.nullcontext():
                 return linear()
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = old
         return run, run
 
     return Case(shape, make)
@@ -302,13 +299,8 @@ def _fused_mlp_cases(device, tiny: bool) -> dict[tuple, list[Case]]:
             w2, b2 = _randn(C, 4 * C, device=device, dtype=dtype, scale=(4 * C) ** -0.5, g=g), _randn(C, device=device, dtype=dtype, g=g)
 
             def run():
-                old = torch.backends.cuda.matmul.allow_tf32
-                torch.backends.cuda.matmul.allow_tf32 = tf32
-                try:
-                    with use_backend("triton"):
-                        return fused_mlp(x, w1, b1, w2, b2)
-                finally:
-                    torch.backends.cuda.matmul.allow_tf32 = old
+                with matmul_precision("tf32" if tf32 else "fp32"), use_backend("triton"):
+                    return fused_mlp(x, w1, b1, w2, b2)
             return run, run
         return Case(shape, make)
 

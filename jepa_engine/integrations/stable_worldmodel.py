@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jepa_engine.kernels.precision import PRECISIONS
+from jepa_engine.kernels.precision import check_precision
 from jepa_engine.models.world_model import WorldModel
 from jepa_engine.planning import PlannerConfig
 from jepa_engine.planning.latent_cost import COSTS, REDUCTIONS, latent_cost
@@ -136,9 +136,8 @@ class WorldModelCost:
             raise ValueError(f"WorldModelCost: reduce must be one of {REDUCTIONS}, got {reduce!r}")
         self.model = model.eval().requires_grad_(False)
         self.cost, self.reduce = cost, reduce
-        if precision is not None and precision not in PRECISIONS:
-            raise ValueError(f"WorldModelCost: precision must be one of {PRECISIONS} or None (the device's default), "
-                             f"got {precision!r}")
+        if precision is not None:
+            check_precision("WorldModelCost", precision)
         self.precision = precision       # the rollout's (None: tf32 on CUDA, fp32 elsewhere)
         self.pixels_key, self.goal_key, self.action_key = pixels_key, goal_key, action_key
         self.preprocess = preprocess or frames_for_model

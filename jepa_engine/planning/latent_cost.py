@@ -67,5 +67,4 @@ def latent_cost(model: WorldModel, z_hist: torch.Tensor, past_actions: torch.Ten
         # One fused pass over the predictions; goal row e scores the N candidates of environment e.
         return fused_latent_cost(z, z_goal.to(z.dtype), metric=cost, reduce=reduce).view(E, N)
 
-    cost_fn.precision = precision
     return cost_fn

@@ -64,26 +64,22 @@ def _native_goal_cost(x, weight, bias, goal, *, normalize=True, eps=1e-6, metric
     return torch.ops.jepa_engine.linear_goal_cost.default(x, weight, bias, goal, normalize, eps, metric)
 
 
+def _tf32_operand(x, normalize: bool, eps: float) -> torch.Tensor:
+    """A product's left operand as TF32 reads it: normalised first where asked, then rounded."""
+    return round_tf32(F.layer_norm(x, (x.shape[-1],), eps=eps) if normalize else x)
+
+
 def _tf32_linear(x, weight, bias=None, *, normalize=False, eps=1e-6, activation=None, residual=None):
     """:func:`fused_linear_reference` with both operands of the product rounded to TF32 (the CPU's
     emulation of ``precision="tf32"``)."""
-    if normalize:
-        x = F.layer_norm(x, (x.shape[-1],), eps=eps)
-    y = torch.mm(round_tf32(x), round_tf32(weight).t())
-    if bias is not None:
-        y.add_(bias)
-    if activation == "gelu":
-        y = F.gelu(y)
-    if residual is not None:
-        y.add_(residual)
-    return y
+    return fused_linear_reference(_tf32_operand(x, normalize, eps), round_tf32(weight), bias, activation=activation,
+                                  residual=residual)
 
 
 def _tf32_goal_cost(x, weight, bias, goal, *, normalize=True, eps=1e-6, metric="l2"):
-    z = _tf32_linear(x, weight, bias, normalize=normalize, eps=eps)
-    M, D = z.shape
-    diff = z.view(goal.shape[0], M // goal.shape[0], D) - goal[:, None, :]
-    return z, (diff.abs() if metric == "l1" else diff.square()).sum(-1).view(M)
+    """:func:`linear_goal_cost_reference` with both operands of the product rounded to TF32."""
+    return linear_goal_cost_reference(_tf32_operand(x, normalize, eps), round_tf32(weight), bias, goal,
+                                      normalize=False, metric=metric)
 
 
 class _Ops(NamedTuple):
