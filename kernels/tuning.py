@@ -295,8 +295,10 @@ def _fused_mlp_cases(device, tiny: bool) -> dict[tuple, list[Case]]:
         def make():
             g = _gen(device)
             x = _randn(M, C, device=device, dtype=dtype, g=g)
-            w1, b1 = _randn(4 * C, C, device=device, dtype=dtype, scale=C ** -0.5, g=g), _randn(4 * C, device=device, dtype=dtype, g=g)
-            w2, b2 = _randn(C, 4 * C, device=device, dtype=dtype, scale=(4 * C) ** -0.5, g=g), _randn(C, device=device, dtype=dtype, g=g)
+            w1 = _randn(4 * C, C, device=device, dtype=dtype, scale=C ** -0.5, g=g)
+            b1 = _randn(4 * C, device=device, dtype=dtype, g=g)
+            w2 = _randn(C, 4 * C, device=device, dtype=dtype, scale=(4 * C) ** -0.5, g=g)
+            b2 = _randn(C, device=device, dtype=dtype, g=g)
 
             def run():
                 with matmul_precision("tf32" if tf32 else "fp32"), use_backend("triton"):

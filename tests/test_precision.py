@@ -39,8 +39,8 @@ def test_precision_argument_is_checked_and_defaults_by_device():
 def _state(model):
     g = torch.Generator().manual_seed(3)
     c = model.cfg
-    return (torch.randn(1, c.history, c.embed_dim, generator=g), torch.rand(1, c.history - 1, c.action_dim, generator=g),
-            torch.randn(1, c.embed_dim, generator=g))
+    return (torch.randn(1, c.history, c.embed_dim, generator=g),
+            torch.rand(1, c.history - 1, c.action_dim, generator=g), torch.randn(1, c.embed_dim, generator=g))
 
 
 @pytest.mark.parametrize("precision,cost_tol,overlap", [("tf32", 2e-3, 0.9), ("bf16", 2e-2, 0.85)])
@@ -62,8 +62,10 @@ def test_rounded_precisions_keep_the_decisions(plain_cpu, precision, cost_tol, o
     first = {}
     for p in ("fp32", precision):
         for seed in range(4):
-            cfg = PlannerConfig(horizon=5, samples=64, iterations=5, elites=6, action_dim=model.cfg.action_dim, seed=seed)
-            first[p, seed] = CEMPlanner(cfg).plan(latent_cost(model, z_hist, past, z_goal, precision=p), 1).actions[0, 0]
+            cfg = PlannerConfig(horizon=5, samples=64, iterations=5, elites=6, action_dim=model.cfg.action_dim,
+                                seed=seed)
+            cost = latent_cost(model, z_hist, past, z_goal, precision=p)
+            first[p, seed] = CEMPlanner(cfg).plan(cost, 1).actions[0, 0]
     moved = sum((first[precision, i] - first["fp32", i]).norm() for i in range(4)) / 4
     seeds = sum((first["fp32", i] - first["fp32", j]).norm() for i in range(4) for j in range(i)) / 6
     assert moved < 0.4 and moved < seeds, (moved, seeds)

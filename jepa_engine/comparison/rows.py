@@ -107,7 +107,8 @@ def planner_rows(models: dict, starts, goals, cfg: ProfileConfig, device, energy
                        "budget": b.name, "planner": b.planner, "samples": b.samples, "iterations": b.iterations,
                        "elites": b.elites, "horizon": cfg.horizon, "warm_start": b.warm_start,
                        "params": models["wm_params"], "predictor_params": models["wm_predictor_params"],
-                       "flops_per_decision": flops, "precision": precision if fused else "fp32", "predictor_evaluations": b.samples * b.iterations * cfg.horizon,
+                       "flops_per_decision": flops, "precision": precision if fused else "fp32",
+                       "predictor_evaluations": b.samples * b.iterations * cfg.horizon,
                        "label": "trained" if models["wm_trained"] else SWEEP_LABEL}
                 row.update(time_calls(decide, device, cfg.timing_seconds))
                 limit = cfg.success_limit(device)
