@@ -210,6 +210,17 @@ def check_tensor(
     return t
 
 
+def check_inference_only(op: str, tensors: dict) -> None:
+    """For an op without a backward: refuse, in grad mode, any of ``tensors`` (name -> tensor or None)
+    that requires grad, so a training loop cannot silently get a graph that stops at the op."""
+    if torch.is_grad_enabled():
+        for name, t in tensors.items():
+            if t is not None and t.requires_grad:
+                raise ValueError(f"{op}: inference-only op (no backward), but {name} requires grad while grad "
+                                 f"mode is on; call it under torch.no_grad() / torch.inference_mode() or pass "
+                                 f"{name}.detach()")
+
+
 def check_shape(op: str, name: str, t: torch.Tensor, expected: Sequence[int], what: str = "") -> None:
     """Check ``t.shape == expected``; ``what`` names the expected dims, e.g. ``"[B, N_k]"``."""
     if tuple(t.shape) != tuple(int(s) for s in expected):

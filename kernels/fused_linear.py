@@ -479,12 +479,7 @@ def _check_common(op: str, x, weight, bias, eps, named: dict) -> tuple[int, int,
         _launch.check_shape(op, "bias", bias, (N,), "[N]")
     if not (isinstance(eps, (int, float)) and eps > 0):
         raise ValueError(f"{op}: eps must be a positive float, got {eps!r}")
-    if torch.is_grad_enabled():
-        for name, t in (("x", x), ("weight", weight), ("bias", bias), *named.items()):
-            if t is not None and t.requires_grad:
-                raise ValueError(f"{op}: inference-only op (no backward), but {name} requires grad while grad "
-                                 f"mode is on; call it under torch.no_grad() / torch.inference_mode() or pass "
-                                 f"{name}.detach()")
+    _launch.check_inference_only(op, {"x": x, "weight": weight, "bias": bias, **named})
     return M, K, N
 
 

@@ -390,14 +390,6 @@ _window_attention_op = _native.Op(OP_ATTN, SCHEMA_ATTN, _attn_kernel, _attn_fake
 _fused_mlp_op = _native.Op(OP_MLP, SCHEMA_MLP, _mlp_kernel, _mlp_fake)
 
 
-def _no_grad(op: str, named: dict) -> None:
-    if torch.is_grad_enabled():
-        for name, t in named.items():
-            if t is not None and t.requires_grad:
-                raise ValueError(f"{op}: inference-only op (no backward), but {name} requires grad while grad mode "
-                                 f"is on; call it under torch.no_grad() or pass {name}.detach()")
-
-
 def window_attention(qkv: torch.Tensor, prefix: Optional[torch.Tensor], *, heads: int, window: int,
                      frame_tokens: int = 2, last_only: bool = False, scale: Optional[float] = None) -> torch.Tensor:
     """Frame-causal attention of many candidates over their own few-token windows and a shared prefix.
@@ -444,7 +436,7 @@ def window_attention(qkv: torch.Tensor, prefix: Optional[torch.Tensor], *, heads
         scale = (C // heads) ** -0.5
     if not isinstance(scale, (int, float)) or not scale > 0:
         raise ValueError(f"{op}: scale must be a positive float, got {scale!r}")
-    _no_grad(op, {"qkv": qkv, "prefix": prefix})
+    _launch.check_inference_only(op, {"qkv": qkv, "prefix": prefix})
     if _launch.backend_for(op, qkv.device) == "reference":
         return window_attention_reference(qkv, prefix, heads, per_env, frame_tokens, window, last_only, float(scale))
     return _window_attention_op(qkv, prefix, heads, per_env, frame_tokens, window, bool(last_only), float(scale))
@@ -478,7 +470,7 @@ def fused_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Ten
         raise ValueError(f"{op}: x must have column stride 1, got strides {list(x.stride())}")
     if not (isinstance(eps, (int, float)) and eps > 0):
         raise ValueError(f"{op}: eps must be a positive float, got {eps!r}")
-    _no_grad(op, {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2})
+    _launch.check_inference_only(op, {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2})
     if _launch.backend_for(op, x.device) == "reference":
         return fused_mlp_reference(x, w1, b1, w2, b2, float(eps))
     if C > MAX_MLP_WIDTH:
